@@ -1,0 +1,111 @@
+"""Weights in and out: local checkpoints only (no hub), written atomically, loaded with clear errors."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+TPC_PREFIXES = ("controller.", "stabilizers.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for this model (message says why and how to fix it)."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Save ``model``'s state dict as safetensors, atomically."""
+    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read weights from ``.safetensors`` or a torch file (``.pth``/``.pt``/``.bin``, optionally nested under
+    ``model``/``state_dict``), stripping DDP's ``module.`` prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (give the path to a .safetensors or .pth file)")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt / truncated / not a checkpoint
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}. "
+                              "Is the file complete and a safetensors/torch state dict?") from err
+    for key in ("model_ema", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def load_backbone(model: nn.Module, source: str | os.PathLike | dict, strict: bool = True) -> nn.Module:
+    """Load dense (timm/DeiT) or full TPC weights into ``model``.
+
+    Backbone keys must all be present and of the right shape; controller/stabilizer keys are loaded when the
+    checkpoint has them (a TPC checkpoint) and otherwise keep their near-dense initialisation. A position
+    embedding for another image size is resampled. Mismatches raise :class:`CheckpointError` naming the keys.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    target = unwrap(model)
+    state = read_state_dict(source) if not isinstance(source, dict) else dict(source)
+    own = target.state_dict()
+    name = getattr(target, "pretrained_cfg", {}).get("architecture", type(target).__name__)
+    backbone = [k for k in own if not k.startswith(TPC_PREFIXES)]
+    missing = [k for k in backbone if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"checkpoint does not fit {name}: {len(missing)} missing keys {missing[:4]}, "
+            f"{len(unexpected)} unexpected {unexpected[:4]}. It is probably for another architecture "
+            "(check model name, depth, embed_dim, distilled or not).")
+    num_prefix = getattr(target, "num_prefix_tokens", 1)
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        grid = tuple(target.patch_embed.grid_size)
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=grid, num_prefix_tokens=num_prefix)
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if wrong:
+        heads = [w for w in wrong if w[0].startswith("head")]
+        hint = (f" The classifier has {heads[0][1][0]} classes in the checkpoint and {heads[0][2][0]} in the model: "
+                "create the model with num_classes matching the checkpoint, or drop the head keys to fine-tune "
+                "on new classes.") if heads else " The checkpoint is for another model size."
+        raise CheckpointError(f"checkpoint does not fit {name}: shape mismatch {wrong[:3]}.{hint}")
+    target.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return model

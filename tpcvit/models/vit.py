@@ -1,0 +1,214 @@
+"""TPC on timm's ``VisionTransformer`` (DeiT, incl. distilled): the ViT adapter.
+
+The backbone is timm's own class, unchanged; :class:`TPCViTMixin` replaces ``forward_features`` by the token
+propagation loop and adds the controller heads and the stabilizer. State-dict keys of the backbone are exactly
+timm's, so a dense timm/DeiT checkpoint loads (``tpcvit.load_backbone``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.models import register_model
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+from ..propagation import ControllerHead, Propagation, TokenTrace, TPCConfig
+from ..stabilizer import TokenGridStabilizer
+from ..tokens import masked_update, run_on_selection, select_active, select_topk
+
+
+class TPCViTMixin:
+    """Token propagation control for a timm ViT. Call :meth:`_init_tpc` at the end of ``__init__``."""
+
+    def _init_tpc(self, cfg: TPCConfig) -> None:
+        depth = len(self.blocks)
+        if getattr(self, "dynamic_img_size", False):
+            raise ValueError("TPC models need a fixed token grid: create them without dynamic_img_size=True")
+        if cfg.start_layer >= depth:
+            raise ValueError(f"start_layer={cfg.start_layer} must be < depth={depth}")
+        self.tpc_cfg = cfg
+        self.controller = nn.ModuleList(
+            ControllerHead(self.embed_dim, cfg.pause_bias_init, cfg.restart_bias_init)
+            for _ in range(cfg.start_layer, depth)
+        )
+        self.stabilizers = nn.ModuleDict(
+            {str(i): TokenGridStabilizer(self.embed_dim) for i in cfg.stabilized_blocks(depth)}
+        )
+        self.tpc_mode, self.tpc_keep = "adaptive", None
+        self.tpc_force_pause = self.tpc_force_restart = None
+
+    # ------------------------------------------------------------------------------------------------------
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        expected = tuple(self.patch_embed.img_size)
+        if x.ndim != 4 or tuple(x.shape[-2:]) != expected or x.shape[1] != self.patch_embed.proj.in_channels:
+            raise ValueError(
+                f"expected images [B, {self.patch_embed.proj.in_channels}, {expected[0]}, {expected[1]}], got "
+                f"{list(x.shape)}: resize/convert the input (the data pipeline does this), or create the model "
+                f"with img_size=/in_chans= matching your data")
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def _propagate(
+        self,
+        x: torch.Tensor,
+        forced_active: torch.Tensor | None = None,
+        path: str | None = None,
+    ) -> tuple[torch.Tensor, TokenTrace]:
+        """Run the blocks with token propagation control; returns normalised features and the trace."""
+        x = self._embed(x)
+        cfg, P = self.tpc_cfg, self.num_prefix_tokens
+        grid = tuple(self.patch_embed.grid_size)
+        n = grid[0] * grid[1]
+        if path not in (None, "fast", "masked"):
+            raise ValueError(f"path must be None, 'fast' or 'masked', got {path!r}")
+        fast = (not self.training) if path is None else path == "fast"
+        mode = self.tpc_mode
+        if forced_active is not None and forced_active.shape != (x.shape[0], len(self.blocks), n):
+            raise ValueError(f"forced_active must be [B, depth, N] = {[x.shape[0], len(self.blocks), n]}")
+        prop = Propagation(cfg, mode, self.tpc_keep, x.shape[0], n, grid, x.device,
+                           sample=self.training and not fast, forced_active=forced_active,
+                           force_pause=self.tpc_force_pause, force_restart=self.tpc_force_restart)
+        for i, blk in enumerate(self.blocks):
+            stab = self.stabilizers[str(i)] if str(i) in self.stabilizers else None
+            if stab is not None:
+                x = stab(x, P, grid)
+            if mode == "dense" or i < cfg.start_layer:
+                x = blk(x)
+                prop.dense_block()
+                continue
+            states, active = prop.step(i, self.controller[i - cfg.start_layer](x, P))
+
+            def run(tokens: torch.Tensor, mask: torch.Tensor | None, blk=blk) -> torch.Tensor:
+                return blk(tokens, attn_mask=mask)
+
+            if fast:
+                if mode == "budget" and forced_active is None:
+                    sel = select_topk(active, prop.budget_k, P)
+                else:
+                    sel = select_active(active, P, x.dtype)
+                x = run_on_selection(run, x, sel)
+            else:
+                x = masked_update(run, x, states, P)
+        return self.norm(x), prop.trace(cfg.start_layer, P)
+
+    # ------------------------------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("TPC models make their own attention masks; attn_mask/is_causal unsupported")
+        return self._propagate(x)[0]
+
+    def forward_with_trace(
+        self,
+        x: torch.Tensor,
+        forced_active: torch.Tensor | None = None,
+        path: str | None = None,
+    ) -> tuple[torch.Tensor, TokenTrace]:
+        """Logits and a :class:`TokenTrace` of which tokens were active/paused/restarted in every block.
+
+        ``forced_active`` ``[B, depth, N]`` replaces the controller's decisions (fixed-decision comparisons);
+        ``path`` forces ``"fast"`` (gather/scatter) or ``"masked"`` regardless of train/eval.
+        """
+        feats, trace = self._propagate(x, forced_active=forced_active, path=path)
+        return self.forward_head(feats), trace
+
+    def tpc_parameters(self) -> list[nn.Parameter]:
+        """Parameters TPC adds to the backbone (controller heads and stabilizers)."""
+        return list(self.controller.parameters()) + list(self.stabilizers.parameters())
+
+
+class TPCVisionTransformer(TPCViTMixin, VisionTransformer):
+    """timm ``VisionTransformer`` with token propagation control."""
+
+    def __init__(self, *args, tpc_cfg: TPCConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_tpc(tpc_cfg or TPCConfig())
+
+
+class TPCVisionTransformerDistilled(TPCViTMixin, VisionTransformerDistilled):
+    """timm DeiT distilled (class + distillation token) with token propagation control."""
+
+    def __init__(self, *args, tpc_cfg: TPCConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_tpc(tpc_cfg or TPCConfig())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------------------------
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj", "classifier": "head", **kwargs,
+    }
+
+
+def create_tpc_vit(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> nn.Module:
+    """Build a TPC ViT. ``kwargs`` mix timm ViT arguments and :class:`TPCConfig` fields."""
+    if pretrained:
+        raise RuntimeError(
+            f"{variant}: no weights are downloaded. Build it with pretrained=False and load a local dense "
+            "checkpoint: tpcvit.load_backbone(model, 'deit_small.safetensors')")
+    for key in ("features_only", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        if kwargs.pop(key, None) not in (None, False):
+            raise ValueError(f"{variant}: {key} is not supported by TPC models")
+    tpc_cfg = TPCConfig.pop_from(kwargs)
+    cls = TPCVisionTransformerDistilled if distilled else TPCVisionTransformer
+    model = cls(tpc_cfg=tpc_cfg, **kwargs)
+    model.pretrained_cfg = model.default_cfg = _cfg(
+        num_classes=model.num_classes, input_size=(model.patch_embed.proj.in_channels,
+                                                   *model.patch_embed.img_size),
+        classifier=("head", "head_dist") if distilled else "head", architecture=variant)
+    return model
+
+
+_DEIT = {
+    "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def _deit(size: str, distilled: bool, pretrained: bool, kwargs: dict) -> nn.Module:
+    name = f"tpc_deit_{size}{'_distilled' if distilled else ''}_patch16_224"
+    return create_tpc_vit(name, pretrained, distilled=distilled, **{**_DEIT[size], **kwargs})
+
+
+@register_model
+def tpc_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
+    """DeiT-Tiny (5.7M, 1.26 GMACs dense) with TPC."""
+    return _deit("tiny", False, pretrained, kwargs)
+
+
+@register_model
+def tpc_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
+    """DeiT-Small (22M, 4.60 GMACs dense) with TPC."""
+    return _deit("small", False, pretrained, kwargs)
+
+
+@register_model
+def tpc_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
+    """DeiT-Base (86M, 17.6 GMACs dense) with TPC."""
+    return _deit("base", False, pretrained, kwargs)
+
+
+@register_model
+def tpc_deit_tiny_distilled_patch16_224(pretrained: bool = False, **kwargs) -> TPCVisionTransformerDistilled:
+    """DeiT-Tiny distilled (class + distillation token) with TPC."""
+    return _deit("tiny", True, pretrained, kwargs)
+
+
+@register_model
+def tpc_deit_small_distilled_patch16_224(pretrained: bool = False, **kwargs) -> TPCVisionTransformerDistilled:
+    """DeiT-Small distilled with TPC."""
+    return _deit("small", True, pretrained, kwargs)
+
+
+@register_model
+def tpc_deit_base_distilled_patch16_224(pretrained: bool = False, **kwargs) -> TPCVisionTransformerDistilled:
+    """DeiT-Base distilled with TPC."""
+    return _deit("base", True, pretrained, kwargs)

@@ -1,0 +1,285 @@
+"""Backbone-agnostic TPC runtime: configuration, controller heads, per-forward decisions, trace and loss.
+
+A backbone adapter (``tpcvit/models/*.py``) owns the blocks; for every block from ``start_layer`` on it asks a
+:class:`Propagation` for the token states, then runs the block either on the masked full sequence (training) or
+on the gathered active tokens (inference). The math lives in :mod:`tpcvit.controller`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import controller as C
+
+MODES = ("dense", "adaptive", "budget")
+
+
+@dataclass
+class TPCConfig:
+    """Controller hyper-parameters (all settable as ``timm.create_model(..., start_layer=2, ...)``)."""
+
+    start_layer: int = 1  # blocks before it are always dense
+    target_keep: float = 0.5  # mean share of active patch tokens in the controlled blocks
+    threshold: float = 0.5  # inference decision threshold on the smoothed probabilities
+    smoothing: bool = True  # the smoothing regulariser (ablation switch)
+    smooth_max_dev: float = 0.2  # spatial outlier clip: max deviation from the 3x3 neighbourhood mean
+    smooth_momentum: float = 0.25  # EMA of the probabilities across blocks
+    stabilizer: bool = True  # the model stabilizer (ablation switch)
+    stabilizer_layers: tuple[int, ...] | None = None  # default: blocks 0 .. start_layer
+    restart: bool = True  # False = pause only (A-ViT-like ablation): restart probability fixed at 0
+    gumbel_tau: float = 1.0  # temperature of the straight-through Gumbel-sigmoid in training
+    pause_bias_init: float = -3.0  # sigmoid(-3) = 0.05: the model starts close to dense
+    restart_bias_init: float = -1.0
+    prior_spread: float = 0.2  # keep prior: linear from target+spread to target-spread
+    restart_prior: float = 0.1  # prior restart rate of paused tokens (0 disables that KL term)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_keep <= 1.0:
+            raise ValueError(f"target_keep must be in (0, 1], got {self.target_keep}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.start_layer < 0:
+            raise ValueError(f"start_layer must be >= 0, got {self.start_layer}")
+        if self.stabilizer_layers is not None:
+            self.stabilizer_layers = tuple(int(i) for i in self.stabilizer_layers)
+
+    @classmethod
+    def pop_from(cls, kwargs: dict) -> TPCConfig:
+        """Take this config's fields (and an optional ``tpc_cfg`` object or dict) out of model kwargs."""
+        base = kwargs.pop("tpc_cfg", None)
+        values = asdict(base) if isinstance(base, TPCConfig) else dict(base or {})
+        for f in fields(cls):
+            if f.name in kwargs:
+                values[f.name] = kwargs.pop(f.name)
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TPC option(s) {sorted(unknown)}; valid: {[f.name for f in fields(cls)]}")
+        return cls(**values)
+
+    def stabilized_blocks(self, depth: int) -> tuple[int, ...]:
+        if not self.stabilizer:
+            return ()
+        layers = self.stabilizer_layers
+        if layers is None:
+            layers = tuple(range(0, min(self.start_layer, depth - 1) + 1))
+        bad = [i for i in layers if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"stabilizer_layers {bad} outside the model's {depth} blocks")
+        return layers
+
+
+class ControllerHead(nn.Module):
+    """Per-block pause/restart logits from a token's own features and the class token's (global context).
+
+    ``logits[b, k] = W_tok LN(x[b, k]) + W_ctx LN(x[b, cls]) + bias``. The context term changes every block,
+    which is what lets a paused token (whose own features are frozen) be restarted later.
+    """
+
+    def __init__(self, dim: int, pause_bias: float, restart_bias: float) -> None:
+        super().__init__()
+        self.token = nn.Linear(dim, 2)
+        self.context = nn.Linear(dim, 2, bias=False)
+        nn.init.trunc_normal_(self.token.weight, std=0.02)
+        nn.init.trunc_normal_(self.context.weight, std=0.02)
+        with torch.no_grad():
+            self.token.bias.copy_(torch.tensor([pause_bias, restart_bias]))
+
+    def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
+        d = x.shape[-1]
+        tokens = F.layer_norm(x[:, num_prefix:], (d,))
+        context = F.layer_norm(x[:, :1], (d,))
+        return self.token(tokens) + self.context(context)
+
+
+@dataclass
+class TokenTrace:
+    """What happened to every patch token in one forward pass.
+
+    All tensors are ``[B, depth, N]``. ``active`` is bool; the probabilities are the smoothed ones the decisions
+    used (``*_raw`` before smoothing); blocks before ``start_layer`` show every token active with probability 0.
+    ``states`` ``[B, depth - start_layer, N]`` are the straight-through states of the controlled blocks (keep
+    their gradient, for the losses).
+    """
+
+    active: torch.Tensor
+    pause_prob: torch.Tensor
+    restart_prob: torch.Tensor
+    pause_prob_raw: torch.Tensor
+    restart_prob_raw: torch.Tensor
+    active_prob: torch.Tensor
+    states: torch.Tensor
+    start_layer: int
+    num_prefix: int = 1
+    grid: tuple[int, int] = (0, 0)
+
+    @property
+    def paused(self) -> torch.Tensor:
+        return ~self.active
+
+    @property
+    def restarted(self) -> torch.Tensor:
+        """Active at block l after being paused at block l-1."""
+        prev = torch.cat([torch.ones_like(self.active[:, :1]), self.active[:, :-1]], dim=1)
+        return self.active & ~prev
+
+    def keep_ratio(self) -> torch.Tensor:
+        """Share of active patch tokens per block, ``[depth]``."""
+        return self.active.float().mean(dim=(0, 2))
+
+    def active_counts(self) -> torch.Tensor:
+        """Active patch tokens per image and block, ``[B, depth]``."""
+        return self.active.sum(dim=2)
+
+
+@dataclass
+class Propagation:
+    """The decisions of one forward pass, block by block (state machine over :mod:`tpcvit.controller`)."""
+
+    cfg: TPCConfig
+    mode: str
+    keep: float | None
+    batch: int
+    num_patches: int
+    grid: tuple[int, int]
+    device: torch.device
+    sample: bool  # Gumbel noise (masked training path); False = deterministic threshold
+    forced_active: torch.Tensor | None = None
+    force_pause: float | None = None
+    force_restart: float | None = None
+    _records: dict = field(default_factory=lambda: {k: [] for k in (
+        "active", "pause", "restart", "pause_raw", "restart_raw", "a", "states")})
+
+    def __post_init__(self) -> None:
+        self.state = torch.ones(self.batch, self.num_patches, device=self.device)
+        self.a = torch.ones(self.batch, self.num_patches, device=self.device)
+        self.prev_probs: torch.Tensor | None = None
+        if self.cfg.restart is False and self.force_restart is None:
+            self.force_restart = 0.0
+
+    @property
+    def budget_k(self) -> int:
+        keep = self.cfg.target_keep if self.keep is None else self.keep
+        return max(1, min(self.num_patches, round(keep * self.num_patches)))
+
+    def dense_block(self) -> None:
+        """Record a block where every token is computed."""
+        ones = torch.ones(self.batch, self.num_patches, device=self.device)
+        zeros = torch.zeros_like(ones)
+        self._append(ones.bool(), zeros, zeros, zeros, zeros, ones, None)
+
+    def step(self, block: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decide the states of block ``block`` from the controller ``logits`` ``[B, N, 2]``.
+
+        Returns ``(states, active)``: straight-through float states and their bool value.
+        """
+        raw = torch.stack(C.transition_probs(logits), dim=-1)
+        probs = raw
+        if self.cfg.smoothing:
+            probs = C.smooth_probs(raw, self.prev_probs, self.grid, self.cfg.smooth_max_dev,
+                                   self.cfg.smooth_momentum)
+        self.prev_probs = probs
+        pause, restart = probs[..., 0], probs[..., 1]
+        if self.force_pause is not None:
+            pause = torch.full_like(pause, self.force_pause)
+        if self.force_restart is not None:
+            restart = torch.full_like(restart, self.force_restart)
+
+        if self.forced_active is not None:
+            states = self.forced_active[:, block].to(pause.dtype)
+        elif self.mode == "budget":
+            states = C.topk_states(C.keep_score(self.state, pause, restart), self.budget_k)
+        else:
+            tau, thr = self.cfg.gumbel_tau, self.cfg.threshold
+            pause_ev = C.sample_events(pause, tau, thr, noise=self.sample)
+            restart_ev = C.sample_events(restart, tau, thr, noise=self.sample)
+            states = C.active_recursion(self.state, pause_ev, restart_ev)
+        self.state = states
+        self.a = C.active_recursion(self.a, pause, restart)
+        active = states.detach() > 0.5
+        self._append(active, pause, restart, raw[..., 0], raw[..., 1], self.a, states)
+        return states, active
+
+    def _append(self, active, pause, restart, pause_raw, restart_raw, a, states) -> None:
+        rec = self._records
+        for key, value in (("active", active), ("pause", pause), ("restart", restart),
+                           ("pause_raw", pause_raw), ("restart_raw", restart_raw), ("a", a)):
+            rec[key].append(value)
+        if states is not None:
+            rec["states"].append(states)
+
+    def trace(self, start_layer: int, num_prefix: int) -> TokenTrace:
+        rec = self._records
+        stack = lambda key: torch.stack(rec[key], dim=1)  # noqa: E731
+        states = stack("states") if rec["states"] else torch.ones(self.batch, 0, self.num_patches,
+                                                                    device=self.device)
+        return TokenTrace(active=stack("active"), pause_prob=stack("pause"), restart_prob=stack("restart"),
+                          pause_prob_raw=stack("pause_raw"), restart_prob_raw=stack("restart_raw"),
+                          active_prob=stack("a"), states=states, start_layer=start_layer,
+                          num_prefix=num_prefix, grid=self.grid)
+
+
+def tpc_loss(trace: TokenTrace, cfg: TPCConfig, alpha_budget: float, alpha_dist: float) -> dict[str, torch.Tensor]:
+    """Controller losses of METHOD.md section 3 for one trace: ``{"budget": ..., "dist": ..., "total": ...}``.
+
+    The caller adds ``total`` to the task loss. Both terms use only the controlled blocks.
+    """
+    s = trace.start_layer
+    zero = trace.active_prob.new_zeros(())
+    if trace.states.shape[1] == 0:
+        return {"budget": zero, "dist": zero, "total": zero}
+    budget = C.budget_loss(trace.states, cfg.target_keep)
+    dist = C.distribution_loss(trace.active_prob[:, s:], trace.restart_prob[:, s:], cfg.target_keep,
+                               cfg.restart_prior, cfg.prior_spread)
+    return {"budget": budget, "dist": dist, "total": alpha_budget * budget + alpha_dist * dist}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# user-facing switches
+# ----------------------------------------------------------------------------------------------------------
+def tpc_modules(model: nn.Module) -> list[nn.Module]:
+    """Every TPC model inside ``model`` (also through DDP / wrappers)."""
+    return [m for m in model.modules() if hasattr(m, "tpc_cfg")]
+
+
+def set_mode(model: nn.Module, mode: str, keep: float | None = None) -> nn.Module:
+    """Choose how a TPC model propagates tokens.
+
+    ``"dense"``: controller off, every token in every block (the backbone). ``"adaptive"``: learned per-image
+    decisions. ``"budget"``: exactly ``round(keep * N)`` active patch tokens per controlled block (``keep``
+    defaults to the model's ``target_keep``). ``model.eval()`` then uses the gather/scatter path,
+    ``model.train()`` the masked path.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if keep is not None and not 0.0 < float(keep) <= 1.0:
+        raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
+    if keep is not None and mode != "budget":
+        raise ValueError(f"keep only applies to mode='budget' (got mode={mode!r})")
+    targets = tpc_modules(model)
+    if not targets:
+        raise TypeError(f"{type(model).__name__} is not a TPC model (create one with timm.create_model('tpc_...'))")
+    for m in targets:
+        m.tpc_mode, m.tpc_keep = mode, keep
+    return model
+
+
+@contextlib.contextmanager
+def override_probs(model: nn.Module, pause: float | None = None, restart: float | None = None):
+    """Within the block, replace the pause and/or restart probabilities by constants (analysis, tests).
+
+    ``override_probs(model, restart=0.0)`` makes every pause permanent; ``pause=0.0`` never pauses.
+    """
+    targets = tpc_modules(model)
+    saved = [(m.tpc_force_pause, m.tpc_force_restart) for m in targets]
+    for m in targets:
+        m.tpc_force_pause, m.tpc_force_restart = pause, restart
+    try:
+        yield model
+    finally:
+        for m, (p, r) in zip(targets, saved):
+            m.tpc_force_pause, m.tpc_force_restart = p, r

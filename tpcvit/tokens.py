@@ -1,0 +1,107 @@
+"""Gather -> compute -> scatter of active tokens: pure tensor functions, no model knowledge.
+
+The persistent buffer ``x`` is ``[B, T, D]`` with ``P`` prefix tokens (always active) followed by ``N`` patch
+tokens. A block runs on the gathered active tokens only; results are scattered back, and paused tokens keep
+their last features so they can be restarted later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenSelection:
+    """Which buffer positions a block computes.
+
+    ``index`` ``[B, n]`` buffer positions (prefix first); ``valid`` ``[B, n]`` (``None`` = all valid) marks
+    padding in adaptive mode; ``key_bias`` ``[B, 1, 1, n]`` additive attention bias that hides the padding
+    keys (``None`` when there is no padding); ``full`` means every token is active (gather is the identity).
+    """
+
+    index: torch.Tensor | None
+    valid: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
+    full: bool = False
+
+
+def _with_prefix(patch_index: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    b = patch_index.shape[0]
+    prefix = torch.arange(num_prefix, device=patch_index.device).expand(b, num_prefix)
+    return torch.cat([prefix, patch_index + num_prefix], dim=1)
+
+
+def select_active(active: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> TokenSelection:
+    """Adaptive selection: each image its own active set, padded to the batch maximum.
+
+    ``active`` ``[B, N]`` bool. Active tokens come first (stable order); the padding slots are filled with the
+    image's own paused tokens, so indices never repeat, and the padding keys are masked out of attention.
+    An image computed alone or inside a batch therefore gets the same result.
+    """
+    b, n = active.shape
+    counts = active.sum(dim=1)
+    n_max = int(counts.max()) if b > 0 else 0
+    if n_max == n:
+        if bool((counts == n).all()):
+            return TokenSelection(index=None, full=True)
+    order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices[:, :n_max]
+    index = _with_prefix(order, num_prefix)
+    if bool((counts == n_max).all()):
+        return TokenSelection(index=index)
+    valid_patch = torch.arange(n_max, device=active.device)[None, :] < counts[:, None]
+    valid = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=active.device), valid_patch], dim=1)
+    key_bias = torch.zeros(valid.shape, dtype=dtype, device=active.device)
+    key_bias = key_bias.masked_fill(~valid, float("-inf"))[:, None, None, :]
+    return TokenSelection(index=index, valid=valid, key_bias=key_bias)
+
+
+def select_topk(active: torch.Tensor, k: int, num_prefix: int) -> TokenSelection:
+    """Budget selection: exactly ``k`` active patch tokens per image (``active`` has k True per row)."""
+    n = active.shape[1]
+    if k == n:
+        return TokenSelection(index=None, full=True)
+    order = active.to(torch.uint8).topk(k, dim=1, sorted=False).indices
+    return TokenSelection(index=_with_prefix(order, num_prefix))
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, i]]`` -> ``[B, n, D]``."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Write ``values`` back at ``index`` into a copy of ``x`` (out of place, autograd-safe)."""
+    return x.scatter(1, index[..., None].expand(-1, -1, x.shape[-1]), values)
+
+
+def run_on_selection(fn, x: torch.Tensor, sel: TokenSelection) -> torch.Tensor:
+    """Apply ``fn(tokens, attn_mask)`` to the selected tokens only and scatter the result back into ``x``."""
+    if sel.full:
+        return fn(x, None)
+    xs = gather_tokens(x, sel.index)
+    ys = fn(xs, sel.key_bias)
+    if sel.valid is not None:  # padding slots keep their (paused) features
+        ys = torch.where(sel.valid[..., None], ys, xs)
+    return scatter_tokens(x, sel.index, ys)
+
+
+def masked_update(fn, x: torch.Tensor, states: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Training path: full-length sequence, paused tokens masked out as keys and carried through unchanged.
+
+    ``states`` ``[B, N]`` are 0/1 (possibly straight-through) states of the patch tokens.
+    ``x_next = s * fn(x, mask) + (1 - s) * x`` with the mask hiding paused keys. With every token active the
+    mask is skipped and the result is exactly ``fn(x, None)``.
+    """
+    hard = states.detach() > 0.5
+    if bool(hard.all()):
+        y = fn(x, None)
+    else:
+        b = x.shape[0]
+        keep = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=x.device), hard], dim=1)
+        bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, float("-inf"))
+        y = fn(x, bias[:, None, None, :])
+    prefix = torch.ones(x.shape[0], num_prefix, dtype=states.dtype, device=x.device)
+    s = torch.cat([prefix, states], dim=1).to(x.dtype)[..., None]
+    return s * y + (1.0 - s) * x
