@@ -1,0 +1,100 @@
+"""FLOP counting (work actually done), checkpoints (local files, atomic, clear errors), import guard."""
+
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from conftest import SMALL, small_tpc
+
+import tpcvit
+from tpcvit.checkpoint import CheckpointError, atomic_write
+
+
+def test_dense_deit_small_is_4_60_gmacs_with_cpu_fused_attention():
+    model = timm.create_model("deit_small_patch16_224").eval()
+    gmacs = tpcvit.count_gmacs(model, torch.randn(1, 3, 224, 224))
+    assert abs(gmacs - 4.60) < 0.01, gmacs
+    tpc = timm.create_model("tpc_deit_small_patch16_224")
+    tpcvit.set_mode(tpc, "dense")
+    assert abs(tpcvit.count_gmacs(tpc, torch.randn(1, 3, 224, 224)) - 4.60) < 0.01
+
+
+def test_adaptive_gmacs_count_only_the_work_done_per_image(images):
+    model = small_tpc().eval()
+    with torch.no_grad():
+        _, trace = model.forward_with_trace(images)
+    per_image = tpcvit.vit_gmacs_from_trace(model, trace)
+    assert per_image.std() > 0  # images differ
+    measured = tpcvit.count_gmacs(model, images)
+    assert abs(measured - per_image.mean().item()) / measured < 1e-3
+    tpcvit.set_mode(model, "dense")
+    dense = tpcvit.count_gmacs(model, images)
+    assert measured < dense
+
+
+def test_budget_gmacs_follow_keep(images):
+    model = small_tpc().eval()
+    costs = []
+    for keep in (1.0, 0.5, 0.25):
+        tpcvit.set_mode(model, "budget", keep=keep)
+        with torch.no_grad():
+            _, trace = model.forward_with_trace(images)
+        measured = tpcvit.count_gmacs(model, images)
+        assert abs(measured - tpcvit.vit_gmacs_from_trace(model, trace).mean().item()) / measured < 1e-3
+        costs.append(measured)
+    assert costs[0] > costs[1] > costs[2]
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path, images):
+    model = small_tpc().eval()
+    path = tpcvit.save_weights(model, tmp_path / "tpc.safetensors")
+    twin = small_tpc(seed=9).eval()
+    tpcvit.load_backbone(twin, path)  # full TPC checkpoint: controller weights load too
+    with torch.no_grad():
+        assert torch.equal(model(images), twin(images))
+    torch.save({"model": model.state_dict()}, tmp_path / "nested.pth")
+    tpcvit.load_backbone(small_tpc(seed=2), tmp_path / "nested.pth")
+
+    with pytest.raises(CheckpointError, match="create the model with num_classes"):
+        tpcvit.load_backbone(small_tpc(num_classes=3), path)
+    with pytest.raises(CheckpointError, match="another architecture"):
+        tpcvit.load_backbone(small_tpc(depth=2), path)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        tpcvit.load_backbone(model, tmp_path / "nope.safetensors")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        tpcvit.load_backbone(model, broken)
+
+
+def test_dense_checkpoint_at_another_resolution_resamples_pos_embed(tmp_path):
+    dense = timm.create_model("deit_tiny_patch16_224", **{**SMALL, "img_size": 64})
+    tpcvit.save_weights(dense, tmp_path / "d.safetensors")
+    tpc = timm.create_model("tpc_deit_tiny_patch16_224", **SMALL)
+    tpcvit.load_backbone(tpc, tmp_path / "d.safetensors")
+    assert tpc.pos_embed.shape[1] == 17
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "w.bin"
+    target.write_text("old")
+
+    def failing(tmp):
+        open(tmp, "w").write("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, failing)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.bin"]
+
+
+def test_import_guard_makes_timm_importable_in_a_fresh_process():
+    code = ("import tpcvit, timm, torchvision; from tpcvit import _compat; "
+            "m = timm.create_model('tpc_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=2); "
+            "print('ok', _compat.guard_applied)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")

@@ -1,0 +1,209 @@
+"""TPC DeiT: every registered model, dense equivalence, masked == fast, pause/restart semantics, modes."""
+
+import pytest
+import timm
+import torch
+from conftest import SMALL, small_tpc
+
+import tpcvit
+
+TPC_MODELS = timm.list_models("tpc_*")
+
+
+def test_registry_has_all_deit_variants():
+    for size in ("tiny", "small", "base"):
+        assert f"tpc_deit_{size}_patch16_224" in TPC_MODELS
+        assert f"tpc_deit_{size}_distilled_patch16_224" in TPC_MODELS
+
+
+@pytest.mark.parametrize("name", TPC_MODELS)
+def test_every_registered_model_builds_runs_and_trains(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=64, num_classes=7, depth=3, pause_bias_init=0.0)
+    x = torch.randn(3, 3, 64, 64)
+    model.train()
+    logits, trace = model.forward_with_trace(x)
+    losses = tpcvit.tpc_loss(trace, model.tpc_cfg, alpha_budget=1.0, alpha_dist=1.0)
+    (logits.square().mean() + losses["total"]).backward()
+    assert logits.shape == (3, 7) and torch.isfinite(logits).all()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == [], f"no gradient reaches {no_grad}"
+    model.eval()
+    with torch.no_grad():
+        for mode, keep in (("dense", None), ("adaptive", None), ("budget", 0.3)):
+            tpcvit.set_mode(model, mode, keep)
+            out = model(x)
+            assert out.shape == (3, 7) and torch.isfinite(out).all()
+
+
+def test_controller_and_stabilizer_params_get_gradients_in_small_model(images):
+    model = small_tpc()
+    model.train()
+    logits, trace = model.forward_with_trace(images)
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(6) % 5)
+    loss = loss + tpcvit.tpc_loss(trace, model.tpc_cfg, 1.0, 1.0)["total"]
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("controller", "stabilizers")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert not trace.active[:, model.tpc_cfg.start_layer:].all()  # decisions actually paused something
+
+
+def _dense_twin(tmp_path, name="deit_small_patch16_224", tpc_name="tpc_deit_small_patch16_224", **extra):
+    torch.manual_seed(3)
+    dense = timm.create_model(name, **SMALL).eval()
+    path = tmp_path / "dense.safetensors"
+    tpcvit.save_weights(dense, path)
+    tpc = timm.create_model(tpc_name, **SMALL, pause_bias_init=0.0, **extra)
+    tpcvit.load_backbone(tpc, path)
+    return dense, tpc.eval()
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_pause_probability_zero_gives_exactly_the_dense_timm_model(tmp_path, images, distilled):
+    suffix = "_distilled" if distilled else ""
+    dense, tpc = _dense_twin(tmp_path, f"deit_small{suffix}_patch16_224", f"tpc_deit_small{suffix}_patch16_224")
+    with torch.no_grad():
+        ref = dense(images)
+        with tpcvit.override_probs(tpc, pause=0.0):
+            out, trace = tpc.forward_with_trace(images)
+        assert trace.active.all()
+        assert torch.equal(out, ref)
+        tpcvit.set_mode(tpc, "dense")
+        assert torch.equal(tpc(images), ref)
+        tpcvit.set_mode(tpc, "adaptive")
+        assert not torch.equal(tpc(images), ref)  # the controller really pauses tokens here
+
+
+def test_fresh_model_starts_close_to_dense():
+    model = timm.create_model("tpc_deit_small_patch16_224", **SMALL).eval()  # default near-dense init
+    with torch.no_grad():
+        _, trace = model.forward_with_trace(torch.randn(4, 3, 32, 32))
+    assert trace.keep_ratio().min() > 0.95
+
+
+def test_masked_path_equals_fast_path_for_fixed_decisions(images):
+    model = small_tpc().eval()
+    b, depth, n = images.shape[0], 4, 16
+    torch.manual_seed(5)
+    forced = torch.rand(b, depth, n) > 0.5
+    forced[:, : model.tpc_cfg.start_layer] = True
+    with torch.no_grad():
+        fast, tf = model.forward_with_trace(images, forced_active=forced, path="fast")
+        masked, tm = model.forward_with_trace(images, forced_active=forced, path="masked")
+        assert torch.equal(tf.active, forced) and torch.equal(tm.active, forced)
+        assert torch.allclose(fast, masked, atol=1e-5, rtol=1e-4)
+        # and with the controller's own (deterministic, eval) decisions
+        fast, tf = model.forward_with_trace(images, path="fast")
+        masked, tm = model.forward_with_trace(images, path="masked")
+    assert torch.equal(tf.active, tm.active)
+    assert 0.1 < tf.active[:, 1:].float().mean() < 0.95
+    assert torch.allclose(fast, masked, atol=1e-5, rtol=1e-4)
+
+
+def _block_inputs(model, images, **kw):
+    """Full-length token buffers entering each controlled block (the controller heads see them)."""
+    seen = {}
+    hooks = [head.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].clone()))
+             for i, head in enumerate(model.controller)]
+    out = model.forward_with_trace(images, **kw)
+    for h in hooks:
+        h.remove()
+    return [seen[i] for i in sorted(seen)], out
+
+
+@pytest.mark.parametrize("path", ["fast", "masked"])
+def test_paused_tokens_are_frozen_and_restarted_tokens_resume(images, path):
+    model = small_tpc(depth=6, num_heads=2).eval()
+    start, P = model.tpc_cfg.start_layer, model.num_prefix_tokens
+    forced = torch.ones(images.shape[0], 6, 16, dtype=torch.bool)
+    forced[:, 2:4, 3] = False  # token 3 paused in blocks 2-3, restarted at block 4
+    forced[:, 1:, 7] = False  # token 7 paused from block 1 on
+    with torch.no_grad():
+        inputs, (_, trace) = _block_inputs(model, images, forced_active=forced, path=path)
+    x = {start + i: t for i, t in enumerate(inputs)}  # block index -> buffer entering it
+    tok3, tok7 = P + 3, P + 7
+    assert torch.equal(x[3][:, tok3], x[2][:, tok3]) and torch.equal(x[4][:, tok3], x[2][:, tok3])
+    assert not torch.equal(x[5][:, tok3], x[4][:, tok3])  # restarted at 4: computed from its frozen features
+    for blk in range(2, 6):
+        assert torch.equal(x[blk][:, tok7], x[1][:, tok7])
+    assert trace.restarted[:, 4, 3].all() and trace.restarted.sum() == images.shape[0]
+
+
+def test_restarted_token_matches_recomputation_from_frozen_features(images):
+    """A restarted token's next features equal running the block on its frozen features (fast path)."""
+    model = small_tpc(depth=4).eval()
+    forced = torch.ones(images.shape[0], 4, 16, dtype=torch.bool)
+    forced[:, 1:3, 0] = False
+    with torch.no_grad():
+        inputs, _ = _block_inputs(model, images, forced_active=forced, path="fast")
+        # inputs[k] enters block k+1; block 3 restarts token 0 with the features it had entering block 1
+        assert torch.equal(inputs[2][:, 1], inputs[0][:, 1])
+
+
+def test_budget_mode_runs_exactly_k_tokens_per_block(images):
+    model = small_tpc().eval()
+    tpcvit.set_mode(model, "budget", keep=0.25)
+    lengths = []
+    hooks = [blk.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1])) for blk in model.blocks]
+    with torch.no_grad():
+        _, trace = model.forward_with_trace(images)
+    for h in hooks:
+        h.remove()
+    start, P = model.tpc_cfg.start_layer, model.num_prefix_tokens
+    assert lengths == [P + 16] * start + [P + 4] * (4 - start)
+    assert (trace.active_counts()[:, start:] == 4).all()
+
+
+def test_adaptive_gives_the_same_result_alone_or_in_a_batch(images):
+    model = small_tpc().eval()
+    with torch.no_grad():
+        batch_logits, batch_trace = model.forward_with_trace(images)
+        counts = batch_trace.active_counts()[:, 1:]
+        assert (counts != counts[0]).any(), "images should differ in their active sets"
+        for i in range(images.shape[0]):
+            alone, trace = model.forward_with_trace(images[i:i + 1])
+            assert torch.equal(trace.active[0], batch_trace.active[i])
+            assert torch.allclose(alone[0], batch_logits[i], atol=1e-5, rtol=1e-4)
+
+
+def test_restart_zero_override_and_pause_only_config(images):
+    model = small_tpc(depth=6).eval()
+    with torch.no_grad():
+        _, trace = model.forward_with_trace(images)
+        with tpcvit.override_probs(model, restart=0.0):
+            _, no_restart = model.forward_with_trace(images)
+    assert trace.restarted.any()
+    assert not no_restart.restarted.any()
+    pause_only = small_tpc(depth=6, restart=False).eval()
+    with torch.no_grad():
+        assert not pause_only.forward_with_trace(images)[1].restarted.any()
+
+
+def test_trace_fields_are_consistent(images):
+    model = small_tpc().eval()
+    with torch.no_grad():
+        _, t = model.forward_with_trace(images)
+    assert t.active.shape == t.pause_prob.shape == t.restart_prob.shape == (6, 4, 16)
+    assert t.active.dtype == torch.bool
+    assert torch.equal(t.paused, ~t.active)
+    assert (t.restarted <= t.paused.roll(1, dims=1)).all()
+    assert ((t.pause_prob >= 0) & (t.pause_prob <= 1)).all()
+
+
+def test_bad_inputs_give_clear_errors(images):
+    model = small_tpc().eval()
+    with pytest.raises(ValueError, match="expected images"):
+        model(torch.randn(2, 3, 48, 48))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        tpcvit.set_mode(model, "fast")
+    with pytest.raises(ValueError, match="keep must be"):
+        tpcvit.set_mode(model, "budget", keep=1.5)
+    with pytest.raises(ValueError, match="start_layer"):
+        timm.create_model("tpc_deit_tiny_patch16_224", **{**SMALL, "start_layer": 4})
+    with pytest.raises(ValueError, match="unknown TPC option"):
+        timm.create_model("tpc_deit_tiny_patch16_224", **SMALL, tpc_cfg={"keep_ratio": 0.5})
+    with pytest.raises(RuntimeError, match="no weights are downloaded"):
+        timm.create_model("tpc_deit_tiny_patch16_224", pretrained=True)
+    with pytest.raises(TypeError, match="not a TPC model"):
+        tpcvit.set_mode(torch.nn.Linear(2, 2), "dense")
