@@ -90,10 +90,8 @@ class ControllerHead(nn.Module):
             self.token.bias.copy_(torch.tensor([pause_bias, restart_bias]))
 
     def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
-        d = x.shape[-1]
-        tokens = F.layer_norm(x[:, num_prefix:], (d,))
-        context = F.layer_norm(x[:, :1], (d,))
-        return self.token(tokens) + self.context(context)
+        normed = F.layer_norm(x, (x.shape[-1],))
+        return self.token(normed[:, num_prefix:]) + self.context(normed[:, :1])
 
 
 @dataclass
@@ -158,6 +156,8 @@ class Propagation:
         self.state = torch.ones(self.batch, self.num_patches, device=self.device)
         self.a = torch.ones(self.batch, self.num_patches, device=self.device)
         self.prev_probs: torch.Tensor | None = None
+        self.lean = not self.sample and not torch.is_grad_enabled()
+        self.topk_index: torch.Tensor | None = None  # budget mode, lean path: the kept patch indices
         if self.cfg.restart is False and self.force_restart is None:
             self.force_restart = 0.0
 
@@ -177,7 +177,7 @@ class Propagation:
 
         Returns ``(states, active)``: straight-through float states and their bool value.
         """
-        raw = torch.stack(C.transition_probs(logits), dim=-1)
+        raw = logits.float().sigmoid()  # [..., 0] pause, [..., 1] restart (C.transition_probs)
         probs = raw
         if self.cfg.smoothing:
             probs = C.smooth_probs(raw, self.prev_probs, self.grid, self.cfg.smooth_max_dev,
@@ -189,8 +189,19 @@ class Propagation:
         if self.force_restart is not None:
             restart = torch.full_like(restart, self.force_restart)
 
+        self.topk_index = None
         if self.forced_active is not None:
             states = self.forced_active[:, block].to(pause.dtype)
+        elif self.lean:  # inference: hard decisions only, no straight-through bookkeeping
+            prev = self.state > 0.5
+            if self.mode == "budget":
+                score = torch.where(prev, 1.0 - pause, restart)
+                self.topk_index = score.topk(self.budget_k, dim=-1, sorted=False).indices
+                active = torch.zeros_like(prev).scatter_(-1, self.topk_index, True)
+            else:
+                thr = self.cfg.threshold
+                active = torch.where(prev, pause <= thr, restart > thr)
+            states = active.to(pause.dtype)
         elif self.mode == "budget":
             states = C.topk_states(C.keep_score(self.state, pause, restart), self.budget_k)
         else:
@@ -201,7 +212,7 @@ class Propagation:
         self.state = states
         self.a = C.active_recursion(self.a, pause, restart)
         active = states.detach() > 0.5
-        self._append(active, pause, restart, raw[..., 0], raw[..., 1], self.a, states)
+        self._append(active, pause, restart, raw[..., 0], raw[..., 1], self.a, None if self.lean else states)
         return states, active
 
     def _append(self, active, pause, restart, pause_raw, restart_raw, a, states) -> None:

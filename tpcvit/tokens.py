@@ -57,12 +57,15 @@ def select_active(active: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> 
     return TokenSelection(index=index, valid=valid, key_bias=key_bias)
 
 
-def select_topk(active: torch.Tensor, k: int, num_prefix: int) -> TokenSelection:
-    """Budget selection: exactly ``k`` active patch tokens per image (``active`` has k True per row)."""
+def select_topk(active: torch.Tensor, k: int, num_prefix: int, index: torch.Tensor | None = None) -> TokenSelection:
+    """Budget selection: exactly ``k`` active patch tokens per image (``active`` has k True per row).
+
+    ``index`` ``[B, k]``: the kept patch indices when the caller already has them (saves a top-k).
+    """
     n = active.shape[1]
     if k == n:
         return TokenSelection(index=None, full=True)
-    order = active.to(torch.uint8).topk(k, dim=1, sorted=False).indices
+    order = index if index is not None else active.to(torch.uint8).topk(k, dim=1, sorted=False).indices
     return TokenSelection(index=_with_prefix(order, num_prefix))
 
 

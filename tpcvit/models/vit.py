@@ -86,7 +86,7 @@ class TPCViTMixin:
 
             if fast:
                 if mode == "budget" and forced_active is None:
-                    sel = select_topk(active, prop.budget_k, P)
+                    sel = select_topk(active, prop.budget_k, P, prop.topk_index)
                 else:
                     sel = select_active(active, P, x.dtype)
                 x = run_on_selection(run, x, sel)

@@ -1,0 +1,177 @@
+"""Honest timing: only the model, warm-up, synchronise, interleaved repeats, medians, hardware named.
+
+Variants are timed round-robin (one timing of each variant per round), so slow drifts of a noisy machine hit
+all variants alike; the reported number is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """What the numbers were measured on."""
+    device = torch.device(device)
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info["cores"] = os.cpu_count()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    rounds: int,
+    iters: int = 1,
+    warmup: int = 2,
+    progress: bool = True,
+) -> dict[str, list[float]]:
+    """Seconds per call of each ``fn``, one sample per round, the variants interleaved within each round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress, leave=False):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) / iters)
+    return samples
+
+
+@dataclass
+class SpeedRow:
+    variant: str
+    batch: int
+    dtype: str
+    img_per_s: float
+    latency_ms: float
+    gmacs: float
+    speedup: float = 1.0
+    flops_ratio: float = 1.0  # dense GMACs / variant GMACs
+    speedup_per_flops: float = 1.0  # speedup / flops_ratio: 1.0 = the FLOP saving fully turns into speed
+    keep: float | None = None
+    samples_s: list[float] | None = None
+
+
+def speed_table(
+    variants: dict[str, tuple[nn.Module, float | None]],
+    gmacs: dict[str, float],
+    image_size: tuple[int, int, int],
+    batch_sizes: list[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    rounds: int,
+    baseline: str,
+) -> list[SpeedRow]:
+    """Time every variant at every batch size; speed-ups relative to ``baseline``."""
+    rows: list[SpeedRow] = []
+    dtype_name = str(dtype).removeprefix("torch.")
+    for batch in batch_sizes:
+        x = torch.randn(batch, *image_size, device=device, dtype=dtype)
+        fns = {name: (lambda m=model, x=x: m(x)) for name, (model, _) in variants.items()}
+        iters = max(1, 8 // batch) if device.type == "cpu" else 10
+        with torch.inference_mode():
+            samples = time_interleaved(fns, device, rounds=rounds, iters=iters)
+        base = statistics.median(samples[baseline])
+        for name, (_, keep) in variants.items():
+            med = statistics.median(samples[name])
+            flops_ratio = gmacs[baseline] / gmacs[name]
+            speedup = base / med
+            rows.append(SpeedRow(name, batch, dtype_name, batch / med, med * 1e3, gmacs[name], speedup,
+                                 flops_ratio, speedup / flops_ratio, keep, [round(s, 5) for s in samples[name]]))
+    return rows
+
+
+def rows_to_markdown(rows: list[SpeedRow]) -> str:
+    header = ["variant", "keep", "batch", "dtype", "img/s", "latency ms", "GMACs", "speed-up", "FLOPs ratio",
+              "speed-up/FLOPs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        keep = "-" if r.keep is None else f"{r.keep:.0%}"
+        lines.append(f"| {r.variant} | {keep} | {r.batch} | {r.dtype} | {r.img_per_s:.1f} | {r.latency_ms:.1f} | "
+                     f"{r.gmacs:.2f} | {r.speedup:.2f}x | {r.flops_ratio:.2f}x | {r.speedup_per_flops:.2f} |")
+    return "\n".join(lines)
+
+
+def write_results(path: str | os.PathLike, rows: list[SpeedRow], meta: dict) -> Path:
+    """Write ``<path>.json`` and ``<path>.md`` (atomically)."""
+    from .checkpoint import atomic_write
+
+    path = Path(path)
+    payload = {"meta": meta, "rows": [asdict(r) for r in rows]}
+    atomic_write(path.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(payload, indent=2)))
+    md = f"Machine: {meta['machine']}\n\nCommand: `{meta['command']}`\n\n{rows_to_markdown(rows)}\n"
+    atomic_write(path.with_suffix(".md"), lambda t: Path(t).write_text(md))
+    return path.with_suffix(".json")
+
+
+def bench_tpc_speed(
+    model_name: str = "tpc_deit_small_patch16_224",
+    keeps: tuple[float, ...] = (1.0, 0.7, 0.5, 0.3),
+    batch_sizes: tuple[int, ...] = (1, 32),
+    rounds: int = 7,
+    device: str = "cpu",
+    dtype: str = "float32",
+    **model_kwargs,
+) -> tuple[list[SpeedRow], dict]:
+    """Dense timm backbone vs the TPC model in ``budget`` mode at each keep ratio (random weights: speed only)."""
+    import timm
+
+    from .flops import count_gmacs
+    from .propagation import set_mode
+
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    tpc = timm.create_model(model_name, **model_kwargs).eval()
+    dense_name = model_name.removeprefix("tpc_")
+    dense = timm.create_model(dense_name, **model_kwargs).eval()
+    size = (tpc.patch_embed.proj.in_channels, *tpc.patch_embed.img_size)
+    variants: dict[str, tuple[nn.Module, float | None]] = {"dense": (dense, None)}
+    for keep in keeps:
+        m = timm.create_model(model_name, **model_kwargs).eval()
+        m.load_state_dict(tpc.state_dict())
+        set_mode(m, "budget", keep)
+        variants[f"tpc@{keep:.0%}"] = (m, keep)
+    probe = torch.randn(2, *size)
+    gmacs = {name: count_gmacs(m, probe) for name, (m, _) in variants.items()}
+    for m, _ in variants.values():
+        m.to(dev, dt)
+    rows = speed_table(variants, gmacs, size, list(batch_sizes), dev, dt, rounds, baseline="dense")
+    meta = {"model": model_name, "dense": dense_name, "machine": machine_info(dev), "rounds": rounds,
+            "mode": "budget", "note": "random weights (speed only); medians over interleaved rounds"}
+    return rows, meta
