@@ -100,6 +100,12 @@ class TPCViTMixin:
             raise NotImplementedError("TPC models make their own attention masks; attn_mask/is_causal unsupported")
         return self._propagate(x)[0]
 
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, return_trace: bool = False):
+        """timm's forward; ``return_trace=True`` gives ``(logits, trace)`` (use it through DDP wrappers)."""
+        if not return_trace:
+            return self.forward_head(self.forward_features(x, attn_mask, is_causal))
+        return self.forward_with_trace(x)
+
     def forward_with_trace(
         self,
         x: torch.Tensor,

@@ -1,0 +1,189 @@
+"""Experiment configuration: YAML files under ``configs/`` plus ``key.sub=value`` command-line overrides.
+
+Every key has a default below; unknown keys, wrong types and out-of-range values are rejected up front with a
+message that names the key and the fix, before any output is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "name": "experiment",
+    "output": "runs/experiment",
+    "seed": 0,
+    "model": {
+        "name": "tpc_deit_small_patch16_224",
+        "kwargs": {},  # timm kwargs: img_size, patch_size, in_chans, embed_dim, depth, num_heads, ...
+        "tpc": {},  # TPCConfig fields: start_layer, target_keep, smoothing, stabilizer, restart, ...
+        "init": None,  # local checkpoint (dense timm or TPC) loaded into the model before training
+    },
+    "data": {
+        "kind": "fashion_mnist",  # fashion_mnist | idx | folder
+        "path": None,
+        "train_limit": None,  # use a deterministic subset of this many training images
+        "val_limit": None,
+        "workers": 0,
+        "skip_corrupt": True,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "aug": {
+            "scale": [0.08, 1.0], "hflip": 0.5, "auto_augment": None, "re_prob": 0.0,
+            "color_jitter": None, "interpolation": "bicubic", "crop_pct": 1.0,
+        },
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "label_smoothing": 0.0,
+    },
+    "train": {
+        "epochs": 1,
+        "batch_size": 64,
+        "lr": 5.0e-4,
+        "min_lr": 1.0e-5,
+        "weight_decay": 0.05,
+        "warmup_epochs": 0,
+        "opt": "adamw",
+        "clip_grad": None,
+        "controller_lr_scale": 10.0,  # controller heads learn faster than the pretrained backbone
+        "alpha_budget": 2.0,
+        "alpha_dist": 0.1,
+        "ckpt_every_steps": 0,  # 0: checkpoint at epoch ends only
+        "amp": "none",  # none | bf16 | fp16 (fp16: GPU only)
+        "compile": False,
+        "log_every_steps": 10,
+        "halt_after_steps": None,  # testing: SIGKILL itself after this many steps (simulates kill -9)
+    },
+    "distill": {
+        "teacher": None,  # checkpoint of the dense teacher; null = no distillation
+        "teacher_model": None,  # defaults to the student's backbone name without "tpc_"
+        "type": "soft",  # soft | hard
+        "alpha": 0.5,
+        "tau": 1.0,
+    },
+    "eval": {"batch_size": 128, "mode": "adaptive", "keep": None},
+}
+
+CHOICES = {
+    "data.kind": ("fashion_mnist", "idx", "folder"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.opt": ("adamw", "sgd", "lamb", "adam"),
+    "distill.type": ("soft", "hard"),
+    "eval.mode": ("dense", "adaptive", "budget"),
+}
+POSITIVE = ("train.epochs", "train.batch_size", "train.lr", "eval.batch_size")
+FRACTIONS = ("distill.alpha", "data.mixup", "data.cutmix", "data.label_smoothing", "data.aug.re_prob")
+FREE_FORM = ("model.kwargs", "model.tpc")  # validated by the model itself
+
+
+class ConfigError(ValueError):
+    """A bad configuration value (the message names the key and the fix)."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in FREE_FORM:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def _merge(base: dict, update: dict, prefix: str = "") -> None:
+    valid = _flatten(DEFAULTS)
+    for k, v in update.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in FREE_FORM and isinstance(base.get(k), dict):
+            _merge(base[k], v, key + ".")
+            continue
+        if key not in valid and not any(key.startswith(f + ".") for f in FREE_FORM):
+            close = difflib.get_close_matches(key, list(valid), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        base[k] = copy.deepcopy(v)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """Defaults <- YAML file <- overrides, then validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (see configs/ for examples)")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys")
+        _merge(cfg, loaded)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        update: dict = {}
+        _set(update, key, value)
+        _merge(cfg, update)
+    validate(cfg)
+    return cfg
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate(cfg: dict) -> None:
+    flat, defaults = _flatten(cfg), _flatten(DEFAULTS)
+    for key, value in flat.items():
+        default = defaults.get(key)
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        if _number(default) and not _number(value):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(default, list) and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list like {default}, got {value!r}")
+    for key, options in CHOICES.items():
+        if flat[key] not in options:
+            raise ConfigError(f"{key} must be one of {list(options)}, got {flat[key]!r}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            raise ConfigError(f"{key} must be > 0, got {flat[key]!r}")
+    for key in FRACTIONS:
+        if not 0 <= flat[key] <= 1:
+            raise ConfigError(f"{key} must be in [0, 1], got {flat[key]!r}")
+    keep = flat["eval.keep"]
+    if keep is not None and not (_number(keep) and 0 < keep <= 1):
+        raise ConfigError(f"eval.keep must be a fraction in (0, 1], got {keep!r}")
+    for key in ("model.kwargs", "model.tpc"):
+        if not isinstance(flat[key], dict):
+            raise ConfigError(f"{key} must be a mapping, got {flat[key]!r}")
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

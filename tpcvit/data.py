@@ -1,0 +1,279 @@
+"""Datasets and loaders: ImageNet-layout folders, idx files (Fashion-MNIST / MNIST format), timm transforms.
+
+Every dataset yields ``(PIL image, label)``; :func:`build_transform` converts each image to the model's channel
+count (grayscale, RGBA, palette all work) and size, so any dataset of these kinds feeds any model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class DataError(ValueError):
+    """Missing or unusable data (the message says how to fix it)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# idx format (MNIST, Fashion-MNIST, KMNIST, ...)
+# ----------------------------------------------------------------------------------------------------------
+def _open_maybe_gz(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an idx file (optionally gzipped) into a numpy array (magic number checked)."""
+    path = Path(path)
+    with _open_maybe_gz(path) as fh:
+        header = fh.read(4)
+        if len(header) != 4 or header[:2] != b"\x00\x00":
+            raise DataError(f"{path} is not an idx file (bad magic number)")
+        dtype_code, ndim = header[2], header[3]
+        dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+        if dtype_code not in dtypes:
+            raise DataError(f"{path}: unknown idx data type 0x{dtype_code:02x}")
+        shape = struct.unpack(f">{ndim}I", fh.read(4 * ndim))
+        data = np.frombuffer(fh.read(), dtype=dtypes[dtype_code])
+    expected = int(np.prod(shape))
+    if data.size != expected:
+        raise DataError(f"{path} is truncated: {data.size} values, header says {expected} {shape}")
+    return data.reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+class IdxDataset(Dataset):
+    """An idx image/label pair (``train-images-idx3-ubyte[.gz]`` etc.) as ``(PIL image, label)``."""
+
+    SPLITS = {"train": "train", "val": "t10k", "test": "t10k"}
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", transform=None,
+                 limit: int | None = None, classes: tuple[str, ...] | None = None) -> None:
+        root = Path(root)
+        if split not in self.SPLITS:
+            raise DataError(f"split must be one of {list(self.SPLITS)}, got {split!r}")
+        prefix = self.SPLITS[split]
+        images = _find_idx(root, f"{prefix}-images-idx3-ubyte")
+        labels = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+        if images is None or labels is None:
+            hint = ("install it with `apt-get install dataset-fashion-mnist`"
+                    if str(root) == FASHION_MNIST_DIR else "point data.path at a folder holding them")
+            raise DataError(f"idx dataset not found: {root} has no {prefix}-images-idx3-ubyte[.gz] / "
+                            f"{prefix}-labels-idx1-ubyte[.gz]; {hint}")
+        self.images = read_idx(images)
+        self.labels = read_idx(labels).astype(np.int64)
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{images} has {len(self.images)} images but {labels} {len(self.labels)} labels")
+        if limit is not None:
+            # a class-balanced, deterministic subset (first `limit` in a fixed permutation)
+            order = np.random.default_rng(0).permutation(len(self.labels))[:limit]
+            self.images, self.labels = self.images[order], self.labels[order]
+        self.num_classes = int(self.labels.max()) + 1 if classes is None else len(classes)
+        self.classes = classes or tuple(str(i) for i in range(self.num_classes))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(self.images[i])
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# image folders (ImageNet layout: root/train/<class>/*.jpg, root/val/<class>/*.jpg)
+# ----------------------------------------------------------------------------------------------------------
+class ImageFolderDataset(Dataset):
+    """Class sub-folders of images. Corrupt or truncated files are skipped (counted) or raise, per ``skip_corrupt``."""
+
+    def __init__(self, root: str | os.PathLike, transform=None, skip_corrupt: bool = True,
+                 classes: tuple[str, ...] | None = None) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"image folder not found: {root} (expected class sub-folders of images)")
+        self.classes = classes or tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
+        if not self.classes:
+            raise DataError(f"{root} has no class sub-folders: expected {root}/<class_name>/<image files>")
+        self.samples = [(p, idx) for idx, c in enumerate(self.classes) if (root / c).is_dir()
+                        for p in sorted((root / c).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.samples:
+            raise DataError(f"{root} has no images with extensions {IMAGE_EXTENSIONS}")
+        self.num_classes = len(self.classes)
+        self.transform = transform
+        self.skip_corrupt = skip_corrupt
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> Image.Image:
+        path = self.samples[i][0]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    img.load()
+                    return img.copy()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+            raise DataError(f"corrupt or unreadable image {path}: {err}. Remove or replace it, or set "
+                            "data.skip_corrupt: true to skip such files") from err
+
+    def __getitem__(self, i: int):
+        for offset in range(len(self.samples)):
+            j = (i + offset) % len(self.samples)
+            try:
+                img = self.load(j)
+            except DataError:
+                if not self.skip_corrupt:
+                    raise
+                if str(self.samples[j][0]) not in self.skipped:
+                    self.skipped.append(str(self.samples[j][0]))
+                continue
+            return (self.transform(img) if self.transform else img), self.samples[j][1]
+        raise DataError("every image in the dataset is unreadable")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transforms
+# ----------------------------------------------------------------------------------------------------------
+class ToMode:
+    """Convert any PIL image (L, LA, P, RGB, RGBA, I;16, CMYK ...) to ``mode`` ("L" or "RGB")."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if img.mode == self.mode:
+            return img
+        if img.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on white
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, rgba)
+        elif img.mode.startswith("I"):  # 16/32-bit grayscale: scale to 8 bit
+            arr = np.asarray(img, dtype=np.float64)
+            span = max(arr.max() - arr.min(), 1e-9)
+            img = Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8))
+        return img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"ToMode({self.mode!r})"
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (timm's): all optional, so small grayscale data can train without them."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    auto_augment: str | None = None  # e.g. "rand-m9-mstd0.5-inc1" (RandAugment)
+    re_prob: float = 0.0  # random erasing
+    color_jitter: float | None = None
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+
+
+def build_transform(img_size: int, in_chans: int, train: bool, aug: AugmentConfig,
+                    mean: tuple[float, ...], std: tuple[float, ...]):
+    """timm's transform pipeline, preceded by the channel conversion for ``in_chans``."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    mean, std = tuple(mean)[:in_chans], tuple(std)[:in_chans]
+    if train:
+        tf = create_transform(img_size, is_training=True, scale=tuple(aug.scale), hflip=aug.hflip, vflip=0.0,
+                              auto_augment=aug.auto_augment, re_prob=aug.re_prob, color_jitter=aug.color_jitter,
+                              interpolation=aug.interpolation, mean=mean, std=std)
+        # RandAugment's colour ops need RGB; a grayscale model gets its single channel at the end
+        mode = "RGB" if (aug.auto_augment or aug.color_jitter) else ("L" if in_chans == 1 else "RGB")
+    else:
+        tf = create_transform(img_size, is_training=False, interpolation=aug.interpolation, crop_pct=aug.crop_pct,
+                              mean=mean, std=std)
+        mode = "L" if in_chans == 1 else "RGB"
+    steps = [ToMode(mode), tf]
+    if mode == "RGB" and in_chans == 1:
+        steps = [ToMode("RGB"), tf, T.Lambda(lambda t: t.mean(0, keepdim=True))]
+    return T.Compose(steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# datasets by name
+# ----------------------------------------------------------------------------------------------------------
+def build_dataset(kind: str, path: str | None, split: str, transform, limit: int | None = None,
+                  skip_corrupt: bool = True) -> Dataset:
+    """``kind``: ``fashion_mnist`` (Debian package or ``path``), ``idx`` (idx files in ``path``), ``folder``
+    (``path/train``, ``path/val`` class sub-folders)."""
+    if kind == "fashion_mnist":
+        ds = IdxDataset(path or FASHION_MNIST_DIR, split, transform, limit, classes=FASHION_MNIST_CLASSES)
+    elif kind == "idx":
+        if not path:
+            raise DataError("data.kind 'idx' needs data.path: a folder with train-/t10k- idx files")
+        ds = IdxDataset(path, split, transform, limit)
+    elif kind == "folder":
+        if not path:
+            raise DataError("data.kind 'folder' needs data.path: a folder with train/ and val/ class sub-folders")
+        ds = ImageFolderDataset(Path(path) / split, transform, skip_corrupt)
+        if limit is not None and limit < len(ds):
+            order = np.random.default_rng(0).permutation(len(ds))[:limit]
+            ds.samples = [ds.samples[i] for i in sorted(order)]
+    else:
+        raise DataError(f"data.kind must be 'fashion_mnist', 'idx' or 'folder', got {kind!r}")
+    return ds
+
+
+class ResumableSampler(Sampler[int]):
+    """Epoch-seeded shuffling (optionally one shard of ``num_replicas``) that can start mid-epoch.
+
+    The order depends only on ``(seed, epoch)``, so a resumed run sees exactly the batches it would have seen;
+    ``start`` skips the samples already consumed in this epoch without loading them.
+    """
+
+    def __init__(self, length: int, shuffle: bool, seed: int, rank: int = 0, num_replicas: int = 1,
+                 drop_last: bool = False) -> None:
+        self.length, self.shuffle, self.seed = length, shuffle, seed
+        self.rank, self.num_replicas, self.drop_last = rank, num_replicas, drop_last
+        self.epoch, self.start = 0, 0
+        per = length // num_replicas if drop_last else -(-length // num_replicas)
+        self.per_replica = per
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            idx = torch.randperm(self.length, generator=g).tolist()
+        else:
+            idx = list(range(self.length))
+        total = self.per_replica * self.num_replicas
+        idx = idx[:total] if self.drop_last else (idx + idx[: total - len(idx)])
+        return idx[self.rank:total:self.num_replicas]
+
+    def __iter__(self):
+        return iter(self.order()[self.start:])
+
+    def __len__(self) -> int:
+        return self.per_replica - self.start
+
+
+def build_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int, drop_last: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
