@@ -247,12 +247,14 @@ class ResumableSampler(Sampler[int]):
     """
 
     def __init__(self, length: int, shuffle: bool, seed: int, rank: int = 0, num_replicas: int = 1,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, pad: bool = True) -> None:
         self.length, self.shuffle, self.seed = length, shuffle, seed
-        self.rank, self.num_replicas, self.drop_last = rank, num_replicas, drop_last
+        self.rank, self.num_replicas, self.drop_last, self.pad = rank, num_replicas, drop_last, pad
         self.epoch, self.start = 0, 0
-        per = length // num_replicas if drop_last else -(-length // num_replicas)
-        self.per_replica = per
+        if not pad:  # evaluation: each sample exactly once over all ranks (shards may differ by one)
+            self.per_replica = len(range(rank, length, num_replicas))
+        else:
+            self.per_replica = length // num_replicas if drop_last else -(-length // num_replicas)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -263,6 +265,8 @@ class ResumableSampler(Sampler[int]):
             idx = torch.randperm(self.length, generator=g).tolist()
         else:
             idx = list(range(self.length))
+        if not self.pad:
+            return idx[self.rank::self.num_replicas]
         total = self.per_replica * self.num_replicas
         idx = idx[:total] if self.drop_last else (idx + idx[: total - len(idx)])
         return idx[self.rank:total:self.num_replicas]

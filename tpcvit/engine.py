@@ -1,0 +1,463 @@
+"""Training and evaluation harness (DeiT-style, flat): build, train one epoch, evaluate, fit with resume.
+
+Checkpoints are folders ``<output>/checkpoints/step_NNNNNNN/`` (weights in safetensors, optimizer/RNG state,
+meta JSON) written under a temporary name and renamed; ``<output>/last.json`` (atomically replaced) points at
+the newest complete one. ``--resume`` restores model, optimizer, scaler, RNG states and the position inside the
+epoch, and trims log lines written after that checkpoint, so a run killed with ``kill -9`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import atomic_write, load_backbone, save_weights, unwrap
+from .config import ConfigError, dump_config
+from .data import AugmentConfig, DataError, ResumableSampler, build_dataset, build_loader, build_transform
+from .flops import count_gmacs, vit_gmacs_from_trace
+from .propagation import set_mode, tpc_loss, tpc_modules
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Initialise ``torch.distributed`` when launched by ``torchrun`` (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if world > 1:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        return DistInfo(rank, world, local, dev)
+    return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
+
+
+def _all_reduce(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+# ----------------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str | None = None) -> nn.Module:
+    """timm model from ``cfg["model"]`` (TPC options only for ``tpc_*`` models), optionally initialised."""
+    import timm
+
+    name = name or cfg["model"]["name"]
+    kwargs = dict(cfg["model"]["kwargs"], num_classes=num_classes)
+    if name.startswith("tpc_"):
+        kwargs.update(cfg["model"]["tpc"])
+    try:
+        model = timm.create_model(name, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ConfigError(f"unknown model {name!r}: see timm.list_models('tpc_*')") from err
+        raise
+    except TypeError as err:
+        raise ConfigError(f"bad model.kwargs / model.tpc for {name}: {err}") from err
+    if init:
+        load_backbone(model, init)
+    return model
+
+
+class DistillationLoss(nn.Module):
+    """DeiT-style distillation from a frozen dense teacher.
+
+    ``soft``: ``(1 - alpha) CE(student, y) + alpha * tau^2 KL(softmax(t / tau) || softmax(s / tau))``.
+    ``hard``: ``(1 - alpha) CE(student, y) + alpha CE(student_dist, argmax teacher)``. A distilled student
+    (class + distillation token) uses its distillation head for the teacher term.
+    """
+
+    def __init__(self, base: nn.Module, teacher: nn.Module | None, kind: str, alpha: float, tau: float) -> None:
+        super().__init__()
+        self.base, self.teacher, self.kind, self.alpha, self.tau = base, teacher, kind, alpha, tau
+
+    def forward(self, images: torch.Tensor, outputs, targets: torch.Tensor) -> torch.Tensor:
+        cls_out, dist_out = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+        loss = self.base(cls_out, targets)
+        if self.teacher is None:
+            return loss if not isinstance(outputs, tuple) else (loss + self.base(dist_out, targets)) / 2
+        with torch.no_grad():
+            t = self.teacher(images).float()
+        if self.kind == "soft":
+            T = self.tau
+            kd = F.kl_div(F.log_softmax(dist_out.float() / T, -1), F.log_softmax(t / T, -1),
+                          reduction="batchmean", log_target=True) * T * T
+        else:
+            kd = F.cross_entropy(dist_out.float(), t.argmax(-1))
+        return (1 - self.alpha) * loss + self.alpha * kd
+
+
+def build_criterion(cfg: dict, num_classes: int, teacher: nn.Module | None) -> tuple[nn.Module, object]:
+    """Task loss (label smoothing / mixup-cutmix targets from timm) wrapped in distillation; and the mixup fn."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    d = cfg["data"]
+    mixup = None
+    if d["mixup"] > 0 or d["cutmix"] > 0:
+        mixup = Mixup(mixup_alpha=d["mixup"], cutmix_alpha=d["cutmix"], label_smoothing=d["label_smoothing"],
+                      num_classes=num_classes)
+        base: nn.Module = SoftTargetCrossEntropy()
+    elif d["label_smoothing"] > 0:
+        base = LabelSmoothingCrossEntropy(d["label_smoothing"])
+    else:
+        base = nn.CrossEntropyLoss()
+    k = cfg["distill"]
+    return DistillationLoss(base, teacher, k["type"], k["alpha"], k["tau"]), mixup
+
+
+def build_teacher(cfg: dict, num_classes: int, device: torch.device) -> nn.Module | None:
+    path = cfg["distill"]["teacher"]
+    if not path:
+        return None
+    name = cfg["distill"]["teacher_model"] or cfg["model"]["name"].removeprefix("tpc_")
+    teacher = build_model(cfg, num_classes, name=name, init=path).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def build_optimizer(model: nn.Module, cfg: dict):
+    """timm optimizer; no weight decay on norms/biases/tokens; TPC heads at ``controller_lr_scale`` x lr."""
+    from timm.optim import create_optimizer_v2
+
+    t = cfg["train"]
+    tpc_ids = {id(p) for m in tpc_modules(model) for p in m.tpc_parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token"))
+        groups.setdefault((id(p) in tpc_ids, no_decay), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": 0.0 if nd else t["weight_decay"],
+                     "lr_scale": t["controller_lr_scale"] if is_tpc else 1.0}
+                    for (is_tpc, nd), ps in groups.items()]
+    return create_optimizer_v2(param_groups, opt=t["opt"], lr=t["lr"], weight_decay=t["weight_decay"])
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up then cosine decay, a pure function of the global step (resume needs no scheduler state)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("train.amp=fp16 needs a GPU; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo | None = None, amp: str = "none",
+             progress: bool = True, desc: str = "eval") -> dict:
+    """Top-1/top-5/loss, per-block keep ratio and mean GMACs per image (work actually done), all ranks summed."""
+    info = info or DistInfo(device=device)
+    model.eval()
+    inner = unwrap(model)
+    is_tpc = bool(tpc_modules(inner))
+    depth = len(inner.blocks) if hasattr(inner, "blocks") else 0
+    sums = torch.zeros(5 + depth, dtype=torch.float64)  # n, top1, top5, loss, gmacs, keep per block
+    dense_gmacs = None
+    for images, targets in tqdm(loader, desc=desc, disable=not (progress and info.main), leave=False):
+        images, targets = images.to(device), targets.to(device)
+        with autocast(amp, device):
+            if is_tpc:
+                logits, trace = inner.forward_with_trace(images)
+            else:
+                logits, trace = inner(images), None
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        correct = top == targets[:, None]
+        sums[0] += len(targets)
+        sums[1] += correct[:, 0].sum().item()
+        sums[2] += correct.any(dim=1).sum().item()
+        sums[3] += F.cross_entropy(logits, targets, reduction="sum").item()
+        if trace is not None:
+            sums[4] += vit_gmacs_from_trace(inner, trace).sum().item()
+            sums[5:] += trace.active.float().mean(dim=2).sum(dim=0).double().cpu()
+        else:
+            if dense_gmacs is None:
+                dense_gmacs = count_gmacs(inner, images[:1])
+            sums[4] += dense_gmacs * len(targets)
+            sums[5:] += len(targets)
+    sums = _all_reduce(sums, info)
+    n = max(sums[0].item(), 1)
+    return {"top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n, "loss": sums[3].item() / n,
+            "gmacs": sums[4].item() / n, "keep_per_block": [round(v / n, 4) for v in sums[5:].tolist()],
+            "images": int(sums[0].item())}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, model, optimizer, scaler, position: dict, best: float, info: DistInfo) -> Path:
+    """Write a complete checkpoint folder, then point ``last.json`` at it; keep only the newest two."""
+    if not info.main:
+        return out
+    ckdir = out / "checkpoints"
+    final = ckdir / f"step_{position['global_step']:07d}"
+    tmp = ckdir / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp / "model.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "rng": _rng_state()}, tmp / "train_state.pt")
+    (tmp / "meta.json").write_text(json.dumps({**position, "best_top1": best}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write(out / "last.json", lambda t: Path(t).write_text(json.dumps(
+        {"checkpoint": str(final.relative_to(out)), **position, "best_top1": best})))
+    shutil.copyfile(final / "model.safetensors", out / ".last.safetensors.tmp")
+    os.replace(out / ".last.safetensors.tmp", out / "last.safetensors")
+    for old in sorted(p for p in ckdir.glob("step_*") if p != final)[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _trim_jsonl(path: Path, max_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["global_step"] <= max_step]
+    atomic_write(path, lambda t: Path(t).write_text("".join(ln + "\n" for ln in keep)))
+
+
+def load_resume(out: Path, model, optimizer, scaler) -> dict | None:
+    pointer = out / "last.json"
+    if not pointer.exists():
+        return None
+    meta = json.loads(pointer.read_text())
+    ck = out / meta["checkpoint"]
+    load_backbone(model, ck / "model.safetensors")
+    state = torch.load(ck / "train_state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    for name in ("steps.jsonl", "metrics.jsonl"):
+        _trim_jsonl(out / name, meta["global_step"])
+    return meta
+
+
+def _append_jsonl(path: Path, record: dict, info: DistInfo) -> None:
+    if info.main:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fit
+# ----------------------------------------------------------------------------------------------------------
+def build_data(cfg: dict, in_chans: int, img_size: int, info: DistInfo, model_cfg: dict | None = None):
+    """Train/val datasets, samplers and loaders for a model taking ``in_chans`` x ``img_size``^2 images."""
+    d = cfg["data"]
+    aug = AugmentConfig(**{**d["aug"], "scale": tuple(d["aug"]["scale"])})
+    train_tf = build_transform(img_size, in_chans, True, aug, d["mean"], d["std"])
+    val_tf = build_transform(img_size, in_chans, False, aug, d["mean"], d["std"])
+    train_ds = build_dataset(d["kind"], d["path"], "train", train_tf, d["train_limit"], d["skip_corrupt"])
+    val_split = "val" if d["kind"] == "folder" else "test"
+    val_ds = build_dataset(d["kind"], d["path"], val_split, val_tf, d["val_limit"], d["skip_corrupt"])
+    bs = cfg["train"]["batch_size"]
+    if len(train_ds) < bs * info.world:
+        raise DataError(f"only {len(train_ds)} training images for batch size {bs} x {info.world} processes: "
+                        "lower train.batch_size or add data")
+    train_sampler = ResumableSampler(len(train_ds), True, cfg["seed"], info.rank, info.world, drop_last=True)
+    val_sampler = ResumableSampler(len(val_ds), False, 0, info.rank, info.world, pad=False)
+    train_loader = build_loader(train_ds, bs, train_sampler, d["workers"], drop_last=True)
+    val_loader = build_loader(val_ds, cfg["eval"]["batch_size"], val_sampler, d["workers"], drop_last=False)
+    return train_ds, val_ds, train_sampler, train_loader, val_loader
+
+
+def _model_geometry(model: nn.Module) -> tuple[int, int]:
+    m = unwrap(model)
+    return m.patch_embed.proj.in_channels, int(m.patch_embed.img_size[0])
+
+
+def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str | None = None,
+        init: str | None = None) -> dict:
+    """Train ``cfg`` (dense or TPC) and evaluate every epoch; returns the final summary.
+
+    Writes ``config.yaml``, ``metrics.jsonl`` (per epoch), ``steps.jsonl`` (per logged step), ``best.safetensors``,
+    ``last.safetensors`` and resumable checkpoints under ``cfg["output"]``.
+    """
+    info = init_distributed()
+    device = info.device
+    out = Path(cfg["output"])
+    t = cfg["train"]
+    seed_everything(cfg["seed"] + info.rank)
+
+    # build everything (and fail on bad input) before writing anything
+    probe = build_model(cfg, num_classes=1, name=model_name)
+    in_chans, img_size = _model_geometry(probe)
+    del probe
+    train_ds, val_ds, train_sampler, train_loader, val_loader = build_data(cfg, in_chans, img_size, info)
+    num_classes = train_ds.num_classes
+    model = build_model(cfg, num_classes, name=model_name, init=init or cfg["model"]["init"]).to(device)
+    is_tpc = bool(tpc_modules(model))
+    if is_tpc:
+        set_mode(model, "adaptive")
+    teacher = build_teacher(cfg, num_classes, device)
+    distilled_student = hasattr(model, "set_distilled_training") and teacher is not None
+    if distilled_student:
+        model.set_distilled_training(True)
+    criterion, mixup = build_criterion(cfg, num_classes, teacher)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda") if t["amp"] == "fp16" else None
+    steps_per_epoch = len(train_sampler) // t["batch_size"]
+    total_steps = steps_per_epoch * t["epochs"]
+    warmup = int(t["warmup_epochs"] * steps_per_epoch)
+
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    best = -1.0
+    if resume:
+        meta = load_resume(out, model, optimizer, scaler)
+        if meta is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out} (last.json missing); start without --resume")
+        position = {k: meta[k] for k in position}
+        best = meta["best_top1"]
+        if info.rank > 0:  # every rank continues from the same RNG stream offset
+            seed_everything(cfg["seed"] + info.rank + position["global_step"])
+    elif info.main:
+        if (out / "last.json").exists():
+            raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or choose another output")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.yaml", lambda p: Path(p).write_text(dump_config(cfg)))
+
+    train_model = model
+    if info.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    forward = torch.compile(train_model) if t["compile"] else train_model
+    summary: dict = {}
+    for epoch in range(position["epoch"], t["epochs"]):
+        start = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        train_sampler.set_epoch(epoch, start * t["batch_size"])
+        model.train()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=not (progress and info.main),
+                   initial=start, total=steps_per_epoch, leave=False)
+        t0, seen = time.perf_counter(), 0
+        for i, (images, targets) in enumerate(bar, start=start):
+            step = epoch * steps_per_epoch + i
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, total_steps, warmup, t["lr"], t["min_lr"]) * g.get("lr_scale", 1.0)
+            images, targets = images.to(device), targets.to(device)
+            labels = targets
+            if mixup is not None:
+                images, labels = mixup(images, targets)
+            with autocast(t["amp"], device):
+                if is_tpc:
+                    outputs, trace = forward(images, return_trace=True)
+                    reg = tpc_loss(trace, unwrap(model).tpc_cfg, t["alpha_budget"], t["alpha_dist"])
+                else:
+                    outputs, reg = forward(images), None
+                loss = criterion(images, outputs, labels)
+                total = loss + reg["total"] if reg else loss
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"loss is {total.item()} at step {step}: lower train.lr or enable clip_grad")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.scale(total).backward()
+                scaler.unscale_(optimizer)
+            else:
+                total.backward()
+            if t["clip_grad"]:
+                nn.utils.clip_grad_norm_(model.parameters(), t["clip_grad"])
+            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+            seen += len(images)
+            gstep = step + 1
+            rec = {"global_step": gstep, "epoch": epoch, "loss": round(loss.item(), 6),
+                   "lr": optimizer.param_groups[0]["lr"]}
+            if reg:
+                rec.update(budget=round(reg["budget"].item(), 6), dist=round(reg["dist"].item(), 6),
+                           keep=round(trace.active[:, unwrap(model).tpc_cfg.start_layer:].float().mean().item(), 4))
+            if gstep % t["log_every_steps"] == 0:
+                _append_jsonl(out / "steps.jsonl", rec, info)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", **({"keep": rec["keep"]} if reg else {}))
+            position = {"epoch": epoch, "step_in_epoch": i + 1, "global_step": gstep}
+            if t["ckpt_every_steps"] and gstep % t["ckpt_every_steps"] == 0 and i + 1 < steps_per_epoch:
+                save_checkpoint(out, model, optimizer, scaler, position, best, info)
+            if t["halt_after_steps"] and gstep >= t["halt_after_steps"]:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like kill -9, mid-epoch
+        train_time = time.perf_counter() - t0
+        metrics = evaluate(model, val_loader, device, info, t["amp"], progress, desc=f"eval {epoch + 1}")
+        position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": (epoch + 1) * steps_per_epoch}
+        summary = {"global_step": position["global_step"], "epoch": epoch + 1, **metrics,
+                   "train_img_per_s": round(seen * info.world / max(train_time, 1e-9), 2)}
+        _append_jsonl(out / "metrics.jsonl", summary, info)
+        if metrics["top1"] > best:
+            best = metrics["top1"]
+            if info.main:
+                save_weights(model, out / "best.safetensors")
+        save_checkpoint(out, model, optimizer, scaler, position, best, info)
+        if info.main and progress:
+            keep = f" keep {np.mean(metrics['keep_per_block']):.2f}" if is_tpc else ""
+            print(f"epoch {epoch + 1}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
+                  f"GMACs {metrics['gmacs']:.4f}{keep}", flush=True)
+    if distilled_student:
+        model.set_distilled_training(False)
+    summary["best_top1"] = best
+    summary["skipped_images"] = len(getattr(train_ds, "skipped", [])) + len(getattr(val_ds, "skipped", []))
+    return summary
