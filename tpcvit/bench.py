@@ -92,22 +92,23 @@ class SpeedRow:
 def speed_table(
     variants: dict[str, tuple[nn.Module, float | None]],
     gmacs: dict[str, float],
-    image_size: tuple[int, int, int],
+    make_input: Callable[[int], torch.Tensor],
     batch_sizes: list[int],
     device: torch.device,
     dtype: torch.dtype,
     rounds: int,
     baseline: str,
+    progress: bool = True,
 ) -> list[SpeedRow]:
-    """Time every variant at every batch size; speed-ups relative to ``baseline``."""
+    """Time every variant at every batch size on ``make_input(batch)``; speed-ups relative to ``baseline``."""
     rows: list[SpeedRow] = []
     dtype_name = str(dtype).removeprefix("torch.")
     for batch in batch_sizes:
-        x = torch.randn(batch, *image_size, device=device, dtype=dtype)
+        x = make_input(batch).to(device, dtype)
         fns = {name: (lambda m=model, x=x: m(x)) for name, (model, _) in variants.items()}
         iters = max(1, 8 // batch) if device.type == "cpu" else 10
         with torch.inference_mode():
-            samples = time_interleaved(fns, device, rounds=rounds, iters=iters)
+            samples = time_interleaved(fns, device, rounds=rounds, iters=iters, progress=progress)
         base = statistics.median(samples[baseline])
         for name, (_, keep) in variants.items():
             med = statistics.median(samples[name])
@@ -171,7 +172,8 @@ def bench_tpc_speed(
     gmacs = {name: count_gmacs(m, probe) for name, (m, _) in variants.items()}
     for m, _ in variants.values():
         m.to(dev, dt)
-    rows = speed_table(variants, gmacs, size, list(batch_sizes), dev, dt, rounds, baseline="dense")
+    rows = speed_table(variants, gmacs, lambda b: torch.randn(b, *size), list(batch_sizes), dev, dt, rounds,
+                       baseline="dense")
     meta = {"model": model_name, "dense": dense_name, "machine": machine_info(dev), "rounds": rounds,
             "mode": "budget", "note": "random weights (speed only); medians over interleaved rounds"}
     return rows, meta

@@ -28,6 +28,59 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> dict:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.output:
+        cfg["output"] = args.output
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from .engine import fit
+
+    summary = fit(_load(args), resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .engine import build_data, build_model, evaluate, init_distributed
+    from .propagation import set_mode, tpc_modules
+
+    cfg = _load(args)
+    info = init_distributed()
+    probe = build_model(cfg, 1)
+    in_chans, img_size = probe.patch_embed.proj.in_channels, int(probe.patch_embed.img_size[0])
+    train_ds, _, _, _, val_loader = build_data(cfg, in_chans, img_size, info)
+    model = build_model(cfg, train_ds.num_classes, init=args.checkpoint).to(info.device)
+    if tpc_modules(model):
+        set_mode(model, cfg["eval"]["mode"], cfg["eval"]["keep"])
+    metrics = evaluate(model, val_loader, info.device, info, progress=not args.quiet)
+    if info.main:
+        print(json.dumps(metrics))
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    run_pipeline(_load(args), progress=not args.quiet)
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="YAML experiment config (see configs/)")
+    p.add_argument("--output", "-o", default=None, help="output folder (overrides the config's output)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="config overrides: key.sub=value (e.g. train.epochs=3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpcvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     b.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     b.set_defaults(func=_cmd_bench)
+
+    t = sub.add_parser("train", help="train or fine-tune a dense or TPC model (also under torchrun)")
+    _add_config_args(t)
+    t.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="top-1/top-5, GMACs and keep ratios of a checkpoint on the validation set")
+    _add_config_args(e)
+    e.add_argument("--checkpoint", required=True, help="weights (.safetensors / .pth)")
+    e.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("pipeline", help="dense training + TPC fine-tuning + evaluation + speed, one table")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_pipeline)
     return parser
 
 
@@ -50,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
         print(f"tpcvit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

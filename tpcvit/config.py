@@ -67,6 +67,17 @@ DEFAULTS: dict[str, Any] = {
         "tau": 1.0,
     },
     "eval": {"batch_size": 128, "mode": "adaptive", "keep": None},
+    "pipeline": {  # `tpcvit pipeline`: dense training, then TPC fine-tuning from it with distillation
+        "dense_model": None,  # defaults to model.name without "tpc_"
+        "dense_epochs": 3,
+        "dense_lr": 1.0e-3,
+        "tpc_epochs": 2,
+        "tpc_lr": 2.0e-4,
+        "distill": True,
+        "budget_keeps": [],  # extra TPC rows in budget mode at these keep ratios
+        "bench_batch_sizes": [1, 64],
+        "bench_rounds": 5,
+    },
 }
 
 CHOICES = {
@@ -76,7 +87,8 @@ CHOICES = {
     "distill.type": ("soft", "hard"),
     "eval.mode": ("dense", "adaptive", "budget"),
 }
-POSITIVE = ("train.epochs", "train.batch_size", "train.lr", "eval.batch_size")
+POSITIVE = ("train.epochs", "train.batch_size", "train.lr", "eval.batch_size", "pipeline.dense_epochs",
+            "pipeline.tpc_epochs", "pipeline.bench_rounds")
 FRACTIONS = ("distill.alpha", "data.mixup", "data.cutmix", "data.label_smoothing", "data.aug.re_prob")
 FREE_FORM = ("model.kwargs", "model.tpc")  # validated by the model itself
 
