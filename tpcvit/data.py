@@ -279,5 +279,8 @@ class ResumableSampler(Sampler[int]):
 
 
 def build_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int, drop_last: bool) -> DataLoader:
+    """A loader with its own generator: starting an epoch's iterator then draws its worker seed from it, not from
+    the global RNG, so a resumed run's random stream (augmentation, Gumbel noise) stays aligned."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(0))

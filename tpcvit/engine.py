@@ -69,6 +69,17 @@ def _all_reduce(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def ranks_in_sync(model: nn.Module, info: DistInfo) -> bool:
+    """True when every rank holds bit-identical parameters (compares a per-rank fingerprint)."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder(97)
+        fingerprint = torch.stack([flat.sum(), (flat * weights).sum()])
+    gathered = [torch.zeros_like(fingerprint) for _ in range(info.world)]
+    dist.all_gather(gathered, fingerprint)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # building blocks
 # ----------------------------------------------------------------------------------------------------------
@@ -458,6 +469,9 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
                   f"GMACs {metrics['gmacs']:.4f}{keep}", flush=True)
     if distilled_student:
         model.set_distilled_training(False)
+    if info.world > 1:
+        summary["ranks_in_sync"] = ranks_in_sync(model, info)
+    summary["world_size"] = info.world
     summary["best_top1"] = best
     summary["skipped_images"] = len(getattr(train_ds, "skipped", [])) + len(getattr(val_ds, "skipped", []))
     return summary

@@ -1,0 +1,183 @@
+"""Training pipeline on real Fashion-MNIST: learns, resumes exactly after kill -9, DDP, bad inputs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tpcvit.config import ConfigError, load_config
+from tpcvit.data import FASHION_MNIST_DIR, DataError, ImageFolderDataset, ToMode, read_idx
+
+pytestmark = pytest.mark.skipif(
+    not Path(FASHION_MNIST_DIR).is_dir() and not os.environ.get("CI"),
+    reason="needs Debian dataset-fashion-mnist (.ci/run installs it; CI fails rather than skips)",
+)
+
+TINY = ["model.kwargs={img_size: 28, patch_size: 7, in_chans: 1, embed_dim: 64, depth: 3, num_heads: 2}",
+        "data.mean=[0.286]", "data.std=[0.353]", "data.aug.scale=[0.9,1.0]", "data.aug.hflip=0.0",
+        "train.weight_decay=0.0", "train.lr=1e-3"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(*args, check=True, timeout=300):
+    out = subprocess.run([sys.executable, "-m", "tpcvit", *args], capture_output=True, text=True, env=ENV,
+                         timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"tpcvit {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out
+
+
+def _summary(out) -> dict:
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fashion_mnist_idx_files_are_real():
+    images = read_idx(Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(Path(FASHION_MNIST_DIR) / "t10k-labels-idx1-ubyte.gz")
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    assert set(np.unique(labels)) == set(range(10))
+
+
+@pytest.mark.parametrize("model", ["deit_tiny_patch16_224", "tpc_deit_tiny_patch16_224"])
+def test_two_epochs_on_a_few_hundred_real_images_learn(tmp_path, model):
+    out = _cli("train", "-o", str(tmp_path / "run"), "--quiet", f"model.name={model}", *TINY,
+               "data.train_limit=800", "data.val_limit=500", "train.epochs=2", "train.batch_size=16")
+    summary = _summary(out)
+    assert summary["top1"] > 25.0, summary  # chance is 10%
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "steps.jsonl", "best.safetensors", "last.safetensors", "last.json"):
+        assert (run / name).exists(), name
+    epochs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(set(e) >= {"loss", "top1", "top5", "keep_per_block", "gmacs"} for e in epochs)
+
+
+def test_resume_after_kill_9_continues_exactly(tmp_path):
+    common = ["--quiet", "model.name=tpc_deit_tiny_patch16_224", *TINY, "data.train_limit=320", "data.val_limit=64",
+              "train.epochs=2", "train.batch_size=32", "train.ckpt_every_steps=3", "train.log_every_steps=1"]
+    ref = tmp_path / "ref"
+    _cli("train", "-o", str(ref), *common)
+    run = tmp_path / "run"
+    killed = _cli("train", "-o", str(run), *common, "train.halt_after_steps=14", check=False)
+    assert killed.returncode == -9  # really died by SIGKILL, mid-epoch 2 (10 steps per epoch)
+    meta = json.loads((run / "last.json").read_text())
+    assert meta["global_step"] == 12 and meta["epoch"] == 1 and meta["step_in_epoch"] == 2
+    _cli("train", "-o", str(run), "--resume", *common)
+    ref_steps = (ref / "steps.jsonl").read_text().splitlines()
+    run_steps = (run / "steps.jsonl").read_text().splitlines()
+    assert run_steps == ref_steps  # the loss curve continues as if nothing happened
+    def epochs(path):  # everything but the measured throughput
+        return [{k: v for k, v in json.loads(ln).items() if k != "train_img_per_s"}
+                for ln in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert epochs(run) == epochs(ref)
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref / "last.safetensors"), load_file(run / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_ddp_stays_in_sync(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tpcvit", "train", "-o",
+                          str(tmp_path / "ddp"), "--quiet", "model.name=tpc_deit_tiny_patch16_224", *TINY,
+                          "data.train_limit=256", "data.val_limit=100", "train.epochs=1", "train.batch_size=16",
+                          "train.log_every_steps=1"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = _summary(out)
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    assert summary["images"] == 100  # distributed evaluation covers every image exactly once
+    steps = [json.loads(ln) for ln in (tmp_path / "ddp" / "steps.jsonl").read_text().splitlines()]
+    assert steps[-1]["global_step"] == 256 // (16 * 2)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _folder(tmp_path: Path) -> Path:
+    """A tiny ImageNet-layout dataset with RGB, grayscale, RGBA, odd sizes, a corrupt and a truncated file."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(6):
+                arr = rng.integers(0, 255, (20 + 7 * i, 31, 3), dtype=np.uint8)
+                img = Image.fromarray(arr)
+                img = {0: img, 1: img.convert("L"), 2: img.convert("RGBA")}.get(i % 3, img)
+                img.save(d / f"{i}.png")
+    (tmp_path / "data" / "train" / "cat" / "corrupt.jpg").write_bytes(b"not an image at all")
+    good = (tmp_path / "data" / "train" / "dog" / "0.png").read_bytes()
+    (tmp_path / "data" / "train" / "dog" / "truncated.png").write_bytes(good[: len(good) // 2])
+    return tmp_path / "data"
+
+
+def test_corrupt_images_are_skipped_and_counted_or_raise(tmp_path):
+    root = _folder(tmp_path)
+    ds = ImageFolderDataset(root / "train", transform=None, skip_corrupt=True)
+    images = [ds[i][0] for i in range(len(ds))]
+    assert len(images) == 14 and sorted(Path(p).name for p in ds.skipped) == ["corrupt.jpg", "truncated.png"]
+    strict = ImageFolderDataset(root / "train", skip_corrupt=False)
+    with pytest.raises(DataError, match="corrupt or unreadable image .*corrupt.jpg.*skip_corrupt"):
+        [strict[i] for i in range(len(strict))]
+
+
+def test_any_mode_and_size_feeds_the_model(tmp_path):
+    root = _folder(tmp_path)
+    out = _cli("train", "-o", str(tmp_path / "run"), "--quiet", "model.name=tpc_deit_tiny_patch16_224",
+               "model.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+               "data.kind=folder", f"data.path={root}", "train.batch_size=4", "eval.batch_size=4")
+    summary = _summary(out)
+    assert summary["skipped_images"] == 2 and summary["images"] == 12
+    for mode in ("RGBA", "LA", "P", "I;16", "CMYK", "1"):
+        img = Image.new(mode, (5, 7))
+        assert ToMode("RGB")(img).mode == "RGB" and ToMode("L")(img).mode == "L"
+
+
+def test_bad_inputs_fail_with_one_clear_line_and_leave_nothing(tmp_path):
+    out_dir = tmp_path / "never"
+    cases = {
+        ("data.kind=folder", f"data.path={tmp_path / 'missing'}"): "image folder not found",
+        ("data.kind=idx", f"data.path={tmp_path}"): "idx dataset not found",
+        ("train.lr=fast",): "train.lr must be a number",
+        ("train.epochs=0",): "train.epochs must be > 0",
+        ("train.amp=int8",): "train.amp must be one of",
+        ("trian.lr=1",): "did you mean 'train.lr'",
+        ("model.name=tpc_nope",): "unknown model 'tpc_nope'",
+        ("model.tpc={target_keep: 1.5}",): "target_keep must be in",
+    }
+    for args, message in cases.items():
+        res = _cli("train", "-o", str(out_dir), "--quiet", *TINY, *args, check=False)
+        assert res.returncode == 2, (args, res.stderr[-2000:])
+        last = res.stderr.strip().splitlines()[-1]
+        assert message in last and last.startswith("tpcvit train: error:"), (args, last)
+        assert not out_dir.exists(), args
+
+
+def test_wrong_checkpoint_is_rejected_clearly(tmp_path):
+    run = tmp_path / "run"
+    _cli("train", "-o", str(run), "--quiet", "model.name=tpc_deit_tiny_patch16_224", *TINY, "data.train_limit=64",
+         "data.val_limit=32", "train.batch_size=32")
+    other = [a.replace("depth: 3", "depth: 2") for a in TINY]
+    res = _cli("eval", "--checkpoint", str(run / "best.safetensors"), "--quiet",
+               "model.name=tpc_deit_tiny_patch16_224", *other, "data.val_limit=32", check=False)
+    assert res.returncode == 2 and "checkpoint does not fit" in res.stderr
+    res = _cli("eval", "--checkpoint", str(tmp_path / "nope.safetensors"), "--quiet",
+               "model.name=tpc_deit_tiny_patch16_224", *TINY, "data.val_limit=32", check=False)
+    assert res.returncode == 2 and "checkpoint not found" in res.stderr
+    res = _cli("train", "-o", str(run), "--quiet", *TINY, check=False)
+    assert res.returncode == 2 and "--resume" in res.stderr  # never overwrites an existing run
+
+
+def test_config_files_in_repo_are_valid():
+    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
+        cfg = load_config(path)
+        assert cfg["model"]["name"]
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("nope.yaml")
