@@ -101,6 +101,19 @@ def test_masked_path_equals_fast_path_for_fixed_decisions(images):
     assert torch.allclose(fast, masked, atol=1e-5, rtol=1e-4)
 
 
+def test_packed_adaptive_equals_padded_and_masked(images):
+    model = small_tpc().eval()
+    with torch.no_grad():
+        packed, tp = model.forward_with_trace(images)
+        model.tpc_packed = False
+        padded, tq = model.forward_with_trace(images)
+        masked, tm = model.forward_with_trace(images, path="masked")
+    assert torch.equal(tp.active, tq.active) and torch.equal(tp.active, tm.active)
+    assert not tp.active.all()
+    assert torch.allclose(packed, padded, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(packed, masked, atol=1e-5, rtol=1e-4)
+
+
 def _block_inputs(model, images, **kw):
     """Full-length token buffers entering each controlled block (the controller heads see them)."""
     seen = {}

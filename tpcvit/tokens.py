@@ -108,3 +108,57 @@ def masked_update(fn, x: torch.Tensor, states: torch.Tensor, num_prefix: int) ->
     prefix = torch.ones(x.shape[0], num_prefix, dtype=states.dtype, device=x.device)
     s = torch.cat([prefix, states], dim=1).to(x.dtype)[..., None]
     return s * y + (1.0 - s) * x
+
+
+@dataclass
+class PackedSelection:
+    """Every active token of the batch in one flat list (no padding), plus the padded layout for attention.
+
+    ``flat`` ``[M]`` positions in the flattened ``[B * T]`` buffer; ``rows``/``slots`` ``[M]`` where each packed
+    token sits in the padded ``[B, n_max]`` attention layout; ``key_bias`` hides padding keys (``None`` if none).
+    """
+
+    flat: torch.Tensor
+    rows: torch.Tensor
+    slots: torch.Tensor
+    n_max: int
+    key_bias: torch.Tensor | None
+
+
+def select_packed(active: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> PackedSelection:
+    """Packed selection for adaptive mode: ``active`` ``[B, N]`` patch states; prefix tokens always included."""
+    b, n = active.shape
+    full = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=active.device), active], dim=1)
+    t = full.shape[1]
+    flat = full.flatten().nonzero().squeeze(1)
+    counts = full.sum(dim=1)
+    n_max = int(counts.max())
+    rows = torch.div(flat, t, rounding_mode="floor")
+    slots = (full.cumsum(dim=1) - 1).flatten()[flat]
+    key_bias = None
+    if bool((counts != n_max).any()):
+        valid = torch.arange(n_max, device=active.device)[None, :] < counts[:, None]
+        key_bias = torch.zeros(valid.shape, dtype=dtype, device=active.device).masked_fill(~valid, float("-inf"))
+        key_bias = key_bias[:, None, None, :]
+    return PackedSelection(flat, rows, slots, n_max, key_bias)
+
+
+def pack(x: torch.Tensor, sel: PackedSelection) -> torch.Tensor:
+    """``[B, T, D]`` -> the active tokens ``[M, D]``."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, sel.flat)
+
+
+def unpack(x: torch.Tensor, sel: PackedSelection, values: torch.Tensor) -> torch.Tensor:
+    """Write packed ``values`` ``[M, D]`` back into (a copy of) the buffer ``x`` ``[B, T, D]``."""
+    return x.reshape(-1, x.shape[-1]).index_copy(0, sel.flat, values).view_as(x)
+
+
+def to_padded(values: torch.Tensor, sel: PackedSelection, batch: int) -> torch.Tensor:
+    """Packed ``[M, C]`` -> padded ``[B, n_max, C]`` (zeros in the padding)."""
+    out = values.new_zeros(batch, sel.n_max, values.shape[-1])
+    return out.index_put((sel.rows, sel.slots), values)
+
+
+def from_padded(values: torch.Tensor, sel: PackedSelection) -> torch.Tensor:
+    """Padded ``[B, n_max, C]`` -> packed ``[M, C]``."""
+    return values[sel.rows, sel.slots]

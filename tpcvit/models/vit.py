@@ -15,7 +15,47 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..propagation import ControllerHead, Propagation, TokenTrace, TPCConfig
 from ..stabilizer import TokenGridStabilizer
-from ..tokens import masked_update, run_on_selection, select_active, select_topk
+from ..tokens import (
+    from_padded,
+    masked_update,
+    pack,
+    run_on_selection,
+    select_active,
+    select_packed,
+    select_topk,
+    to_padded,
+    unpack,
+)
+
+
+def supports_packing(blk: nn.Module) -> bool:
+    """Packed execution re-implements timm's pre-norm ``Block`` + ``Attention``; anything else uses padding."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    return type(blk) is Block and type(blk.attn) is Attention and blk.attn.gate is None
+
+
+def packed_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Run a timm ``Block`` (eval) on the active tokens of ``x`` only, with no padding in the per-token layers.
+
+    qkv, output projection and MLP see exactly the M active tokens of the batch; only the attention product uses the
+    padded ``[B, n_max]`` layout with a key mask. Same math as ``Block.forward`` on the gathered tokens.
+    """
+    if bool(active.all()):
+        return blk(x)
+    attn = blk.attn
+    sel = select_packed(active, num_prefix, x.dtype)
+    b = x.shape[0]
+    tokens = pack(x, sel)
+    qkv = to_padded(attn.qkv(blk.norm1(tokens)), sel, b)
+    q, k, v = qkv.reshape(b, sel.n_max, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sel.key_bias)
+    o = from_padded(o.transpose(1, 2).reshape(b, sel.n_max, attn.attn_dim), sel)
+    tokens = tokens + blk.ls1(attn.proj(attn.norm(o)))
+    tokens = tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
+    return unpack(x, sel, tokens)
 
 
 class TPCViTMixin:
@@ -37,6 +77,7 @@ class TPCViTMixin:
         )
         self.tpc_mode, self.tpc_keep = "adaptive", None
         self.tpc_force_pause = self.tpc_force_restart = None
+        self.tpc_packed = True  # adaptive batches: per-token layers on packed tokens (see packed_block)
 
     # ------------------------------------------------------------------------------------------------------
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,10 +127,11 @@ class TPCViTMixin:
 
             if fast:
                 if mode == "budget" and forced_active is None:
-                    sel = select_topk(active, prop.budget_k, P, prop.topk_index)
+                    x = run_on_selection(run, x, select_topk(active, prop.budget_k, P, prop.topk_index))
+                elif self.tpc_packed and not self.training and x.shape[0] > 1 and supports_packing(blk):
+                    x = packed_block(blk, x, active, P)
                 else:
-                    sel = select_active(active, P, x.dtype)
-                x = run_on_selection(run, x, sel)
+                    x = run_on_selection(run, x, select_active(active, P, x.dtype))
             else:
                 x = masked_update(run, x, states, P)
         return self.norm(x), prop.trace(cfg.start_layer, P)

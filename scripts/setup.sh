@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install everything tpcvit needs on a fresh machine (Python, pip and gcc only).
+# torch/torchvision are pinned: unpinned they resolve to multi-GB CUDA builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+$PY -m pip install -q --disable-pip-version-check torch==2.13.0 torchvision==0.28.0
+$PY -m pip install -q --disable-pip-version-check -e ".[test]"
+# Real offline data for the main job and the tests: Debian's Fashion-MNIST (idx files).
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
