@@ -181,3 +181,26 @@ def test_config_files_in_repo_are_valid():
         assert cfg["model"]["name"]
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("nope.yaml")
+
+
+def test_pipeline_end_to_end_writes_table_metrics_and_plot(tmp_path):
+    out = _cli("pipeline", "-c", "configs/fmnist_main.yaml", "-o", str(tmp_path / "p"), "--quiet", *TINY,
+               "model.name=tpc_deit_tiny_patch16_224", "data.train_limit=256", "data.val_limit=128",
+               "train.batch_size=32", "pipeline.dense_epochs=1", "pipeline.tpc_epochs=1", "pipeline.bench_rounds=1",
+               "pipeline.bench_batch_sizes=[1,16]", "pipeline.budget_keeps=[0.5]")
+    assert "| tpc adaptive |" in out.stdout and "| tpc budget 50% |" in out.stdout
+    result = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert set(result["eval"]) == {"dense", "tpc adaptive", "tpc budget 50%"}
+    assert result["eval"]["tpc budget 50%"]["gmacs"] < result["eval"]["dense"]["gmacs"]
+    assert {r["batch"] for r in result["speed"]} == {1, 16}
+    png = (tmp_path / "p" / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(tmp_path / "p" / "results.png").size[0] > 500
+
+
+def test_bench_command_writes_rows(tmp_path):
+    _cli("bench", "--model", "tpc_deit_tiny_patch16_224", "--img-size", "64", "--batch-sizes", "2", "--rounds", "2",
+         "--keeps", "1.0", "0.5", "--out", str(tmp_path / "speed"))
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "tpc@100%", "tpc@50%"]
+    assert rows[2]["gmacs"] < rows[1]["gmacs"] and all(r["img_per_s"] > 0 for r in rows)
+    assert "speed-up/FLOPs" in (tmp_path / "speed.md").read_text()

@@ -26,10 +26,9 @@ _EPS = 1e-6
 # ----------------------------------------------------------------------------------------------------------
 # probabilities
 # ----------------------------------------------------------------------------------------------------------
-def transition_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split controller logits ``[..., 2]`` into pause and restart probabilities (each ``sigmoid``)."""
-    probs = logits.float().sigmoid()
-    return probs[..., 0], probs[..., 1]
+def transition_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Controller logits ``[..., 2]`` -> probabilities ``[..., 2]``: ``[..., 0]`` pause, ``[..., 1]`` restart."""
+    return logits.float().sigmoid()
 
 
 def active_recursion(a_prev: torch.Tensor, pause: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:

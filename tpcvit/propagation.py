@@ -177,7 +177,7 @@ class Propagation:
 
         Returns ``(states, active)``: straight-through float states and their bool value.
         """
-        raw = logits.float().sigmoid()  # [..., 0] pause, [..., 1] restart (C.transition_probs)
+        raw = C.transition_probs(logits)
         probs = raw
         if self.cfg.smoothing:
             probs = C.smooth_probs(raw, self.prev_probs, self.grid, self.cfg.smooth_max_dev,
@@ -195,7 +195,7 @@ class Propagation:
         elif self.lean:  # inference: hard decisions only, no straight-through bookkeeping
             prev = self.state > 0.5
             if self.mode == "budget":
-                score = torch.where(prev, 1.0 - pause, restart)
+                score = C.keep_score(self.state, pause, restart)
                 self.topk_index = score.topk(self.budget_k, dim=-1, sorted=False).indices
                 active = torch.zeros_like(prev).scatter_(-1, self.topk_index, True)
             else:
