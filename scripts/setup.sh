@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-$PY -m pip install -q --disable-pip-version-check torch==2.13.0 torchvision==0.28.0
-$PY -m pip install -q --disable-pip-version-check -e ".[test]"
+$PY -m pip install -q --disable-pip-version-check --root-user-action=ignore torch==2.13.0 torchvision==0.28.0
+$PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"
 # Real offline data for the main job and the tests: Debian's Fashion-MNIST (idx files).
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -204,3 +204,18 @@ def test_bench_command_writes_rows(tmp_path):
     assert [r["variant"] for r in rows] == ["dense", "tpc@100%", "tpc@50%"]
     assert rows[2]["gmacs"] < rows[1]["gmacs"] and all(r["img_per_s"] > 0 for r in rows)
     assert "speed-up/FLOPs" in (tmp_path / "speed.md").read_text()
+
+
+def test_full_augmentation_bf16_and_hard_distillation_into_a_distilled_student(tmp_path):
+    teacher = tmp_path / "teacher"
+    _cli("train", "-o", str(teacher), "--quiet", "model.name=deit_tiny_patch16_224", *TINY, "data.train_limit=64",
+         "data.val_limit=32", "train.batch_size=32")
+    out = _cli("train", "-o", str(tmp_path / "student"), "--quiet", "model.name=tpc_deit_tiny_distilled_patch16_224",
+               *TINY, "data.train_limit=64", "data.val_limit=32", "train.batch_size=16", "train.amp=bf16",
+               "data.mixup=0.8", "data.cutmix=1.0", "data.label_smoothing=0.1", "data.aug.re_prob=0.25",
+               "data.aug.auto_augment=rand-m9-mstd0.5-inc1", f"distill.teacher={teacher / 'best.safetensors'}",
+               "distill.teacher_model=deit_tiny_patch16_224", "distill.type=hard", "train.log_every_steps=1")
+    summary = _summary(out)
+    steps = [json.loads(ln) for ln in (tmp_path / "student" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 4 and all(np.isfinite(s["loss"]) for s in steps)
+    assert summary["images"] == 32 and 0 <= summary["top1"] <= 100

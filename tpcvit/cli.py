@@ -67,6 +67,73 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trained_model(cfg: dict, checkpoint: str):
+    """Model and validation loader for analysis commands (class count from the training data)."""
+    from .engine import build_data, build_model, init_distributed
+
+    info = init_distributed()
+    probe = build_model(cfg, 1)
+    in_chans, img_size = probe.patch_embed.proj.in_channels, int(probe.patch_embed.img_size[0])
+    train_ds, _, _, _, val_loader = build_data(cfg, in_chans, img_size, info)
+    model = build_model(cfg, train_ds.num_classes, init=checkpoint).to(info.device).eval()
+    return model, val_loader, info, train_ds
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze, write_analysis
+    from .propagation import set_mode
+
+    cfg = _load(args)
+    model, val_loader, info, _ = _trained_model(cfg, args.checkpoint)
+    set_mode(model, "adaptive")
+    result = analyze(model, val_loader, info.device, progress=not args.quiet)
+    files = write_analysis(result, args.output or "runs/analysis")
+    s = result["shares"]
+    print(f"images {result['images']}: restart rate {result['restart_rate']:.1%} of pauses; top-1 with restarts "
+          f"{result['top1_learned']:.2f}% vs every pause permanent {result['top1_no_restart']:.2f}%")
+    print("block   active  restarted  paused")
+    for l in range(result["depth"]):
+        print(f"{l:5d}  {s['active'][l]:7.3f}  {s['restarted'][l]:9.3f}  {s['paused'][l]:6.3f}")
+    print("wrote " + ", ".join(map(str, files)))
+    return 0
+
+
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .data import AugmentConfig, build_transform, list_images, load_image
+    from .engine import build_model
+    from .propagation import set_mode
+    from .viz import save_figure, token_map_figure
+
+    cfg = _load(args)
+    if args.num_classes:
+        model = build_model(cfg, args.num_classes, init=args.checkpoint).eval()
+        classes = None
+    else:
+        model, _, _, train_ds = _trained_model(cfg, args.checkpoint)
+        model, classes = model.cpu(), getattr(train_ds, "classes", None)
+    set_mode(model, "adaptive")
+    in_chans, size = model.patch_embed.proj.in_channels, int(model.patch_embed.img_size[0])
+    d = cfg["data"]
+    tf = build_transform(size, in_chans, False, AugmentConfig(**{**d["aug"], "scale": tuple(d["aug"]["scale"])}),
+                         d["mean"], d["std"])
+    out = Path(args.output or "runs/viz")
+    for path in list_images(args.images):
+        image = load_image(path)
+        with torch.no_grad():
+            logits, trace = model.forward_with_trace(tf(image)[None])
+        pred = int(logits.argmax(-1))
+        label = classes[pred] if classes else str(pred)
+        shown = image.convert("RGB").resize((size, size))
+        fig = token_map_figure(shown, trace.active[0], trace.restarted[0], tuple(model.patch_embed.grid_size),
+                               title=f"{path.name}: predicted {label}")
+        print(f"wrote {save_figure(fig, out / (path.stem + '_tokens.png'))}")
+    return 0
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
@@ -106,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(e)
     e.add_argument("--checkpoint", required=True, help="weights (.safetensors / .pth)")
     e.set_defaults(func=_cmd_eval)
+
+    a = sub.add_parser("analyze", help="restart analysis of a trained TPC model on the validation set")
+    _add_config_args(a)
+    a.add_argument("--checkpoint", required=True)
+    a.set_defaults(func=_cmd_analyze)
+
+    v = sub.add_parser("viz", help="per-block token maps (active / paused / restarted) for images")
+    _add_config_args(v)
+    v.add_argument("--checkpoint", required=True)
+    v.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    v.add_argument("--num-classes", type=int, default=0, help="skip reading the training data for the class count")
+    v.set_defaults(func=_cmd_viz)
 
     p = sub.add_parser("pipeline", help="dense training + TPC fine-tuning + evaluation + speed, one table")
     _add_config_args(p)

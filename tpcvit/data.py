@@ -99,6 +99,36 @@ class IdxDataset(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image; corrupt/truncated files raise :class:`DataError` naming the file."""
+    if not Path(path).is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return img.copy()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise DataError(f"corrupt or unreadable image {path}: {err}. Remove or replace it, or set "
+                        "data.skip_corrupt: true to skip such files") from err
+
+
+def list_images(paths: list[str]) -> list[Path]:
+    """Image files among ``paths`` (files, or folders searched recursively), sorted."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise DataError(f"no such image file or folder: {p}")
+    if not found:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {paths}")
+    return found
+
+
 # ----------------------------------------------------------------------------------------------------------
 # image folders (ImageNet layout: root/train/<class>/*.jpg, root/val/<class>/*.jpg)
 # ----------------------------------------------------------------------------------------------------------
@@ -126,16 +156,7 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def load(self, i: int) -> Image.Image:
-        path = self.samples[i][0]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    img.load()
-                    return img.copy()
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-            raise DataError(f"corrupt or unreadable image {path}: {err}. Remove or replace it, or set "
-                            "data.skip_corrupt: true to skip such files") from err
+        return load_image(self.samples[i][0])
 
     def __getitem__(self, i: int):
         for offset in range(len(self.samples)):

@@ -33,7 +33,52 @@ def plot_pipeline(result: dict, path: str | os.PathLike) -> Path:
     ax2.legend(fontsize=8)
     fig.suptitle(result["config"].get("name", ""))
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+STATE_COLOURS = {"paused": (0.15, 0.15, 0.15, 0.75), "restarted": (0.85, 0.1, 0.1, 0.6)}
+
+
+def token_map_figure(image, active, restarted, grid: tuple[int, int], title: str = ""):
+    """Per-block panels of one image: active tokens clear, paused dark, restarted red; last panel: the number of
+    blocks each token was computed in (A-ViT-style depth map). ``active``/``restarted`` ``[depth, N]`` bool."""
+    import numpy as np
+
+    depth = active.shape[0]
+    h, w = grid
+    cols = min(depth + 1, 7)
+    rows = -(-(depth + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.3 * rows + 0.4), squeeze=False)
+    img = np.asarray(image.convert("RGB"))
+    extent = (0, img.shape[1], img.shape[0], 0)
+    for l in range(depth):
+        ax = axes[l // cols][l % cols]
+        overlay = np.zeros((h, w, 4))
+        a = active[l].reshape(h, w).numpy()
+        r = restarted[l].reshape(h, w).numpy()
+        overlay[~a] = STATE_COLOURS["paused"]
+        overlay[r] = STATE_COLOURS["restarted"]
+        ax.imshow(img, extent=extent)
+        ax.imshow(overlay, extent=extent, interpolation="nearest")
+        ax.set_title(f"block {l}: {int(a.sum())} act, {int(r.sum())} rst", fontsize=7)
+        ax.axis("off")
+    ax = axes[depth // cols][depth % cols]
+    computed = active.sum(dim=0).reshape(h, w).numpy()
+    ax.imshow(img, extent=extent)
+    im = ax.imshow(computed, extent=extent, cmap="magma", alpha=0.6, vmin=0, vmax=depth, interpolation="nearest")
+    ax.set_title("blocks computed", fontsize=7)
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    for k in range(depth + 1, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     plt.close(fig)
     return path
