@@ -219,3 +219,17 @@ def test_full_augmentation_bf16_and_hard_distillation_into_a_distilled_student(t
     steps = [json.loads(ln) for ln in (tmp_path / "student" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 4 and all(np.isfinite(s["loss"]) for s in steps)
     assert summary["images"] == 32 and 0 <= summary["top1"] <= 100
+
+
+def test_ablate_runs_every_variant_and_writes_the_table(tmp_path):
+    dense = tmp_path / "dense"
+    _cli("train", "-o", str(dense), "--quiet", "model.name=deit_tiny_patch16_224", *TINY, "data.train_limit=64",
+         "data.val_limit=32", "train.batch_size=32")
+    _cli("ablate", "-c", "configs/fmnist_ablation.yaml", "-o", str(tmp_path / "abl"), "--quiet",
+         "--dense", str(dense / "best.safetensors"), "--seeds", "0", *TINY, "data.train_limit=64",
+         "data.val_limit=32", "train.batch_size=32", "train.epochs=1")
+    result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert set(result["summary"]) == {"tpc full", "no restart", "no smoothing", "no stabilizer"}
+    assert all(len(v) == 1 and 0 <= v[0]["isolated"] <= 1 for v in result["runs"].values())
+    assert "| no restart |" in (tmp_path / "abl" / "ablation.md").read_text()
+    assert Image.open(tmp_path / "abl" / "ablation.png").format == "PNG"

@@ -146,3 +146,46 @@ def write_analysis(result: dict, out: str | os.PathLike) -> list[Path]:
     atomic_write(out / "analysis.png", lambda t: fig.savefig(t, dpi=110, format="png"))
     plt.close(fig)
     return [out / "analysis.json", out / "analysis.png"]
+
+
+def decision_noise(trace: TokenTrace) -> dict:
+    """How noisy the controller's decisions are (the smoothing regulariser's claim), in the controlled blocks.
+
+    * ``isolated``: share of tokens whose state disagrees with the majority of its (up to 8) grid neighbours,
+      i.e. salt-and-pepper decisions;
+    * ``flip_rate``: state changes per token per block transition (active <-> paused);
+    * ``keep_std``: standard deviation over images of the mean keep ratio.
+    """
+    import torch.nn.functional as F
+
+    s = trace.start_layer
+    active = trace.active[:, s:].float()  # [B, Lc, N]
+    b, lc, n = active.shape
+    h, w = trace.grid
+    grid = active.reshape(b * lc, 1, h, w)
+    ones = torch.ones(1, 1, 3, 3)
+    neighbours = F.conv2d(F.pad(torch.ones_like(grid), (1, 1, 1, 1)), ones) - 1
+    agree_active = F.conv2d(F.pad(grid, (1, 1, 1, 1)), ones) - grid  # active neighbours
+    share_active = agree_active / neighbours
+    isolated = torch.where(grid > 0.5, share_active < 0.5, share_active > 0.5).float().mean().item()
+    flips = (active[:, 1:] != active[:, :-1]).float().mean().item() if lc > 1 else 0.0
+    return {"isolated": isolated, "flip_rate": flips, "keep_std": active.mean(dim=(1, 2)).std(correction=0).item()}
+
+
+@torch.no_grad()
+def decision_noise_over(model: nn.Module, loader, device: torch.device, limit: int = 2000) -> dict:
+    """:func:`decision_noise` averaged over up to ``limit`` validation images."""
+    inner = unwrap(model).eval()
+    sums: dict = {}
+    seen = 0
+    keeps = []
+    for images, _ in loader:
+        _, trace = inner.forward_with_trace(images.to(device))
+        stats = decision_noise(trace)
+        for k in ("isolated", "flip_rate"):
+            sums[k] = sums.get(k, 0.0) + stats[k] * len(images)
+        keeps.append(trace.active[:, trace.start_layer:].float().mean(dim=(1, 2)).cpu())
+        seen += len(images)
+        if seen >= limit:
+            break
+    return {**{k: v / seen for k, v in sums.items()}, "keep_std": torch.cat(keeps).std(correction=0).item()}

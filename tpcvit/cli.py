@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -28,6 +29,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+
+
 def _load(args: argparse.Namespace) -> dict:
     from .config import load_config
 
@@ -43,7 +51,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .engine import fit
 
     summary = fit(_load(args), resume=args.resume, progress=not args.quiet)
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary line per job, not one per DDP rank
+        print(json.dumps(summary))
     return 0
 
 
@@ -134,6 +143,13 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablation import run_ablation
+
+    run_ablation(_load(args), args.dense, args.seeds, progress=not args.quiet)
+    return 0
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
@@ -185,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--images", nargs="+", required=True, help="image files or folders")
     v.add_argument("--num-classes", type=int, default=0, help="skip reading the training data for the class count")
     v.set_defaults(func=_cmd_viz)
+
+    ab = sub.add_parser("ablate", help="TPC vs no restart / no smoothing / no stabilizer, several seeds")
+    _add_config_args(ab)
+    ab.add_argument("--dense", required=True, help="dense checkpoint every variant is fine-tuned from")
+    ab.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated, e.g. 0,1,2")
+    ab.set_defaults(func=_cmd_ablate)
 
     p = sub.add_parser("pipeline", help="dense training + TPC fine-tuning + evaluation + speed, one table")
     _add_config_args(p)
