@@ -206,6 +206,42 @@ def test_bench_command_writes_rows(tmp_path):
     assert "speed-up/FLOPs" in (tmp_path / "speed.md").read_text()
 
 
+def test_bench_methods_compares_tpc_and_peers_on_real_images(tmp_path):
+    dense = tmp_path / "dense"
+    _cli("train", "-o", str(dense), "--quiet", "model.name=deit_tiny_patch16_224", *TINY, "data.train_limit=64",
+         "data.val_limit=32", "train.batch_size=32")
+    sets = [a for o in [*TINY, "data.train_limit=64", "data.val_limit=48", "model.name=tpc_deit_tiny_patch16_224"]
+            for a in ("--set", o)]
+    _cli("bench", "-c", "configs/fmnist_main.yaml", "--methods", "dense,tpc@0.6,tome@0.6,evit@0.8,avit=3",
+         "--weights", f"dense={dense / 'best.safetensors'}", "--batch-sizes", "1", "8", "--rounds", "1",
+         "--calib-images", "16", "--quiet", "--out", str(tmp_path / "cmp"), *sets)
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    points = result["points"]
+    assert list(points) == ["dense", "tpc@60%", "tome@60%", "evit@80%", "avit=3"]
+    assert points["tome@60%"]["matched"] and points["tpc@60%"]["matched"]
+    assert all(0 <= p["top1"] <= 100 and p["images"] == 48 for p in points.values())
+    assert points["avit=3"]["top1"] == points["dense"]["top1"]  # threshold 3 on 3 blocks: never halts = dense
+    assert points["tome@60%"]["gmacs_ratio"] == pytest.approx(0.6, abs=0.06)
+    assert {(r["variant"], r["batch"]) for r in result["speed"]} >= {("evit@80%", 1), ("evit@80%", 8)}
+    assert "| tome | 60% |" in (tmp_path / "cmp.md").read_text()
+    assert Image.open(tmp_path / "cmp.png").size[0] > 800
+
+
+@pytest.mark.parametrize("name,peer", [("avit_deit_tiny_patch16_224", "{target_depth: 0.5}"),
+                                       ("evit_deit_tiny_patch16_224", "{keep_rate: 0.5}")])
+def test_peers_fine_tune_with_the_same_pipeline(tmp_path, name, peer):
+    out = _cli("train", "-o", str(tmp_path / "p"), "--quiet", f"model.name={name}", f"model.peer={peer}", *TINY,
+               "data.train_limit=64", "data.val_limit=32", "train.batch_size=16", "train.log_every_steps=1")
+    summary = _summary(out)
+    steps = [json.loads(ln) for ln in (tmp_path / "p" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 4 and all(np.isfinite(s["loss"]) and 0 < s["keep"] <= 1 for s in steps)
+    if name.startswith("avit"):
+        assert all("ponder" in s and "dist" in s for s in steps)
+    else:
+        assert summary["keep_per_block"][-1] < 0.6  # EViT's token count after its reductions
+    assert summary["gmacs"] > 0 and summary["images"] == 32
+
+
 def test_full_augmentation_bf16_and_hard_distillation_into_a_distilled_student(tmp_path):
     teacher = tmp_path / "teacher"
     _cli("train", "-o", str(teacher), "--quiet", "model.name=deit_tiny_patch16_224", *TINY, "data.train_limit=64",

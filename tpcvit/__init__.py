@@ -8,7 +8,7 @@ from ._compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()  # must run before timm is imported anywhere
 
-from . import controller  # noqa: E402
+from . import baselines, controller  # noqa: E402  (baselines registers tome_/evit_/avit_ models)
 from .checkpoint import CheckpointError, load_backbone, save_weights  # noqa: E402
 from .flops import count_gmacs, vit_gmacs_from_trace  # noqa: E402
 from .models import TPCVisionTransformer, TPCVisionTransformerDistilled  # noqa: E402
@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODES", "CheckpointError", "TPCConfig", "TPCVisionTransformer", "TPCVisionTransformerDistilled", "TokenTrace",
-    "controller", "count_gmacs", "load_backbone", "override_probs", "save_weights", "set_mode", "tpc_loss",
-    "vit_gmacs_from_trace",
+    "baselines", "controller", "count_gmacs", "load_backbone", "override_probs", "save_weights", "set_mode",
+    "tpc_loss", "vit_gmacs_from_trace",
 ]

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-TPC_PREFIXES = ("controller.", "stabilizers.")
+# modules a method adds to the backbone (TPC controller + stabilizer, A-ViT halting head): absent from dense weights
+TPC_PREFIXES = ("controller.", "stabilizers.", "halting.")
 
 
 class CheckpointError(ValueError):

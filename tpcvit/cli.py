@@ -17,16 +17,52 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    command = "tpcvit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.methods:
+        return _bench_methods(args, command)
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     rows, meta = bench_tpc_speed(args.model, tuple(args.keeps), tuple(args.batch_sizes), args.rounds,
                                  args.device, args.dtype, **kwargs)
-    meta["command"] = "tpcvit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    meta["command"] = command
     print(f"{meta['model']} vs {meta['dense']} on {meta['machine']['cpu']} "
           f"({meta['machine']['threads']} threads, {args.device}, {args.dtype})")
     print(rows_to_markdown(rows))
     if args.out:
         print(f"wrote {write_results(args.out, rows, meta)}")
     return 0
+
+
+def _bench_methods(args: argparse.Namespace, command: str) -> int:
+    """``tpcvit bench --methods ...``: the one harness for TPC, dense and the peers (see tpcvit.compare)."""
+    from .compare import compare_markdown, run_compare, write_compare
+    from .config import ConfigError, load_config
+
+    overrides = list(args.set or [])
+    if args.config is None:  # speed only: the named backbone at its own size on random images
+        overrides.append(f"model.name={args.model}")
+        if args.img_size:
+            overrides.append(f"model.kwargs={{img_size: {args.img_size}}}")
+    cfg = load_config(args.config, overrides)
+    weights = {}
+    for item in args.weights or []:
+        method, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--weights takes METHOD=PATH (e.g. tpc=runs/x/tpc/best.safetensors), got {item!r}")
+        weights[method] = path
+    if args.config is None and args.dtype != "float32":
+        raise ConfigError("--methods benchmarks run in float32")
+    result = run_compare(cfg, args.methods, weights, list(args.batch_sizes), args.rounds,
+                         calib_images=args.calib_images, with_data=args.config is not None and not args.no_data,
+                         device=args.device, progress=not args.quiet)
+    result["command"] = command
+    print(compare_markdown(result))
+    if args.out:
+        print("wrote " + ", ".join(map(str, write_compare(result, args.out))))
+    return 0
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _int_list(text: str) -> list[int]:
@@ -168,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpcvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("bench", help="time dense vs TPC (budget mode) at several keep ratios")
+    b = sub.add_parser("bench", help="time dense vs TPC (budget mode) at several keep ratios; with --methods: "
+                       "TPC vs dense vs peers at matched GMACs (accuracy too with --config)")
     b.add_argument("--model", default="tpc_deit_small_patch16_224")
     b.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
@@ -177,7 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--img-size", type=int, default=None)
     b.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    b.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    b.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --methods)")
+    b.add_argument("--methods", type=_str_list, default=None,
+                   help="comma-separated specs: dense, tpc-adaptive, METHOD@GMACS_FRACTION or METHOD=KNOB with "
+                        "METHOD in tpc, tome, evit, avit (e.g. dense,tpc@0.5,tome@0.5,evit@0.5)")
+    b.add_argument("--config", "-c", default=None, help="experiment config: backbone + dataset (accuracy)")
+    b.add_argument("--weights", action="append", help="METHOD=PATH weights (dense=... used for untrained peers)")
+    b.add_argument("--set", action="append", help="config override key=value (repeatable)")
+    b.add_argument("--no-data", action="store_true", help="with --config: speed and GMACs on random images only")
+    b.add_argument("--calib-images", type=int, default=64, help="images used to match GMACs targets")
+    b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("train", help="train or fine-tune a dense or TPC model (also under torchrun)")

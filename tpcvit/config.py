@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
         "name": "tpc_deit_small_patch16_224",
         "kwargs": {},  # timm kwargs: img_size, patch_size, in_chans, embed_dim, depth, num_heads, ...
         "tpc": {},  # TPCConfig fields: start_layer, target_keep, smoothing, stabilizer, restart, ...
+        "peer": {},  # peer-method kwargs: tome_r (ToMe), keep_rate (EViT), halt_threshold/target_depth (A-ViT)
         "init": None,  # local checkpoint (dense timm or TPC) loaded into the model before training
     },
     "data": {
@@ -90,7 +91,7 @@ CHOICES = {
 POSITIVE = ("train.epochs", "train.batch_size", "train.lr", "eval.batch_size", "pipeline.dense_epochs",
             "pipeline.tpc_epochs", "pipeline.bench_rounds")
 FRACTIONS = ("distill.alpha", "data.mixup", "data.cutmix", "data.label_smoothing", "data.aug.re_prob")
-FREE_FORM = ("model.kwargs", "model.tpc")  # validated by the model itself
+FREE_FORM = ("model.kwargs", "model.tpc", "model.peer")  # validated by the model itself
 
 
 class ConfigError(ValueError):
@@ -197,7 +198,7 @@ def validate(cfg: dict) -> None:
     keep = flat["eval.keep"]
     if keep is not None and not (_number(keep) and 0 < keep <= 1):
         raise ConfigError(f"eval.keep must be a fraction in (0, 1], got {keep!r}")
-    for key in ("model.kwargs", "model.tpc"):
+    for key in FREE_FORM:
         if not isinstance(flat[key], dict):
             raise ConfigError(f"{key} must be a mapping, got {flat[key]!r}")
 

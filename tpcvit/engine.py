@@ -29,8 +29,8 @@ from tqdm import tqdm
 from .checkpoint import atomic_write, load_backbone, save_weights, unwrap
 from .config import ConfigError, dump_config
 from .data import AugmentConfig, DataError, ResumableSampler, build_dataset, build_loader, build_transform
-from .flops import count_gmacs, vit_gmacs_from_trace
-from .propagation import set_mode, tpc_loss, tpc_modules
+from .flops import count_gmacs
+from .propagation import set_mode, tpc_modules
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,6 +89,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+PEER_PREFIXES = ("tome_", "evit_", "avit_")
+
+
+def reducers(model: nn.Module) -> list[nn.Module]:
+    """TPC models and peer token-reduction models inside ``model`` (anything with ``reduction_loss``)."""
+    return [m for m in model.modules() if hasattr(m, "reduction_loss") and hasattr(m, "gmacs_per_image")]
+
+
 def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str | None = None) -> nn.Module:
     """timm model from ``cfg["model"]`` (TPC options only for ``tpc_*`` models), optionally initialised."""
     import timm
@@ -97,6 +105,8 @@ def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str 
     kwargs = dict(cfg["model"]["kwargs"], num_classes=num_classes)
     if name.startswith("tpc_"):
         kwargs.update(cfg["model"]["tpc"])
+    elif name.startswith(PEER_PREFIXES):
+        kwargs.update(cfg["model"]["peer"])
     try:
         model = timm.create_model(name, **kwargs)
     except RuntimeError as err:
@@ -173,7 +183,7 @@ def build_optimizer(model: nn.Module, cfg: dict):
     from timm.optim import create_optimizer_v2
 
     t = cfg["train"]
-    tpc_ids = {id(p) for m in tpc_modules(model) for p in m.tpc_parameters()}
+    tpc_ids = {id(p) for m in reducers(model) for p in m.reduction_parameters()}
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -212,7 +222,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo | No
     info = info or DistInfo(device=device)
     model.eval()
     inner = unwrap(model)
-    is_tpc = bool(tpc_modules(inner))
+    is_tpc = bool(reducers(inner))
     depth = len(inner.blocks) if hasattr(inner, "blocks") else 0
     sums = torch.zeros(5 + depth, dtype=torch.float64)  # n, top1, top5, loss, gmacs, keep per block
     dense_gmacs = None
@@ -232,8 +242,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo | No
         sums[2] += correct.any(dim=1).sum().item()
         sums[3] += F.cross_entropy(logits, targets, reduction="sum").item()
         if trace is not None:
-            sums[4] += vit_gmacs_from_trace(inner, trace).sum().item()
-            sums[5:] += trace.active.float().mean(dim=2).sum(dim=0).double().cpu()
+            sums[4] += inner.gmacs_per_image(trace).sum().item()
+            sums[5:] += trace.keep_per_image().sum(dim=0).double().cpu()
         else:
             if dense_gmacs is None:
                 dense_gmacs = count_gmacs(inner, images[:1])
@@ -368,8 +378,8 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
     train_ds, val_ds, train_sampler, train_loader, val_loader = build_data(cfg, in_chans, img_size, info)
     num_classes = train_ds.num_classes
     model = build_model(cfg, num_classes, name=model_name, init=init or cfg["model"]["init"]).to(device)
-    is_tpc = bool(tpc_modules(model))
-    if is_tpc:
+    is_tpc = bool(reducers(model))  # TPC or a peer method: trains with its trace and its own loss
+    if tpc_modules(model):
         set_mode(model, "adaptive")
     teacher = build_teacher(cfg, num_classes, device)
     distilled_student = hasattr(model, "set_distilled_training") and teacher is not None
@@ -421,7 +431,7 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
             with autocast(t["amp"], device):
                 if is_tpc:
                     outputs, trace = forward(images, return_trace=True)
-                    reg = tpc_loss(trace, unwrap(model).tpc_cfg, t["alpha_budget"], t["alpha_dist"])
+                    reg = unwrap(model).reduction_loss(trace, t)
                 else:
                     outputs, reg = forward(images), None
                 loss = criterion(images, outputs, labels)
@@ -442,8 +452,9 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
             rec = {"global_step": gstep, "epoch": epoch, "loss": round(loss.item(), 6),
                    "lr": optimizer.param_groups[0]["lr"]}
             if reg:
-                rec.update(budget=round(reg["budget"].item(), 6), dist=round(reg["dist"].item(), 6),
-                           keep=round(trace.active[:, unwrap(model).tpc_cfg.start_layer:].float().mean().item(), 4))
+                start = unwrap(model).tpc_cfg.start_layer if hasattr(unwrap(model), "tpc_cfg") else 0
+                rec.update({k: round(v.item(), 6) for k, v in reg.items() if k != "total"},
+                           keep=round(trace.keep_ratio()[start:].mean().item(), 4))
             if gstep % t["log_every_steps"] == 0:
                 _append_jsonl(out / "steps.jsonl", rec, info)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", **({"keep": rec["keep"]} if reg else {}))

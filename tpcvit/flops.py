@@ -36,7 +36,9 @@ def count_flops(fn, *args) -> int:
 
 
 def _is_adaptive(model: nn.Module) -> bool:
-    return any(m.tpc_mode == "adaptive" for m in tpc_modules(model))
+    """Cost differs per image: adaptive TPC, or a peer with per-image decisions (A-ViT)."""
+    return any(m.tpc_mode == "adaptive" for m in tpc_modules(model)) or any(
+        getattr(m, "per_image_compute", False) for m in model.modules())
 
 
 @torch.no_grad()
@@ -63,21 +65,30 @@ def vit_block_macs(tokens: torch.Tensor | int, dim: int, mlp_hidden: int) -> tor
     return tokens * dim * (4 * dim + 2 * mlp_hidden) + 2 * tokens * tokens * dim
 
 
+def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: float = 0.0) -> torch.Tensor:
+    """GMACs per image ``[B]`` of a timm ViT whose block ``l`` computes ``counts[:, l]`` patch tokens (plus the
+    prefix tokens): patch embedding, blocks, classifier head(s), plus ``extra_macs`` per image."""
+    from .checkpoint import unwrap
+
+    m = unwrap(model)
+    dim = m.embed_dim
+    n = m.patch_embed.num_patches
+    mlp_hidden = m.blocks[0].mlp.fc1.out_features
+    conv = m.patch_embed.proj
+    macs = n * dim * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + extra_macs
+    tokens = counts.double() + m.num_prefix_tokens
+    heads = 2 if getattr(m, "head_dist", None) is not None else 1
+    total = vit_block_macs(tokens, dim, mlp_hidden).sum(dim=1) + macs + heads * dim * m.num_classes
+    return total / 1e9
+
+
 def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
     """GMACs per image ``[B]`` of a TPC ViT's fast path, from the active counts in ``trace``."""
     from .checkpoint import unwrap
 
     m = unwrap(model)
-    dim = m.embed_dim
-    n = trace.active.shape[2]
-    mlp_hidden = m.blocks[0].mlp.fc1.out_features
-    conv = m.patch_embed.proj
-    macs = n * dim * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    tokens = trace.active_counts().double() + m.num_prefix_tokens
-    total = vit_block_macs(tokens, dim, mlp_hidden).sum(dim=1) + macs
+    dim, n = m.embed_dim, trace.active.shape[2]
     controlled = 0 if m.tpc_mode == "dense" else len(m.controller)
-    total = total + controlled * (n * dim * 2 + dim * 2)  # controller heads: token + context linears
-    total = total + len(m.stabilizers) * n * dim * 9  # depthwise 3x3
-    heads = 2 if getattr(m, "head_dist", None) is not None else 1
-    total = total + heads * dim * m.num_classes
-    return total / 1e9
+    extra = controlled * (n * dim * 2 + dim * 2)  # controller heads: token + context linears
+    extra += len(m.stabilizers) * n * dim * 9  # depthwise 3x3
+    return vit_gmacs_from_counts(m, trace.active_counts(), extra)

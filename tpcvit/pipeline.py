@@ -69,7 +69,7 @@ def run_pipeline(cfg: dict, progress: bool = True) -> dict:
         variants[name] = (m, keep)
 
     log("[4/4] time on real validation images (interleaved rounds, medians)")
-    val_images = torch.cat([x for x, _ in _take(val_loader, max(cfg["pipeline"]["bench_batch_sizes"]))])
+    val_images = torch.cat([x for x, _ in take_batches(val_loader, max(cfg["pipeline"]["bench_batch_sizes"]))])
     for m, _ in variants.values():
         m.eval()
     rows = speed_table(variants, {k: v["gmacs"] for k, v in evals.items()}, lambda b: val_images[:b],
@@ -91,7 +91,7 @@ def run_pipeline(cfg: dict, progress: bool = True) -> dict:
     return result
 
 
-def _take(loader, n: int):
+def take_batches(loader, n: int):
     got = 0
     for x, y in loader:
         yield x, y

@@ -129,6 +129,10 @@ class TokenTrace:
         """Share of active patch tokens per block, ``[depth]``."""
         return self.active.float().mean(dim=(0, 2))
 
+    def keep_per_image(self) -> torch.Tensor:
+        """Share of active patch tokens per image and block, ``[B, depth]``."""
+        return self.active.float().mean(dim=2)
+
     def active_counts(self) -> torch.Tensor:
         """Active patch tokens per image and block, ``[B, depth]``."""
         return self.active.sum(dim=2)

@@ -36,6 +36,47 @@ def plot_pipeline(result: dict, path: str | os.PathLike) -> Path:
     return save_figure(fig, path)
 
 
+METHOD_STYLE = {"dense": ("black", "*"), "tpc": ("tab:red", "o"), "tpc-adaptive": ("darkred", "D"),
+                "tome": ("tab:blue", "s"), "evit": ("tab:green", "^"), "avit": ("tab:purple", "v")}
+
+
+def plot_compare(result: dict, path: str | os.PathLike) -> Path:
+    """Harness plots: top-1 vs GMACs and top-1 vs throughput (largest batch), per method, with the Pareto front.
+
+    Without accuracy (speed-only runs): throughput vs GMACs.
+    """
+    from .compare import pareto_front
+
+    points = result["points"]
+    big = max(result["batch_sizes"])
+    speed = {r["variant"]: r["img_per_s"] for r in result["speed"] if r["batch"] == big}
+    has_acc = result["data"]
+    panels = [("gmacs", "GMACs per image (mean over the evaluation set)", False),
+              ("speed", f"images/s at batch {big}", True)] if has_acc else [("gmacs", "GMACs per image", False)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    for ax, (key, xlabel, higher_better) in zip(axes[0], panels):
+        xy = []
+        for method in dict.fromkeys(p["method"] for p in points.values()):
+            mine = [(lbl, p) for lbl, p in points.items() if p["method"] == method]
+            xs = [p["gmacs"] if key == "gmacs" else speed[lbl] for lbl, p in mine]
+            ys = [p["top1"] if has_acc else speed[lbl] for lbl, p in mine]
+            colour, marker = METHOD_STYLE.get(method, ("grey", "o"))
+            order = sorted(range(len(xs)), key=xs.__getitem__)
+            ax.plot([xs[i] for i in order], [ys[i] for i in order], marker=marker, color=colour, ms=8, label=method)
+            xy += list(zip(xs, ys))
+        if has_acc:
+            front = pareto_front(xy, higher_x_better=higher_better)
+            ax.plot(*zip(*front), ls="--", color="grey", lw=1, label="Pareto front")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top-1 (%)" if has_acc else f"images/s at batch {big}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(f"{result['config'].get('name', '')}: {m['cpu']}, {m['threads']} threads, fp32", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 STATE_COLOURS = {"paused": (0.15, 0.15, 0.15, 0.75), "restarted": (0.85, 0.1, 0.1, 0.6)}
 
 

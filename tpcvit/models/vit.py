@@ -58,6 +58,20 @@ def packed_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor, num_pref
     return unpack(x, sel, tokens)
 
 
+def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """timm ViT patch + position embedding, with a clear error for images of the wrong size or channel count."""
+    expected = tuple(model.patch_embed.img_size)
+    if x.ndim != 4 or tuple(x.shape[-2:]) != expected or x.shape[1] != model.patch_embed.proj.in_channels:
+        raise ValueError(
+            f"expected images [B, {model.patch_embed.proj.in_channels}, {expected[0]}, {expected[1]}], got "
+            f"{list(x.shape)}: resize/convert the input (the data pipeline does this), or create the model "
+            f"with img_size=/in_chans= matching your data")
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
 class TPCViTMixin:
     """Token propagation control for a timm ViT. Call :meth:`_init_tpc` at the end of ``__init__``."""
 
@@ -81,16 +95,7 @@ class TPCViTMixin:
 
     # ------------------------------------------------------------------------------------------------------
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        expected = tuple(self.patch_embed.img_size)
-        if x.ndim != 4 or tuple(x.shape[-2:]) != expected or x.shape[1] != self.patch_embed.proj.in_channels:
-            raise ValueError(
-                f"expected images [B, {self.patch_embed.proj.in_channels}, {expected[0]}, {expected[1]}], got "
-                f"{list(x.shape)}: resize/convert the input (the data pipeline does this), or create the model "
-                f"with img_size=/in_chans= matching your data")
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        return self.norm_pre(x)
+        return embed_tokens(self, x)
 
     def _propagate(
         self,
@@ -166,6 +171,21 @@ class TPCViTMixin:
         """Parameters TPC adds to the backbone (controller heads and stabilizers)."""
         return list(self.controller.parameters()) + list(self.stabilizers.parameters())
 
+    # the hooks the engine and the harness use for TPC and the peers alike ------------------------------------
+    def reduction_parameters(self) -> list[nn.Parameter]:
+        return self.tpc_parameters()
+
+    def reduction_loss(self, trace: TokenTrace, train_cfg: dict) -> dict[str, torch.Tensor]:
+        """METHOD.md's controller losses, weighted by ``train.alpha_budget`` / ``train.alpha_dist``."""
+        from ..propagation import tpc_loss
+
+        return tpc_loss(trace, self.tpc_cfg, train_cfg["alpha_budget"], train_cfg["alpha_dist"])
+
+    def gmacs_per_image(self, trace: TokenTrace) -> torch.Tensor:
+        from ..flops import vit_gmacs_from_trace
+
+        return vit_gmacs_from_trace(self, trace)
+
 
 class TPCVisionTransformer(TPCViTMixin, VisionTransformer):
     """timm ``VisionTransformer`` with token propagation control."""
@@ -195,26 +215,35 @@ def _cfg(**kwargs) -> dict:
     }
 
 
-def create_tpc_vit(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> nn.Module:
-    """Build a TPC ViT. ``kwargs`` mix timm ViT arguments and :class:`TPCConfig` fields."""
+def check_create_kwargs(variant: str, pretrained: bool, kwargs: dict) -> None:
+    """Refuse what a local-weights model cannot honour, with the fix in the message."""
     if pretrained:
         raise RuntimeError(
             f"{variant}: no weights are downloaded. Build it with pretrained=False and load a local dense "
             "checkpoint: tpcvit.load_backbone(model, 'deit_small.safetensors')")
     for key in ("features_only", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         if kwargs.pop(key, None) not in (None, False):
-            raise ValueError(f"{variant}: {key} is not supported by TPC models")
-    tpc_cfg = TPCConfig.pop_from(kwargs)
-    cls = TPCVisionTransformerDistilled if distilled else TPCVisionTransformer
-    model = cls(tpc_cfg=tpc_cfg, **kwargs)
+            raise ValueError(f"{variant}: {key} is not supported by token-reduction models")
+
+
+def attach_default_cfg(model: VisionTransformer, variant: str, distilled: bool = False) -> None:
     model.pretrained_cfg = model.default_cfg = _cfg(
         num_classes=model.num_classes, input_size=(model.patch_embed.proj.in_channels,
                                                    *model.patch_embed.img_size),
         classifier=("head", "head_dist") if distilled else "head", architecture=variant)
+
+
+def create_tpc_vit(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> nn.Module:
+    """Build a TPC ViT. ``kwargs`` mix timm ViT arguments and :class:`TPCConfig` fields."""
+    check_create_kwargs(variant, pretrained, kwargs)
+    tpc_cfg = TPCConfig.pop_from(kwargs)
+    cls = TPCVisionTransformerDistilled if distilled else TPCVisionTransformer
+    model = cls(tpc_cfg=tpc_cfg, **kwargs)
+    attach_default_cfg(model, variant, distilled)
     return model
 
 
-_DEIT = {
+DEIT_SIZES = {
     "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
@@ -223,7 +252,7 @@ _DEIT = {
 
 def _deit(size: str, distilled: bool, pretrained: bool, kwargs: dict) -> nn.Module:
     name = f"tpc_deit_{size}{'_distilled' if distilled else ''}_patch16_224"
-    return create_tpc_vit(name, pretrained, distilled=distilled, **{**_DEIT[size], **kwargs})
+    return create_tpc_vit(name, pretrained, distilled=distilled, **{**DEIT_SIZES[size], **kwargs})
 
 
 @register_model

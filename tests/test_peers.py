@@ -1,0 +1,158 @@
+"""Peers in the one harness: ToMe, EViT, A-ViT build, run, train, honour their budget knob, and agree with dense."""
+
+import pytest
+import timm
+import torch
+from conftest import SMALL, small_tpc
+
+from tpcvit import count_gmacs, set_mode
+from tpcvit.baselines.avit import gaussian_prior, halting_step
+from tpcvit.baselines.evit import keep_topk_fuse
+from tpcvit.baselines.tome import bipartite_plan, merge_schedule, merge_weighted
+from tpcvit.compare import match_gmacs, pareto_front, parse_spec
+from tpcvit.config import ConfigError
+
+PEERS = sorted(timm.list_models("tome_*") + timm.list_models("evit_*") + timm.list_models("avit_*"))
+GRID = dict(SMALL, img_size=32, patch_size=4)  # 8x8 = 64 tokens: budgets have room to be matched finely
+
+
+def _peer(name: str, **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **{**GRID, **kwargs})
+    if hasattr(model, "halting"):  # trained-like halting head: scores that differ per token
+        torch.nn.init.normal_(model.halting.weight, std=0.5)
+        torch.nn.init.constant_(model.halting.bias, -1.0)
+    return model
+
+
+def _dense_twin(model):
+    dense = timm.create_model("deit_small_patch16_224", **GRID).eval()
+    dense.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("halting.")})
+    return dense
+
+
+@pytest.fixture
+def grid_images():
+    torch.manual_seed(1)
+    return torch.randn(6, 3, 32, 32)
+
+
+def test_all_three_peer_families_registered_for_tiny_small_base():
+    assert {n.split("_deit_")[0] for n in PEERS} == {"tome", "evit", "avit"}
+    assert len(PEERS) == 9
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_every_peer_builds_runs_and_trains(name, grid_images):
+    budget = {"tome": {"tome_r": 8.0}, "evit": {"keep_rate": 0.5}, "avit": {}}[name.split("_")[0]]
+    model = _peer(name, **budget, depth=4, embed_dim=64 if "tiny" in name else 96, num_heads=2)
+    model.train()
+    logits, trace = model.forward_with_trace(grid_images)
+    assert logits.shape == (6, 5) and torch.isfinite(logits).all()
+    assert trace.keep.shape == (6, 4) and float(trace.keep[:, -1].mean()) < 1.0
+    loss = logits.logsumexp(dim=1).mean() + model.reduction_loss(trace, {"alpha_dist": 1.0})["total"]
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None
+               and not n.startswith(("head_dist", "dist_token"))]
+    assert not no_grad, no_grad
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(grid_images)).all()
+
+
+def test_peers_without_reduction_equal_the_dense_backbone(grid_images):
+    for name, knob in (("tome_deit_small_patch16_224", 0.0), ("evit_deit_small_patch16_224", 1.0),
+                       ("avit_deit_small_patch16_224", 4.0)):
+        model = _peer(name).eval()
+        model.set_budget(knob)
+        with torch.no_grad():
+            torch.testing.assert_close(model(grid_images), _dense_twin(model)(grid_images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,target", [(m, t) for m in ("tome", "avit", "tpc") for t in (0.5, 0.35)]
+                         + [("evit", 0.6), ("evit", 0.45)])  # EViT's floor: blocks before its first reduction
+def test_budget_knob_matches_a_gmacs_target_within_5_percent(name, target, grid_images):
+    name = f"{name}_deit_small_patch16_224"
+    model = small_tpc(name, **{k: v for k, v in GRID.items() if k != "num_classes"}, num_classes=5) \
+        if name.startswith("tpc_") else _peer(name)
+    dense = count_gmacs(_dense_twin(model) if not name.startswith("tpc_") else set_mode(model, "dense"), grid_images)
+    knob, got = match_gmacs(model.eval(), grid_images, target * dense)
+    assert abs(got / dense - target) <= 0.05 * target, (knob, got / dense)
+    assert count_gmacs(model, grid_images) == pytest.approx(got)  # the knob stays set
+
+
+def test_avit_fast_path_equals_masked_path_and_never_restarts(grid_images):
+    model = _peer("avit_deit_small_patch16_224", halt_threshold=0.6).eval()
+    with torch.no_grad():
+        fast, t_fast = model.forward_with_trace(grid_images, path="fast")
+        masked, t_masked = model.forward_with_trace(grid_images, path="masked")
+        alone, _ = model.forward_with_trace(grid_images[:1], path="fast")
+    assert torch.equal(t_fast.active, t_masked.active)
+    assert 0.2 < t_fast.active.float().mean() < 0.95  # mixed decisions: the comparison means something
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone, fast[:1], rtol=1e-4, atol=1e-5)
+    a = t_fast.active.int()
+    assert (a[:, 1:] <= a[:, :-1]).all()  # halted for good
+
+
+def test_peer_gmacs_in_the_trace_agree_with_the_flop_counter(grid_images):
+    for name, kw in (("avit_deit_small_patch16_224", {"halt_threshold": 0.6}), ("tome_deit_small_patch16_224",
+                     {"tome_r": 10.0}), ("evit_deit_small_patch16_224", {"keep_rate": 0.4})):
+        model = _peer(name, **kw).eval()
+        with torch.no_grad():
+            _, trace = model.forward_with_trace(grid_images)
+        assert model.gmacs_per_image(trace).mean().item() == pytest.approx(count_gmacs(model, grid_images), rel=0.01)
+
+
+def test_tome_merging_conserves_token_mass_and_removes_r_tokens():
+    torch.manual_seed(0)
+    x, size = torch.randn(2, 10, 4), torch.rand(2, 10, 1) + 0.5
+    plan = bipartite_plan(torch.randn(2, 10, 8), r=3)
+    merged, new_size = merge_weighted(x, size, plan)
+    assert merged.shape == (2, 7, 4) and new_size.shape == (2, 7, 1)
+    torch.testing.assert_close((merged * new_size).sum(1), (x * size).sum(1))
+    torch.testing.assert_close(new_size.sum(1), size.sum(1))
+    assert merge_schedule(2.5, 4) == [3, 3, 2, 2] and sum(merge_schedule(0.3, 10)) == 3
+
+
+def test_tome_merges_the_most_similar_pair_first():
+    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [-1.0, 0.3]]])  # token 0 ~ token 1
+    plan = bipartite_plan(metric, r=1)
+    assert plan.src.tolist() == [[0]] and plan.dst.tolist() == [[0]]  # A[0] (token 0) into B[0] (token 1)
+
+
+def test_evit_keeps_the_attentive_tokens_in_order_and_fuses_the_rest():
+    x = torch.arange(5.0)[None, :, None].repeat(1, 1, 2)
+    score = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05]])
+    out = keep_topk_fuse(x, score, k=2)
+    assert out[0, :2, 0].tolist() == [1.0, 3.0]
+    assert out[0, 2, 0].item() == pytest.approx((0.1 * 0 + 0.05 * 2 + 0.05 * 4) / 0.2)
+
+
+def test_avit_halting_distribution_sums_to_one_per_token():
+    torch.manual_seed(0)
+    b, n, depth = 3, 7, 5
+    cum, running = torch.zeros(b, n), torch.ones(b, n, dtype=torch.bool)
+    masses = []
+    for i in range(depth):
+        cum, halts, mass = halting_step(cum, torch.rand(b, n) * 0.6, running, 0.99, i == depth - 1)
+        masses.append(mass)
+        running = running & ~halts
+    assert not running.any()
+    torch.testing.assert_close(torch.stack(masses).sum(0), torch.ones(b, n))
+    assert gaussian_prior(6, 2.5, 1.0).sum().item() == pytest.approx(1.0)
+
+
+def test_specs_parse_with_clear_errors():
+    assert parse_spec("tome@0.5").target == 0.5 and parse_spec("evit=0.7").knob == 0.7
+    assert parse_spec("tpc@0.35").label == "tpc@35%"
+    for bad, msg in (("foo@0.5", "unknown method"), ("tome", "needs a budget"), ("dense@0.5", "no budget knob"),
+                     ("evit@1.5", "must be in"), ("evit@abc", "must be a number")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_spec(bad)
+
+
+def test_pareto_front_drops_dominated_points():
+    pts = [(1.0, 70.0), (2.0, 80.0), (2.5, 75.0), (3.0, 82.0)]
+    assert pareto_front(pts, higher_x_better=False) == [(1.0, 70.0), (2.0, 80.0), (3.0, 82.0)]
+    assert pareto_front(pts, higher_x_better=True) == [(3.0, 82.0)]

@@ -1,0 +1,113 @@
+"""What every peer method shares: its trace, its single budget knob, and the hooks the engine and harness use.
+
+A peer is a timm ``VisionTransformer`` subclass (so a dense timm/DeiT checkpoint loads unchanged) that exposes
+
+- ``forward_with_trace(x) -> (logits, PeerTrace)`` and ``forward(x, return_trace=False)``;
+- ``budget`` with ``set_budget(value)``, ``budget_bounds`` and ``budget_raises_compute`` (the direction), so the
+  harness can bisect the knob to a GMACs target (:func:`tpcvit.compare.match_gmacs`);
+- ``reduction_loss(trace, train_cfg)`` (zero unless the method learns its decisions) and
+  ``gmacs_per_image(trace)`` (the work actually done, for the training logs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class PeerTrace:
+    """``keep`` ``[B, depth]``: tokens each block computes, as a fraction of the patch tokens (a merged or fused
+    token counts as one). ``active`` ``[B, depth, N]`` for methods with per-token decisions (A-ViT)."""
+
+    keep: torch.Tensor
+    active: torch.Tensor | None = None
+    extras: dict | None = None
+
+    def keep_ratio(self) -> torch.Tensor:
+        return self.keep.float().mean(dim=0)
+
+    def keep_per_image(self) -> torch.Tensor:
+        return self.keep.float()
+
+
+class PeerMixin:
+    """Budget knob and engine hooks; subclasses set the class attributes and implement ``_run``."""
+
+    method: str = ""
+    budget_bounds: tuple[float, float] = (0.0, 1.0)
+    budget_raises_compute: bool = True
+    per_image_compute: bool = False  # adaptive: cost differs per image, count image by image
+
+    def _init_peer(self, budget: float) -> None:
+        self._gmacs_cache: dict[tuple, float] = {}
+        self.set_budget(budget)
+
+    def set_budget(self, value: float) -> None:
+        lo, hi = self.budget_bounds
+        if not lo <= float(value) <= hi:
+            raise ValueError(f"{self.method} budget must be in [{lo}, {hi}], got {value}")
+        self.budget = float(value)
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, PeerTrace]:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError(f"{self.method} makes its own token sets; attn_mask/is_causal unsupported")
+        return self._run(x)[0]
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, return_trace: bool = False):
+        if return_trace:
+            return self.forward_with_trace(x)
+        return self.forward_head(self.forward_features(x, attn_mask, is_causal))
+
+    def forward_with_trace(self, x: torch.Tensor) -> tuple[torch.Tensor, PeerTrace]:
+        feats, trace = self._run(x)
+        return self.forward_head(feats), trace
+
+    def reduction_parameters(self) -> list[nn.Parameter]:
+        """Parameters the method adds to the backbone (trained at ``controller_lr_scale`` x lr)."""
+        return []
+
+    def reduction_loss(self, trace: PeerTrace, train_cfg: dict) -> dict[str, torch.Tensor]:
+        zero = trace.keep.new_zeros((), dtype=torch.float32)
+        return {"total": zero}
+
+    def gmacs_per_image(self, trace: PeerTrace) -> torch.Tensor:
+        """Static-shape methods cost the same for every image: count once per budget with the FLOP counter."""
+        from ..flops import count_gmacs
+
+        p = self.patch_embed
+        key = (self.budget,)
+        if key not in self._gmacs_cache:
+            probe = torch.zeros(1, p.proj.in_channels, *p.img_size, device=trace.keep.device)
+            self._gmacs_cache[key] = count_gmacs(self, probe)
+        return trace.keep.new_full((trace.keep.shape[0],), self._gmacs_cache[key], dtype=torch.float64)
+
+
+def peer_modules(model: nn.Module) -> list[nn.Module]:
+    """Every peer model inside ``model`` (also through DDP / wrappers)."""
+    return [m for m in model.modules() if isinstance(m, PeerMixin)]
+
+
+def attention_parts(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, H, T, Dh]`` of a timm ``Attention`` (q/k norms applied)."""
+    b, t, _ = x.shape
+    qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attention_output(attn: nn.Module, o: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, Dh]`` head outputs -> projected ``[B, T, D]``."""
+    b, _, t, _ = o.shape
+    return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(b, t, attn.attn_dim))))
+
+
+def reduction_blocks(depth: int, at_12: tuple[int, ...] = (3, 6, 9)) -> list[int]:
+    """Block indices for a schedule given for 12 blocks (e.g. EViT's blocks 4/7/10), scaled to ``depth``."""
+    picked = sorted({min(depth - 1, max(1, round(i * depth / 12))) for i in at_12})
+    return picked

@@ -1,0 +1,246 @@
+"""One harness for TPC, the dense model and the peers: matched budgets, accuracy, GMACs, speed, Pareto plots.
+
+A *spec* names a method and its budget: ``dense``; ``tpc-adaptive`` (learned per-image decisions, as trained);
+``METHOD@F`` with F a fraction of the dense model's GMACs, the method's knob then bisected until the GMACs measured
+on real calibration images match; or ``METHOD=V`` to set the knob to V directly. Methods with a knob: ``tpc``
+(budget-mode keep ratio), ``tome`` (tokens merged per block), ``evit`` (keep rate), ``avit`` (halting threshold).
+
+Every variant is evaluated on the same images (top-1/top-5, GMACs per image averaged over the evaluation set,
+counting only the work done) and timed in one interleaved loop (medians, warm-up, machine named).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .bench import machine_info, rows_to_markdown, speed_table
+from .checkpoint import atomic_write
+from .config import ConfigError
+from .flops import count_gmacs
+from .pipeline import take_batches
+from .propagation import set_mode, tpc_modules
+
+METHODS = ("dense", "tpc-adaptive", "tpc", "tome", "evit", "avit")
+MODEL_PREFIX = {"dense": "", "tpc-adaptive": "tpc_", "tpc": "tpc_", "tome": "tome_", "evit": "evit_", "avit": "avit_"}
+
+
+@dataclass
+class Spec:
+    """One (method, budget) point: ``target`` = GMACs fraction of dense, or ``knob`` set directly."""
+
+    method: str
+    target: float | None = None
+    knob: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.target is not None:
+            return f"{self.method}@{self.target:.0%}"
+        return self.method if self.knob is None else f"{self.method}={self.knob:g}"
+
+
+def parse_spec(text: str) -> Spec:
+    """``dense`` | ``tpc-adaptive`` | ``METHOD@FRACTION`` | ``METHOD=KNOB`` -> :class:`Spec` (clear errors)."""
+    sep = "@" if "@" in text else "=" if "=" in text else None
+    method, value = (text.split(sep, 1) if sep else (text, None))
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r} in {text!r}: choose from {', '.join(METHODS)}")
+    if method in ("dense", "tpc-adaptive"):
+        if value is not None:
+            raise ConfigError(f"{method} has no budget knob: write just {method!r}")
+        return Spec(method)
+    if value is None:
+        raise ConfigError(f"{method} needs a budget: {method}@0.5 (GMACs fraction) or {method}=VALUE (raw knob)")
+    try:
+        v = float(value)
+    except ValueError:
+        raise ConfigError(f"budget in {text!r} must be a number") from None
+    if sep == "@" and not 0 < v <= 1:
+        raise ConfigError(f"GMACs fraction in {text!r} must be in (0, 1]")
+    return Spec(method, target=v) if sep == "@" else Spec(method, knob=v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the single budget knob of every method
+# ----------------------------------------------------------------------------------------------------------
+def knob_bounds(model: nn.Module) -> tuple[float, float, bool]:
+    """``(lo, hi, raises_compute)`` of the model's budget knob."""
+    if tpc_modules(model):
+        return 1.0 / model.patch_embed.num_patches, 1.0, True
+    lo, hi = model.budget_bounds
+    return lo, hi, model.budget_raises_compute
+
+
+def set_knob(model: nn.Module, value: float) -> None:
+    if tpc_modules(model):
+        set_mode(model, "budget", value)
+    else:
+        model.set_budget(value)
+
+
+def match_gmacs(model: nn.Module, images: torch.Tensor, target_gmacs: float, iters: int = 18) -> tuple[float, float]:
+    """Bisect the knob until ``count_gmacs(model, images)`` is closest to ``target_gmacs``.
+
+    Returns ``(knob, measured_gmacs)``. The measured GMACs are a monotone step function of the knob; the best
+    point seen is kept (for adaptive methods on untrained weights the steps can be coarse: check the result).
+    """
+    lo, hi, raises = knob_bounds(model)
+    best = (float("inf"), hi, 0.0)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        set_knob(model, mid)
+        g = count_gmacs(model, images)
+        best = min(best, (abs(g - target_gmacs), mid, g))
+        if (g < target_gmacs) == raises:
+            lo = mid
+        else:
+            hi = mid
+    set_knob(model, best[1])
+    return best[1], best[2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the harness
+# ----------------------------------------------------------------------------------------------------------
+def backbone_name(name: str) -> str:
+    for prefix in ("tpc_", "tome_", "evit_", "avit_"):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def build_variant(cfg: dict, spec: Spec, num_classes: int, weights: dict[str, str]) -> nn.Module:
+    """The model for ``spec``: its own fine-tuned weights if given (``weights[method]``), else the dense ones."""
+    from .engine import build_model
+
+    name = MODEL_PREFIX[spec.method] + backbone_name(cfg["model"]["name"])
+    fallback = weights.get("tpc") if spec.method == "tpc-adaptive" else None
+    init = weights.get(spec.method) or fallback or weights.get("dense")
+    model = build_model(cfg, num_classes, name=name, init=init)
+    if spec.method == "tpc-adaptive":
+        set_mode(model, "adaptive")
+    return model.eval()
+
+
+def run_compare(
+    cfg: dict,
+    specs: list[str],
+    weights: dict[str, str],
+    batch_sizes: list[int],
+    rounds: int,
+    calib_images: int = 64,
+    with_data: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Evaluate and time every spec on one backbone; ``with_data=False`` = speed/GMACs on random images only."""
+    from .engine import build_data, evaluate, init_distributed
+
+    parsed = [parse_spec(s) for s in specs]
+    if not any(s.method == "dense" for s in parsed):
+        parsed.insert(0, Spec("dense"))
+    labels = [s.label for s in parsed]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"duplicate specs in {specs}")
+    info = init_distributed(device)
+    dev = info.device
+    probe = build_variant(cfg, Spec("dense"), 1, {})
+    size = (probe.patch_embed.proj.in_channels, *probe.patch_embed.img_size)
+    if with_data:
+        train_ds, _, _, _, val_loader = build_data(cfg, size[0], size[1], info)
+        num_classes = train_ds.num_classes
+        pool = torch.cat([x for x, _ in take_batches(val_loader, max(calib_images, *batch_sizes))])
+    else:
+        val_loader, num_classes = None, cfg["model"]["kwargs"].get("num_classes", 1000)
+        pool = torch.randn(max(calib_images, *batch_sizes), *size, generator=torch.Generator().manual_seed(0))
+    calib = pool[:calib_images].to(dev)
+
+    variants: dict[str, tuple[nn.Module, float | None]] = {}
+    points: dict[str, dict] = {}
+    dense_gmacs = None
+    for spec in parsed:
+        model = build_variant(cfg, spec, num_classes, weights).to(dev)
+        knob = None
+        if spec.target is not None:
+            knob, got = match_gmacs(model, calib, spec.target * dense_gmacs)
+            matched = abs(got / dense_gmacs / spec.target - 1) <= 0.05
+            if progress and info.main:
+                note = "" if matched else "  (NOT within 5%: outside what this method's knob can reach)"
+                print(f"{spec.label}: knob {knob:.4g} -> {got / dense_gmacs:.1%} of dense GMACs on calibration "
+                      f"images{note}")
+        elif spec.knob is not None:
+            set_knob(model, spec.knob)
+            knob = spec.knob
+        gmacs = count_gmacs(model, calib)
+        if spec.method == "dense":
+            dense_gmacs = gmacs
+        point = {"method": spec.method, "target": spec.target, "knob": knob, "calib_gmacs": gmacs,
+                 "matched": None if spec.target is None else matched}
+        if val_loader is not None:
+            point.update(evaluate(model, val_loader, dev, info, progress=progress, desc=f"eval {spec.label}"))
+        else:
+            point["gmacs"] = gmacs
+        point["gmacs_ratio"] = point["gmacs"] / (dense_gmacs or gmacs)
+        points[spec.label] = point
+        variants[spec.label] = (model.eval(), None)
+    rows = speed_table(variants, {k: p["gmacs"] for k, p in points.items()}, lambda b: pool[:b], batch_sizes, dev,
+                       torch.float32, rounds, baseline="dense", progress=progress)
+    return {"config": cfg, "specs": labels, "weights": weights, "machine": machine_info(dev), "points": points,
+            "speed": [r.__dict__ for r in rows], "batch_sizes": batch_sizes, "rounds": rounds,
+            "data": with_data}
+
+
+def compare_markdown(result: dict) -> str:
+    """Accuracy (if any), GMACs, and speed at every batch size, one row per spec."""
+    from .bench import SpeedRow
+
+    rows = [SpeedRow(**r) for r in result["speed"]]
+    if not result["data"]:
+        return rows_to_markdown(rows)
+    batches = sorted({r.batch for r in rows})
+    speed = {(r.variant, r.batch): r for r in rows}
+    head = ["method", "budget", "knob", "top-1", "top-5", "GMACs/img", "GMACs vs dense"]
+    for b in batches:
+        head += [f"img/s (b={b})", f"speed-up (b={b})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, p in result["points"].items():
+        knob = "-" if p["knob"] is None else f"{p['knob']:.3g}"
+        target = "-" if p["target"] is None else f"{p['target']:.0%}"
+        cells = [p["method"], target, knob, f"{p['top1']:.2f}", f"{p['top5']:.2f}", f"{p['gmacs']:.4f}",
+                 f"{p['gmacs_ratio']:.0%}"]
+        for b in batches:
+            r = speed[(label, b)]
+            cells += [f"{r.img_per_s:.0f}", f"{r.speedup:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]], higher_x_better: bool) -> list[tuple[float, float]]:
+    """Points not dominated by any other (higher y better; x = cost if not ``higher_x_better``), sorted by x."""
+    ordered = sorted(points, key=lambda p: p[0], reverse=higher_x_better)
+    front, best = [], float("-inf")
+    for x, y in ordered:
+        if y > best:
+            front.append((x, y))
+            best = y
+    return sorted(front)
+
+
+def write_compare(result: dict, out: str | os.PathLike) -> list[Path]:
+    """``<out>.json``, ``<out>.md`` and ``<out>.png`` (Pareto plots), all written atomically."""
+    from .viz import plot_compare
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    m = result["machine"]
+    md = (f"Machine: {m['cpu']}, {m['threads']} threads, {m['device']}, fp32; batch sizes {result['batch_sizes']}, "
+          f"{result['rounds']} interleaved rounds, medians.\n\nCommand: `{result.get('command', '')}`\n\n"
+          f"{compare_markdown(result)}\n")
+    atomic_write(out.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(result, indent=2)))
+    atomic_write(out.with_suffix(".md"), lambda t: Path(t).write_text(md))
+    return [out.with_suffix(".json"), out.with_suffix(".md"), plot_compare(result, out.with_suffix(".png"))]
