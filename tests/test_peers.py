@@ -112,6 +112,8 @@ def test_tome_merging_conserves_token_mass_and_removes_r_tokens():
     assert merged.shape == (2, 7, 4) and new_size.shape == (2, 7, 1)
     torch.testing.assert_close((merged * new_size).sum(1), (x * size).sum(1))
     torch.testing.assert_close(new_size.sum(1), size.sum(1))
+    one = merge_weighted(x[:, :1], size[:, :1], bipartite_plan(torch.randn(2, 1, 8), r=3))  # nothing to merge into
+    torch.testing.assert_close(one[0], x[:, :1])
     assert merge_schedule(2.5, 4) == [3, 3, 2, 2] and sum(merge_schedule(0.3, 10)) == 3
 
 

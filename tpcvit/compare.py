@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .bench import machine_info, rows_to_markdown, speed_table
+from .bench import machine_info, speed_table
 from .checkpoint import atomic_write
 from .config import ConfigError
 from .flops import count_gmacs
@@ -196,26 +196,28 @@ def run_compare(
 
 
 def compare_markdown(result: dict) -> str:
-    """Accuracy (if any), GMACs, and speed at every batch size, one row per spec."""
+    """Accuracy (when there is data), GMACs, and speed at every batch size, one row per spec."""
     from .bench import SpeedRow
 
     rows = [SpeedRow(**r) for r in result["speed"]]
-    if not result["data"]:
-        return rows_to_markdown(rows)
+    acc = result["data"]
     batches = sorted({r.batch for r in rows})
     speed = {(r.variant, r.batch): r for r in rows}
-    head = ["method", "budget", "knob", "top-1", "top-5", "GMACs/img", "GMACs vs dense"]
+    head = ["method", "budget", "knob"] + (["top-1", "top-5"] if acc else []) + ["GMACs/img", "GMACs vs dense"]
     for b in batches:
         head += [f"img/s (b={b})", f"speed-up (b={b})"]
+    head.append(f"speed-up/FLOPs (b={batches[-1]})")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, p in result["points"].items():
         knob = "-" if p["knob"] is None else f"{p['knob']:.3g}"
         target = "-" if p["target"] is None else f"{p['target']:.0%}"
-        cells = [p["method"], target, knob, f"{p['top1']:.2f}", f"{p['top5']:.2f}", f"{p['gmacs']:.4f}",
-                 f"{p['gmacs_ratio']:.0%}"]
+        target += "" if p.get("matched") in (None, True) else " (unmatched)"
+        cells = [p["method"], target, knob] + ([f"{p['top1']:.2f}", f"{p['top5']:.2f}"] if acc else [])
+        cells += [f"{p['gmacs']:.4f}", f"{p['gmacs_ratio']:.0%}"]
         for b in batches:
             r = speed[(label, b)]
-            cells += [f"{r.img_per_s:.0f}", f"{r.speedup:.2f}x"]
+            cells += [f"{r.img_per_s:.1f}", f"{r.speedup:.2f}x"]
+        cells.append(f"{speed[(label, batches[-1])].speedup_per_flops:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

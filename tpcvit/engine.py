@@ -106,7 +106,10 @@ def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str 
     if name.startswith("tpc_"):
         kwargs.update(cfg["model"]["tpc"])
     elif name.startswith(PEER_PREFIXES):
-        kwargs.update(cfg["model"]["peer"])
+        peer = cfg["model"]["peer"]
+        if set(peer) & {"tome", "evit", "avit"}:  # per-method sections: {evit: {keep_rate: 0.5}, avit: {...}}
+            peer = peer.get(name.split("_", 1)[0], {})
+        kwargs.update(peer)
     try:
         model = timm.create_model(name, **kwargs)
     except RuntimeError as err:

@@ -40,6 +40,10 @@ def bipartite_plan(metric: torch.Tensor, r: int) -> MergePlan:
     metric = F.normalize(metric, dim=-1)
     a, b = metric[:, 0::2], metric[:, 1::2]
     r = max(0, min(r, a.shape[1], b.shape[1]))
+    if r == 0:  # nothing to merge (or nothing left to merge into)
+        keep = torch.arange(a.shape[1], device=a.device).expand(a.shape[0], -1)
+        empty = keep[:, :0]
+        return MergePlan(keep=keep, src=empty, dst=empty)
     best, dst = (a @ b.transpose(1, 2)).max(dim=-1)  # [B, |A|]
     order = best.argsort(dim=-1, descending=True)
     src = order[:, :r]
