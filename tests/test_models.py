@@ -19,7 +19,8 @@ def test_registry_has_all_deit_variants():
 @pytest.mark.parametrize("name", TPC_MODELS)
 def test_every_registered_model_builds_runs_and_trains(name):
     torch.manual_seed(0)
-    model = timm.create_model(name, img_size=64, num_classes=7, depth=3, pause_bias_init=0.0)
+    small = dict(depths=(2, 2), num_heads=(2, 4), embed_dim=32, window_size=4) if "swin" in name else dict(depth=3)
+    model = timm.create_model(name, img_size=64, num_classes=7, pause_bias_init=0.0, **small)
     x = torch.randn(3, 3, 64, 64)
     model.train()
     logits, trace = model.forward_with_trace(x)

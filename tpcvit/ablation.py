@@ -12,6 +12,7 @@ import numpy as np
 from .analysis import decision_noise_over
 from .checkpoint import atomic_write
 from .engine import build_data, build_model, fit, init_distributed
+from .models.vit import image_geometry
 
 VARIANTS = {
     "tpc full": {},
@@ -30,7 +31,7 @@ def run_ablation(cfg: dict, dense: str, seeds: list[int], progress: bool = True)
     out = Path(cfg["output"])
     runs: dict[str, list[dict]] = {}
     probe = build_model(cfg, 1)
-    in_chans, img_size = probe.patch_embed.proj.in_channels, int(probe.patch_embed.img_size[0])
+    in_chans, img_size = image_geometry(probe)[:2]
     train_ds, _, _, _, val_loader = build_data(cfg, in_chans, img_size, info)
     for name, overrides in VARIANTS.items():
         for seed in seeds:

@@ -155,13 +155,14 @@ def bench_tpc_speed(
     import timm
 
     from .flops import count_gmacs
+    from .models.vit import image_geometry
     from .propagation import set_mode
 
     dev, dt = torch.device(device), getattr(torch, dtype)
     tpc = timm.create_model(model_name, **model_kwargs).eval()
     dense_name = model_name.removeprefix("tpc_")
     dense = timm.create_model(dense_name, **model_kwargs).eval()
-    size = (tpc.patch_embed.proj.in_channels, *tpc.patch_embed.img_size)
+    size = image_geometry(tpc)
     variants: dict[str, tuple[nn.Module, float | None]] = {"dense": (dense, None)}
     for keep in keeps:
         m = timm.create_model(model_name, **model_kwargs).eval()

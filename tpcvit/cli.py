@@ -96,12 +96,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from .engine import build_data, build_model, evaluate, init_distributed
+    from .models.vit import image_geometry
     from .propagation import set_mode, tpc_modules
 
     cfg = _load(args)
     info = init_distributed()
     probe = build_model(cfg, 1)
-    in_chans, img_size = probe.patch_embed.proj.in_channels, int(probe.patch_embed.img_size[0])
+    in_chans, img_size = image_geometry(probe)[:2]
     train_ds, _, _, _, val_loader = build_data(cfg, in_chans, img_size, info)
     model = build_model(cfg, train_ds.num_classes, init=args.checkpoint).to(info.device)
     if tpc_modules(model):
@@ -115,10 +116,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _trained_model(cfg: dict, checkpoint: str):
     """Model and validation loader for analysis commands (class count from the training data)."""
     from .engine import build_data, build_model, init_distributed
+    from .models.vit import image_geometry
 
     info = init_distributed()
     probe = build_model(cfg, 1)
-    in_chans, img_size = probe.patch_embed.proj.in_channels, int(probe.patch_embed.img_size[0])
+    in_chans, img_size = image_geometry(probe)[:2]
     train_ds, _, _, _, val_loader = build_data(cfg, in_chans, img_size, info)
     model = build_model(cfg, train_ds.num_classes, init=checkpoint).to(info.device).eval()
     return model, val_loader, info, train_ds
@@ -150,6 +152,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
 
     from .data import AugmentConfig, build_transform, list_images, load_image
     from .engine import build_model
+    from .models.vit import image_geometry
     from .propagation import set_mode
     from .viz import save_figure, token_map_figure
 
@@ -161,7 +164,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
         model, _, _, train_ds = _trained_model(cfg, args.checkpoint)
         model, classes = model.cpu(), getattr(train_ds, "classes", None)
     set_mode(model, "adaptive")
-    in_chans, size = model.patch_embed.proj.in_channels, int(model.patch_embed.img_size[0])
+    in_chans, size = image_geometry(model)[:2]
     d = cfg["data"]
     tf = build_transform(size, in_chans, False, AugmentConfig(**{**d["aug"], "scale": tuple(d["aug"]["scale"])}),
                          d["mean"], d["std"])

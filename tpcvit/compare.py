@@ -23,6 +23,7 @@ from .bench import machine_info, speed_table
 from .checkpoint import atomic_write
 from .config import ConfigError
 from .flops import count_gmacs
+from .models.vit import image_geometry
 from .pipeline import take_batches
 from .propagation import set_mode, tpc_modules
 
@@ -150,7 +151,7 @@ def run_compare(
     info = init_distributed(device)
     dev = info.device
     probe = build_variant(cfg, Spec("dense"), 1, {})
-    size = (probe.patch_embed.proj.in_channels, *probe.patch_embed.img_size)
+    size = image_geometry(probe)
     if with_data:
         train_ds, _, _, _, val_loader = build_data(cfg, size[0], size[1], info)
         num_classes = train_ds.num_classes

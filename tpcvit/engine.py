@@ -30,6 +30,7 @@ from .checkpoint import atomic_write, load_backbone, save_weights, unwrap
 from .config import ConfigError, dump_config
 from .data import AugmentConfig, DataError, ResumableSampler, build_dataset, build_loader, build_transform
 from .flops import count_gmacs
+from .models.vit import image_geometry
 from .propagation import set_mode, tpc_modules
 
 
@@ -358,7 +359,7 @@ def build_data(cfg: dict, in_chans: int, img_size: int, info: DistInfo, model_cf
 
 def _model_geometry(model: nn.Module) -> tuple[int, int]:
     m = unwrap(model)
-    return m.patch_embed.proj.in_channels, int(m.patch_embed.img_size[0])
+    return image_geometry(m)[:2]
 
 
 def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str | None = None,

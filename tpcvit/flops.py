@@ -74,10 +74,15 @@ def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: fl
     dim = m.embed_dim
     n = m.patch_embed.num_patches
     mlp_hidden = m.blocks[0].mlp.fc1.out_features
-    conv = m.patch_embed.proj
-    macs = n * dim * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + extra_macs
+    if hasattr(m.patch_embed, "stem_macs"):  # convolutional stem (LV-ViT)
+        macs = m.patch_embed.stem_macs()
+    else:
+        conv = m.patch_embed.proj
+        macs = n * dim * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    macs += extra_macs
     tokens = counts.double() + m.num_prefix_tokens
     heads = 2 if getattr(m, "head_dist", None) is not None else 1
+    heads += n if getattr(m, "aux_head", None) is not None else 0  # token-labelling head on every patch token
     total = vit_block_macs(tokens, dim, mlp_hidden).sum(dim=1) + macs + heads * dim * m.num_classes
     return total / 1e9
 

@@ -13,6 +13,7 @@ from .bench import machine_info, speed_table
 from .checkpoint import atomic_write
 from .config import dump_config
 from .engine import build_data, build_model, evaluate, fit, init_distributed
+from .models.vit import image_geometry
 from .propagation import set_mode
 
 
@@ -51,7 +52,7 @@ def run_pipeline(cfg: dict, progress: bool = True) -> dict:
     log("[3/4] evaluate both on the validation set")
     device = info.device
     probe = build_model(cfg, 1)
-    in_chans, img_size = probe.patch_embed.proj.in_channels, int(probe.patch_embed.img_size[0])
+    in_chans, img_size = image_geometry(probe)[:2]
     train_ds, _, _, _, val_loader = build_data(cfg, in_chans, img_size, info)
     n_cls = train_ds.num_classes
     dense = build_model(dense_cfg, n_cls, name=dense_name, init=str(out / "dense" / "best.safetensors")).to(device)

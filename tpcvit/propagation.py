@@ -91,7 +91,9 @@ class ControllerHead(nn.Module):
 
     def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
         normed = F.layer_norm(x, (x.shape[-1],))
-        return self.token(normed[:, num_prefix:]) + self.context(normed[:, :1])
+        # context: the class token; models without one (Swin) use the mean token
+        context = normed[:, :1] if num_prefix else normed.mean(dim=1, keepdim=True)
+        return self.token(normed[:, num_prefix:]) + self.context(context)
 
 
 @dataclass
@@ -114,6 +116,7 @@ class TokenTrace:
     start_layer: int
     num_prefix: int = 1
     grid: tuple[int, int] = (0, 0)
+    stages: list | None = None  # hierarchical models (Swin): per-stage traces at their own resolution
 
     @property
     def paused(self) -> torch.Tensor:

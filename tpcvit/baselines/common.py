@@ -79,11 +79,11 @@ class PeerMixin:
     def gmacs_per_image(self, trace: PeerTrace) -> torch.Tensor:
         """Static-shape methods cost the same for every image: count once per budget with the FLOP counter."""
         from ..flops import count_gmacs
+        from ..models.vit import image_geometry
 
-        p = self.patch_embed
         key = (self.budget,)
         if key not in self._gmacs_cache:
-            probe = torch.zeros(1, p.proj.in_channels, *p.img_size, device=trace.keep.device)
+            probe = torch.zeros(1, *image_geometry(self), device=trace.keep.device)
             self._gmacs_cache[key] = count_gmacs(self, probe)
         return trace.keep.new_full((trace.keep.shape[0],), self._gmacs_cache[key], dtype=torch.float64)
 

@@ -58,14 +58,26 @@ def packed_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor, num_pref
     return unpack(x, sel, tokens)
 
 
+def image_geometry(model: nn.Module) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of the images a timm ViT/Swin (or our LV-ViT stem) expects."""
+    from ..checkpoint import unwrap
+
+    pe = unwrap(model).patch_embed
+    return (getattr(pe, "in_chans", None) or pe.proj.in_channels, *(int(s) for s in pe.img_size))
+
+
+def check_images(model: nn.Module, x: torch.Tensor) -> None:
+    """A clear error for images of the wrong size or channel count."""
+    c, h, w = image_geometry(model)
+    if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
+        raise ValueError(
+            f"expected images [B, {c}, {h}, {w}], got {list(x.shape)}: resize/convert the input (the data "
+            "pipeline does this), or create the model with img_size=/in_chans= matching your data")
+
+
 def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """timm ViT patch + position embedding, with a clear error for images of the wrong size or channel count."""
-    expected = tuple(model.patch_embed.img_size)
-    if x.ndim != 4 or tuple(x.shape[-2:]) != expected or x.shape[1] != model.patch_embed.proj.in_channels:
-        raise ValueError(
-            f"expected images [B, {model.patch_embed.proj.in_channels}, {expected[0]}, {expected[1]}], got "
-            f"{list(x.shape)}: resize/convert the input (the data pipeline does this), or create the model "
-            f"with img_size=/in_chans= matching your data")
+    check_images(model, x)
     x = model.patch_embed(x)
     x = model._pos_embed(x)
     x = model.patch_drop(x)
@@ -228,8 +240,7 @@ def check_create_kwargs(variant: str, pretrained: bool, kwargs: dict) -> None:
 
 def attach_default_cfg(model: VisionTransformer, variant: str, distilled: bool = False) -> None:
     model.pretrained_cfg = model.default_cfg = _cfg(
-        num_classes=model.num_classes, input_size=(model.patch_embed.proj.in_channels,
-                                                   *model.patch_embed.img_size),
+        num_classes=model.num_classes, input_size=image_geometry(model),
         classifier=("head", "head_dist") if distilled else "head", architecture=variant)
 
 
