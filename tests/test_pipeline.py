@@ -242,6 +242,29 @@ def test_peers_fine_tune_with_the_same_pipeline(tmp_path, name, peer):
     assert summary["gmacs"] > 0 and summary["images"] == 32
 
 
+def test_token_labelling_trains_lvvit_with_dense_per_token_targets(tmp_path):
+    labels = read_idx(Path(FASHION_MNIST_DIR) / "train-labels-idx1-ubyte.gz")
+    order = np.random.default_rng(0).permutation(len(labels))[:64]  # the data.train_limit=64 subset, in order
+    np.save(tmp_path / "tokens.npy", np.repeat(labels[order][:, None], 49, axis=1).astype(np.int64))
+    lvvit = ["model.name=tpc_lvvit_s", "model.kwargs={img_size: 28, patch_size: 4, in_chans: 1, embed_dim: 32, "
+             "depth: 2, num_heads: 2, stem_dim: 8}", "data.mean=[0.286]", "data.std=[0.353]", "data.aug.hflip=0.0",
+             "data.aug.scale=[1.0,1.0]", "data.train_limit=64", "data.val_limit=32", "train.batch_size=16",
+             "train.log_every_steps=1"]
+    out = _cli("train", "-o", str(tmp_path / "tl"), "--quiet", *lvvit, f"data.token_labels={tmp_path / 'tokens.npy'}")
+    steps = [json.loads(ln) for ln in (tmp_path / "tl" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 4 and all(np.isfinite(s["loss"]) for s in steps) and _summary(out)["images"] == 32
+    bad = _cli("train", "-o", str(tmp_path / "b1"), *lvvit, "data.aug.hflip=0.5",
+               f"data.token_labels={tmp_path / 'tokens.npy'}", check=False)
+    assert bad.returncode != 0 and "data.aug.hflip" in bad.stderr and "per token position" in bad.stderr
+    np.save(tmp_path / "short.npy", np.zeros((10, 49), dtype=np.int64))
+    bad = _cli("train", "-o", str(tmp_path / "b2"), *lvvit, f"data.token_labels={tmp_path / 'short.npy'}", check=False)
+    assert bad.returncode != 0 and "expected [64 training images" in bad.stderr
+    assert not (tmp_path / "b2").exists()
+    bad = _cli("train", "-o", str(tmp_path / "b3"), *lvvit, "model.name=tpc_deit_tiny_patch16_224", TINY[0],
+               f"data.token_labels={tmp_path / 'tokens.npy'}", check=False)
+    assert bad.returncode != 0 and "token-labelling head" in bad.stderr
+
+
 def test_full_augmentation_bf16_and_hard_distillation_into_a_distilled_student(tmp_path):
     teacher = tmp_path / "teacher"
     _cli("train", "-o", str(teacher), "--quiet", "model.name=deit_tiny_patch16_224", *TINY, "data.train_limit=64",

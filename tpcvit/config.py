@@ -41,6 +41,10 @@ DEFAULTS: dict[str, Any] = {
         "mixup": 0.0,
         "cutmix": 0.0,
         "label_smoothing": 0.0,
+        # dense per-token targets for token labelling (LV-ViT): .npy/.pt, one row per training image, [N] class
+        # indices or [N, C] soft labels per patch token; needs position-preserving augmentation (see README)
+        "token_labels": None,
+        "token_label_weight": 0.5,
     },
     "train": {
         "epochs": 1,
@@ -195,6 +199,15 @@ def validate(cfg: dict) -> None:
     for key in FRACTIONS:
         if not 0 <= flat[key] <= 1:
             raise ConfigError(f"{key} must be in [0, 1], got {flat[key]!r}")
+    if flat["data.token_labels"] is not None:
+        aug = cfg["data"]["aug"]
+        moved = [k for k, bad in (("data.aug.scale", list(aug["scale"]) != [1.0, 1.0]), ("data.aug.hflip",
+                 aug["hflip"] != 0), ("data.aug.auto_augment", aug["auto_augment"] is not None),
+                 ("data.mixup", flat["data.mixup"] > 0), ("data.cutmix", flat["data.cutmix"] > 0)) if bad]
+        if moved:
+            raise ConfigError(f"data.token_labels are per token position, but {', '.join(moved)} move or mix "
+                              "pixels: set data.aug.scale=[1,1] data.aug.hflip=0 data.aug.auto_augment=null "
+                              "data.mixup=0 data.cutmix=0")
     keep = flat["eval.keep"]
     if keep is not None and not (_number(keep) and 0 < keep <= 1):
         raise ConfigError(f"eval.keep must be a fraction in (0, 1], got {keep!r}")

@@ -238,6 +238,43 @@ def build_transform(img_size: int, in_chans: int, train: bool, aug: AugmentConfi
 # ----------------------------------------------------------------------------------------------------------
 # datasets by name
 # ----------------------------------------------------------------------------------------------------------
+class WithTokenLabels(Dataset):
+    """A dataset whose targets become ``(label, token_labels[i])``: dense per-token targets (token labelling)."""
+
+    def __init__(self, ds: Dataset, token_labels: torch.Tensor) -> None:
+        self.ds, self.token_labels = ds, token_labels
+        for attr in ("num_classes", "classes", "skipped"):
+            if hasattr(ds, attr):
+                setattr(self, attr, getattr(ds, attr))
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        image, label = self.ds[i]
+        return image, (label, self.token_labels[i])
+
+
+def load_token_labels(path: str | os.PathLike, num_images: int, num_classes: int) -> torch.Tensor:
+    """Read ``[num_images, N]`` class indices or ``[num_images, N, C]`` soft labels from ``.npy`` or ``.pt``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.token_labels file not found: {path}")
+    try:
+        raw = np.load(path) if path.suffix == ".npy" else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataError(f"cannot read token labels {path} ({err}): save a [images, tokens(, classes)] array with "
+                        "numpy.save (.npy) or torch.save (.pt)") from err
+    labels = torch.as_tensor(raw)
+    if labels.ndim not in (2, 3) or labels.shape[0] != num_images:
+        raise DataError(f"token labels {path} have shape {list(labels.shape)}; expected [{num_images} training "
+                        "images, tokens] (class indices) or [images, tokens, classes] (soft labels), one row per "
+                        "training image in dataset order (after data.train_limit)")
+    if labels.ndim == 3 and labels.shape[2] != num_classes:
+        raise DataError(f"token labels {path} have {labels.shape[2]} classes, the dataset {num_classes}")
+    return labels.long() if labels.ndim == 2 else labels.float()
+
+
 def build_dataset(kind: str, path: str | None, split: str, transform, limit: int | None = None,
                   skip_corrupt: bool = True) -> Dataset:
     """``kind``: ``fashion_mnist`` (Debian package or ``path``), ``idx`` (idx files in ``path``), ``folder``

@@ -28,8 +28,18 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write, load_backbone, save_weights, unwrap
 from .config import ConfigError, dump_config
-from .data import AugmentConfig, DataError, ResumableSampler, build_dataset, build_loader, build_transform
+from .data import (
+    AugmentConfig,
+    DataError,
+    ResumableSampler,
+    WithTokenLabels,
+    build_dataset,
+    build_loader,
+    build_transform,
+    load_token_labels,
+)
 from .flops import count_gmacs
+from .models.lvvit import token_labeling_loss
 from .models.vit import image_geometry
 from .propagation import set_mode, tpc_modules
 
@@ -344,6 +354,8 @@ def build_data(cfg: dict, in_chans: int, img_size: int, info: DistInfo, model_cf
     train_tf = build_transform(img_size, in_chans, True, aug, d["mean"], d["std"])
     val_tf = build_transform(img_size, in_chans, False, aug, d["mean"], d["std"])
     train_ds = build_dataset(d["kind"], d["path"], "train", train_tf, d["train_limit"], d["skip_corrupt"])
+    if d["token_labels"]:
+        train_ds = WithTokenLabels(train_ds, load_token_labels(d["token_labels"], len(train_ds), train_ds.num_classes))
     val_split = "val" if d["kind"] == "folder" else "test"
     val_ds = build_dataset(d["kind"], d["path"], val_split, val_tf, d["val_limit"], d["skip_corrupt"])
     bs = cfg["train"]["batch_size"]
@@ -386,6 +398,12 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
     if tpc_modules(model):
         set_mode(model, "adaptive")
     teacher = build_teacher(cfg, num_classes, device)
+    token_labels = bool(cfg["data"]["token_labels"])
+    if token_labels and not hasattr(model, "return_dense"):
+        raise ConfigError(f"data.token_labels need a model with a token-labelling head (lvvit_*, tpc_lvvit_*), "
+                          f"not {cfg['model']['name']}")
+    if token_labels and teacher is not None:
+        raise ConfigError("token labelling and distillation are alternatives: set distill.teacher=null")
     distilled_student = hasattr(model, "set_distilled_training") and teacher is not None
     if distilled_student:
         model.set_distilled_training(True)
@@ -428,6 +446,11 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
             step = epoch * steps_per_epoch + i
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total_steps, warmup, t["lr"], t["min_lr"]) * g.get("lr_scale", 1.0)
+            token_targets = None
+            if token_labels:
+                targets, token_targets = targets
+                token_targets = token_targets.to(device)
+                model.return_dense = True
             images, targets = images.to(device), targets.to(device)
             labels = targets
             if mixup is not None:
@@ -438,7 +461,10 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
                     reg = unwrap(model).reduction_loss(trace, t)
                 else:
                     outputs, reg = forward(images), None
-                loss = criterion(images, outputs, labels)
+                if token_labels:
+                    loss = token_labeling_loss(*outputs, labels, token_targets, cfg["data"]["token_label_weight"])
+                else:
+                    loss = criterion(images, outputs, labels)
                 total = loss + reg["total"] if reg else loss
             if not torch.isfinite(total):
                 raise FloatingPointError(f"loss is {total.item()} at step {step}: lower train.lr or enable clip_grad")
@@ -468,6 +494,8 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
             if t["halt_after_steps"] and gstep >= t["halt_after_steps"]:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like kill -9, mid-epoch
         train_time = time.perf_counter() - t0
+        if token_labels:
+            model.return_dense = False
         metrics = evaluate(model, val_loader, device, info, t["amp"], progress, desc=f"eval {epoch + 1}")
         position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": (epoch + 1) * steps_per_epoch}
         summary = {"global_step": position["global_step"], "epoch": epoch + 1, **metrics,

@@ -17,6 +17,8 @@ LayerScale is replaced by a fixed scale (no parameters), so TPC's gather/scatter
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,10 +80,10 @@ class FixedScale(nn.Module):
 class LVViT(VisionTransformer):
     """LV-ViT on timm's ``VisionTransformer``: conv stem, scaled residuals, class + token-labelling heads."""
 
-    def __init__(self, *args, skip_lam: float = 2.0, aux_weight: float = 0.5, **kwargs) -> None:
+    def __init__(self, *args, skip_lam: float = 2.0, aux_weight: float = 0.5, stem_dim: int = 64, **kwargs) -> None:
         kwargs.setdefault("qkv_bias", False)
         kwargs.setdefault("mlp_ratio", 3.0)
-        super().__init__(*args, embed_layer=ConvStem, **kwargs)
+        super().__init__(*args, embed_layer=partial(ConvStem, stem_dim=stem_dim), **kwargs)
         for blk in self.blocks:
             blk.ls1, blk.ls2 = FixedScale(1.0 / skip_lam), FixedScale(1.0 / skip_lam)
         self.aux_weight = aux_weight
