@@ -63,9 +63,10 @@ def trace_statistics(trace: TokenTrace) -> dict:
 def analyze(model: nn.Module, loader, device: torch.device, progress: bool = True, bins: int = 20) -> dict:
     """Run the model (eval, its current mode) over ``loader``; restart statistics and what restarts are worth."""
     inner = unwrap(model).eval()
-    depth = len(inner.blocks)
+    depth = len(getattr(inner, "block_list", None) or inner.blocks)  # Swin: blocks of all stages
     totals: dict = {}
     correct = {"learned": 0, "no_restart": 0}
+    gmacs = {"learned": 0.0, "no_restart": 0.0}
     seen = 0
     hist = {"pause": np.zeros((depth, bins)), "restart": np.zeros((depth, bins))}
     matrix = torch.zeros(depth, depth + 1, dtype=torch.long)
@@ -74,7 +75,9 @@ def analyze(model: nn.Module, loader, device: torch.device, progress: bool = Tru
         images, targets = images.to(device), targets.to(device)
         logits, trace = inner.forward_with_trace(images)
         with override_probs(inner, restart=0.0):
-            logits_nr = inner(images)
+            logits_nr, trace_nr = inner.forward_with_trace(images)
+        gmacs["learned"] += inner.gmacs_per_image(trace).sum().item()
+        gmacs["no_restart"] += inner.gmacs_per_image(trace_nr).sum().item()
         correct["learned"] += (logits.argmax(-1) == targets).sum().item()
         correct["no_restart"] += (logits_nr.argmax(-1) == targets).sum().item()
         stats = trace_statistics(trace)
@@ -100,6 +103,8 @@ def analyze(model: nn.Module, loader, device: torch.device, progress: bool = Tru
         "restart_rate": float(matrix[:, :-1].sum() / max(int(started.sum()), 1)),
         "top1_learned": 100 * correct["learned"] / max(seen, 1),
         "top1_no_restart": 100 * correct["no_restart"] / max(seen, 1),
+        "gmacs_learned": gmacs["learned"] / max(seen, 1),  # the no-restart model also computes less
+        "gmacs_no_restart": gmacs["no_restart"] / max(seen, 1),
         "hist_edges": edges.tolist(),
         "pause_hist": hist["pause"].tolist(),
         "restart_hist": hist["restart"].tolist(),

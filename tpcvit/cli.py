@@ -137,7 +137,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     files = write_analysis(result, args.output or "runs/analysis")
     s = result["shares"]
     print(f"images {result['images']}: restart rate {result['restart_rate']:.1%} of pauses; top-1 with restarts "
-          f"{result['top1_learned']:.2f}% vs every pause permanent {result['top1_no_restart']:.2f}%")
+          f"{result['top1_learned']:.2f}% ({result['gmacs_learned']:.4f} GMACs) vs every pause permanent "
+          f"{result['top1_no_restart']:.2f}% ({result['gmacs_no_restart']:.4f} GMACs)")
     print("block   active  restarted  paused")
     for l in range(result["depth"]):
         print(f"{l:5d}  {s['active'][l]:7.3f}  {s['restarted'][l]:9.3f}  {s['paused'][l]:6.3f}")
