@@ -13,6 +13,17 @@ SWIN_SMALL = dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths
 LVVIT_SMALL = dict(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=2, num_classes=5)
 
 
+def _assert_controller_off_is_dense(model, dense):
+    """Dense mode is exactly the backbone; adaptive with pause probability 0 computes every token."""
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        set_mode(model, "dense")
+        assert torch.equal(model(x), dense(x))
+        set_mode(model, "adaptive")
+        model.tpc_force_pause = 0.0
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name,params,gmacs", [("lvvit_s", 26.2, 6.6), ("lvvit_m", 55.8, 12.7)])
 def test_lvvit_matches_the_official_size_and_cost(name, params, gmacs):
     model = timm.create_model(name).eval()
@@ -35,13 +46,7 @@ def test_dense_lvvit_checkpoint_loads_and_controller_off_is_exactly_dense(tmp_pa
     tpcvit.save_weights(dense, tmp_path / "lvvit.safetensors")
     model = timm.create_model("tpc_lvvit_s", **LVVIT_SMALL).eval()
     tpcvit.load_backbone(model, tmp_path / "lvvit.safetensors")
-    x = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        set_mode(model, "dense")
-        assert torch.equal(model(x), dense(x))
-        set_mode(model, "adaptive")
-        model.tpc_force_pause = 0.0
-        assert torch.equal(model(x), dense(x))
+    _assert_controller_off_is_dense(model, dense)
 
 
 def test_lvvit_masked_equals_fast_and_counts_its_stem_and_aux_head():
@@ -78,13 +83,7 @@ def test_swin_controller_off_is_exactly_timm_swin():
     model = _swin().eval()
     dense = timm.create_model("swin_tiny_patch4_window7_224", **SWIN_SMALL).eval()
     tpcvit.load_backbone(model, dense.state_dict())
-    x = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        set_mode(model, "dense")
-        assert torch.equal(model(x), dense(x))
-        set_mode(model, "adaptive")
-        model.tpc_force_pause = 0.0
-        torch.testing.assert_close(model(x), dense(x))
+    _assert_controller_off_is_dense(model, dense)
 
 
 def test_swin_masked_equals_fast_for_fixed_and_own_decisions():

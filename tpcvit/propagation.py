@@ -241,6 +241,22 @@ class Propagation:
                           num_prefix=num_prefix, grid=self.grid)
 
 
+class TPCHooks:
+    """What the engine and the harness call on every TPC model (ViT, LV-ViT, Swin); expects ``controller``,
+    ``stabilizers`` and ``tpc_cfg``."""
+
+    def tpc_parameters(self) -> list[nn.Parameter]:
+        """Parameters TPC adds to the backbone (controller heads and stabilizers)."""
+        return list(self.controller.parameters()) + list(self.stabilizers.parameters())
+
+    def reduction_parameters(self) -> list[nn.Parameter]:
+        return self.tpc_parameters()
+
+    def reduction_loss(self, trace: TokenTrace, train_cfg: dict) -> dict[str, torch.Tensor]:
+        """METHOD.md's controller losses, weighted by ``train.alpha_budget`` / ``train.alpha_dist``."""
+        return tpc_loss(trace, self.tpc_cfg, train_cfg["alpha_budget"], train_cfg["alpha_dist"])
+
+
 def tpc_loss(trace: TokenTrace, cfg: TPCConfig, alpha_budget: float, alpha_dist: float) -> dict[str, torch.Tensor]:
     """Controller losses of METHOD.md section 3 for one trace: ``{"budget": ..., "dist": ..., "total": ...}``.
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 from timm.models import register_model
 from timm.models.swin_transformer import SwinTransformer
 
-from ..propagation import ControllerHead, Propagation, TokenTrace, TPCConfig
+from ..propagation import ControllerHead, Propagation, TokenTrace, TPCConfig, TPCHooks
 from ..stabilizer import TokenGridStabilizer
 from .vit import check_create_kwargs, check_images
 
@@ -55,7 +55,7 @@ def upsample_tokens(t: torch.Tensor, grid: tuple[int, int], target: tuple[int, i
     return up.reshape(b, blocks, target[0] * target[1])
 
 
-class TPCSwinTransformer(SwinTransformer):
+class TPCSwinTransformer(TPCHooks, SwinTransformer):
     """timm ``SwinTransformer`` with token propagation control in every block from ``start_layer`` on."""
 
     def __init__(self, *args, tpc_cfg: TPCConfig | None = None, **kwargs) -> None:
@@ -141,17 +141,6 @@ class TPCSwinTransformer(SwinTransformer):
         """Logits and the trace; ``forced_active``: one ``[B, H_l*W_l]`` bool tensor per block."""
         feats, trace = self._propagate(x, forced_active, path)
         return self.forward_head(feats), trace
-
-    def tpc_parameters(self) -> list[nn.Parameter]:
-        return list(self.controller.parameters()) + list(self.stabilizers.parameters())
-
-    def reduction_parameters(self) -> list[nn.Parameter]:
-        return self.tpc_parameters()
-
-    def reduction_loss(self, trace: TokenTrace, train_cfg: dict) -> dict[str, torch.Tensor]:
-        from ..propagation import tpc_loss
-
-        return tpc_loss(trace, self.tpc_cfg, train_cfg["alpha_budget"], train_cfg["alpha_dist"])
 
     def gmacs_per_image(self, trace: TokenTrace) -> torch.Tensor:
         """Dense GMACs (FLOP counter, cached) minus the LayerNorm + MLP work of every paused token."""

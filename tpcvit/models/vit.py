@@ -13,7 +13,7 @@ from timm.models import register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-from ..propagation import ControllerHead, Propagation, TokenTrace, TPCConfig
+from ..propagation import ControllerHead, Propagation, TokenTrace, TPCConfig, TPCHooks
 from ..stabilizer import TokenGridStabilizer
 from ..tokens import (
     from_padded,
@@ -84,7 +84,7 @@ def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return model.norm_pre(x)
 
 
-class TPCViTMixin:
+class TPCViTMixin(TPCHooks):
     """Token propagation control for a timm ViT. Call :meth:`_init_tpc` at the end of ``__init__``."""
 
     def _init_tpc(self, cfg: TPCConfig) -> None:
@@ -178,20 +178,6 @@ class TPCViTMixin:
         """
         feats, trace = self._propagate(x, forced_active=forced_active, path=path)
         return self.forward_head(feats), trace
-
-    def tpc_parameters(self) -> list[nn.Parameter]:
-        """Parameters TPC adds to the backbone (controller heads and stabilizers)."""
-        return list(self.controller.parameters()) + list(self.stabilizers.parameters())
-
-    # the hooks the engine and the harness use for TPC and the peers alike ------------------------------------
-    def reduction_parameters(self) -> list[nn.Parameter]:
-        return self.tpc_parameters()
-
-    def reduction_loss(self, trace: TokenTrace, train_cfg: dict) -> dict[str, torch.Tensor]:
-        """METHOD.md's controller losses, weighted by ``train.alpha_budget`` / ``train.alpha_dist``."""
-        from ..propagation import tpc_loss
-
-        return tpc_loss(trace, self.tpc_cfg, train_cfg["alpha_budget"], train_cfg["alpha_dist"])
 
     def gmacs_per_image(self, trace: TokenTrace) -> torch.Tensor:
         from ..flops import vit_gmacs_from_trace
