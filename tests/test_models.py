@@ -221,3 +221,28 @@ def test_bad_inputs_give_clear_errors(images):
         timm.create_model("tpc_deit_tiny_patch16_224", pretrained=True)
     with pytest.raises(TypeError, match="not a TPC model"):
         tpcvit.set_mode(torch.nn.Linear(2, 2), "dense")
+
+
+def test_paused_keys_variant_masked_equals_fast_and_counts_kv_of_paused_tokens(images):
+    model = small_tpc(paused_keys=True).eval()
+    torch.manual_seed(5)
+    forced = torch.rand(images.shape[0], 4, 16) > 0.5
+    forced[:, : model.tpc_cfg.start_layer] = True
+    with torch.no_grad():
+        fast, _ = model.forward_with_trace(images, forced_active=forced, path="fast")
+        masked, _ = model.forward_with_trace(images, forced_active=forced, path="masked")
+        assert torch.allclose(fast, masked, atol=1e-5, rtol=1e-4)
+        fast, tf = model.forward_with_trace(images)
+        masked, tm = model.forward_with_trace(images, path="masked")
+        alone, _ = model.forward_with_trace(images[:1])
+        hidden, _ = small_tpc().eval().forward_with_trace(images, forced_active=tf.active, path="fast")
+    assert torch.equal(tf.active, tm.active) and 0.1 < tf.active[:, 1:].float().mean() < 0.95
+    assert torch.allclose(fast, masked, atol=1e-5, rtol=1e-4) and torch.allclose(alone, fast[:1], atol=1e-5)
+    assert not torch.allclose(fast, hidden, atol=1e-3)  # visible paused keys do change the result
+    counted = tpcvit.count_gmacs(model, images)
+    assert tpcvit.vit_gmacs_from_trace(model, tf).mean().item() == pytest.approx(counted, rel=0.01)
+    tpcvit.set_mode(model, "budget", 0.25)
+    with torch.no_grad():
+        _, tb = model.forward_with_trace(images)
+    assert tpcvit.vit_gmacs_from_trace(model, tb).mean().item() == pytest.approx(
+        tpcvit.count_gmacs(model, images), rel=0.01)

@@ -95,6 +95,19 @@ def test_avit_fast_path_equals_masked_path_and_never_restarts(grid_images):
     assert (a[:, 1:] <= a[:, :-1]).all()  # halted for good
 
 
+def test_avit_reference_gate_reads_channel_zero(grid_images):
+    model = _peer("avit_deit_small_patch16_224", halt_gate="channel", gate_center=0.0, gate_scale=10.0).eval()
+    x = torch.zeros(1, 5, 96)
+    x[0, 1:, 0] = torch.tensor([-1.0, 0.0, 0.5, 2.0])
+    h = model._halt_scores(x)
+    torch.testing.assert_close(h, torch.sigmoid(10 * x[:, 1:, 0]))
+    with torch.no_grad():
+        _, trace = model.forward_with_trace(grid_images)
+    assert trace.active.shape == (6, 4, 64)
+    with pytest.raises(ValueError, match="halt_gate"):
+        _peer("avit_deit_small_patch16_224", halt_gate="nope")
+
+
 def test_peer_gmacs_in_the_trace_agree_with_the_flop_counter(grid_images):
     for name, kw in (("avit_deit_small_patch16_224", {"halt_threshold": 0.6}), ("tome_deit_small_patch16_224",
                      {"tome_r": 10.0}), ("evit_deit_small_patch16_224", {"keep_rate": 0.4})):

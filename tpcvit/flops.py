@@ -60,12 +60,15 @@ def count_gmacs(model: nn.Module, x: torch.Tensor) -> float:
     return flops / 2 / 1e9 / x.shape[0]
 
 
-def vit_block_macs(tokens: torch.Tensor | int, dim: int, mlp_hidden: int) -> torch.Tensor | int:
-    """MACs of one pre-norm ViT block on ``tokens`` tokens: qkv + proj + MLP + attention (QK^T and AV)."""
-    return tokens * dim * (4 * dim + 2 * mlp_hidden) + 2 * tokens * tokens * dim
+def vit_block_macs(tokens, dim: int, mlp_hidden: int, context=None):
+    """MACs of one pre-norm ViT block updating ``tokens`` tokens that attend to ``context`` tokens (default: the
+    same ones): q + proj + MLP on ``tokens``, k/v on ``context``, attention QK^T and AV."""
+    context = tokens if context is None else context
+    return tokens * dim * (2 * dim + 2 * mlp_hidden) + context * 2 * dim * dim + 2 * tokens * context * dim
 
 
-def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: float = 0.0) -> torch.Tensor:
+def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: float = 0.0,
+                          paused_keys: bool = False) -> torch.Tensor:
     """GMACs per image ``[B]`` of a timm ViT whose block ``l`` computes ``counts[:, l]`` patch tokens (plus the
     prefix tokens): patch embedding, blocks, classifier head(s), plus ``extra_macs`` per image."""
     from .checkpoint import unwrap
@@ -83,7 +86,8 @@ def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: fl
     tokens = counts.double() + m.num_prefix_tokens
     heads = 2 if getattr(m, "head_dist", None) is not None else 1
     heads += n if getattr(m, "aux_head", None) is not None else 0  # token-labelling head on every patch token
-    total = vit_block_macs(tokens, dim, mlp_hidden).sum(dim=1) + macs + heads * dim * m.num_classes
+    context = n + m.num_prefix_tokens if paused_keys else None  # every token is a key/value
+    total = vit_block_macs(tokens, dim, mlp_hidden, context).sum(dim=1) + macs + heads * dim * m.num_classes
     return total / 1e9
 
 
@@ -96,4 +100,5 @@ def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
     controlled = 0 if m.tpc_mode == "dense" else len(m.controller)
     extra = controlled * (n * dim * 2 + dim * 2)  # controller heads: token + context linears
     extra += len(m.stabilizers) * n * dim * 9  # depthwise 3x3
-    return vit_gmacs_from_counts(m, trace.active_counts(), extra)
+    keys = m.tpc_cfg.paused_keys and m.tpc_mode != "dense"
+    return vit_gmacs_from_counts(m, trace.active_counts(), extra, paused_keys=keys)

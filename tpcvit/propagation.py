@@ -37,6 +37,10 @@ class TPCConfig:
     restart_bias_init: float = -1.0
     prior_spread: float = 0.2  # keep prior: linear from target+spread to target-spread
     restart_prior: float = 0.1  # prior restart rate of paused tokens (0 disables that KL term)
+    # False (METHOD.md): paused tokens are masked out of attention. True: they stay visible as keys/values with
+    # their frozen features (k/v projections for them, ~2/12 of a token's block cost) and skip only their own
+    # query, attention output and MLP; information in paused tokens keeps reaching the class token.
+    paused_keys: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_keep <= 1.0:

@@ -90,7 +90,7 @@ def run_on_selection(fn, x: torch.Tensor, sel: TokenSelection) -> torch.Tensor:
     return scatter_tokens(x, sel.index, ys)
 
 
-def masked_update(fn, x: torch.Tensor, states: torch.Tensor, num_prefix: int) -> torch.Tensor:
+def masked_update(fn, x: torch.Tensor, states: torch.Tensor, num_prefix: int, mask_keys: bool = True) -> torch.Tensor:
     """Training path: full-length sequence, paused tokens masked out as keys and carried through unchanged.
 
     ``states`` ``[B, N]`` are 0/1 (possibly straight-through) states of the patch tokens.
@@ -98,7 +98,7 @@ def masked_update(fn, x: torch.Tensor, states: torch.Tensor, num_prefix: int) ->
     mask is skipped and the result is exactly ``fn(x, None)``.
     """
     hard = states.detach() > 0.5
-    if bool(hard.all()):
+    if bool(hard.all()) or not mask_keys:  # mask_keys=False: paused tokens stay visible as keys/values
         y = fn(x, None)
     else:
         b = x.shape[0]

@@ -1,9 +1,12 @@
 """A-ViT-style adaptive token halting (Yin et al., 2022), our implementation on timm's ViT.
 
-After every block each still-running patch token emits a halting score ``h = sigmoid(w . LN(x) + b)`` and adds it
-to its cumulative score; once that reaches the threshold (``1 - eps``) the token halts for good: it is masked out
-of attention and carried unchanged (training), or no longer gathered (inference). This is TPC *without restart*
-and without smoothing, and with halting (not per-block pause) probabilities.
+After every block each still-running patch token emits a halting score and adds it to its cumulative score. The
+score is ``h = sigmoid(w . LN(x) + b)`` from a learned linear head (``halt_gate="linear"``, default: it learns to
+halt within a short fine-tune from a dense checkpoint) or A-ViT's own gate on embedding channel 0,
+``h = sigmoid(gate_scale * x[..., 0] - gate_center)`` (``halt_gate="channel"``, scale 10, centre 75 for DeiT-S,
+30 for DeiT-T, as in its released code). Once the cumulative score reaches the threshold (``1 - eps``) the token
+halts for good: it is masked out of attention and carried unchanged (training), or no longer gathered
+(inference). This is TPC *without restart* and without smoothing, with halting (not per-block pause) scores.
 
 Losses (A-ViT's): the ponder loss (mean remainder ``1 - c`` at the halting block, pushes towards halting early)
 and a distribution prior: KL from a Gaussian over blocks centred at ``target_depth * depth`` to the batch's
@@ -62,12 +65,15 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
     per_image_compute = True
 
     def __init__(self, *args, halt_threshold: float = 0.99, target_depth: float = 0.5, prior_std: float = 1.0,
-                 **kwargs) -> None:
+                 halt_gate: str = "linear", gate_scale: float = 10.0, gate_center: float = 30.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         depth = len(self.blocks)
         if not 0.0 < target_depth <= 1.0:
             raise ValueError(f"target_depth is a fraction of the depth in (0, 1], got {target_depth}")
+        if halt_gate not in ("linear", "channel"):
+            raise ValueError(f"halt_gate must be 'linear' or 'channel', got {halt_gate!r}")
         self.target_depth, self.prior_std = target_depth, prior_std
+        self.halt_gate, self.gate_scale, self.gate_center = halt_gate, gate_scale, gate_center
         self.budget_bounds = (0.0, float(depth))
         self.halting = nn.Linear(self.embed_dim, 1)
         nn.init.zeros_(self.halting.weight)
@@ -77,6 +83,8 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
 
     def _halt_scores(self, x: torch.Tensor) -> torch.Tensor:
         p = self.num_prefix_tokens
+        if self.halt_gate == "channel":
+            return torch.sigmoid(self.gate_scale * x[:, p:, 0].float() - self.gate_center)
         return torch.sigmoid(self.halting(F.layer_norm(x[:, p:], x.shape[-1:])).squeeze(-1).float())
 
     def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
@@ -117,7 +125,7 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
         return self.forward_head(feats), trace
 
     def reduction_parameters(self) -> list[nn.Parameter]:
-        return list(self.halting.parameters())
+        return list(self.halting.parameters()) if self.halt_gate == "linear" else []
 
     def reduction_loss(self, trace: PeerTrace, train_cfg: dict) -> dict[str, torch.Tensor]:
         depth = len(self.blocks)

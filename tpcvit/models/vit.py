@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
@@ -56,6 +57,25 @@ def packed_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor, num_pref
     tokens = tokens + blk.ls1(attn.proj(attn.norm(o)))
     tokens = tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
     return unpack(x, sel, tokens)
+
+
+def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """A timm ``Block`` (eval) updating ``tokens`` ``[B, n, D]`` while attending to ``context`` ``[B, T, D]``.
+
+    For ``paused_keys``: the queries, attention output and MLP run on the selected tokens only; keys and values
+    come from the whole buffer, where paused tokens hold their frozen features. Same math as ``Block.forward``
+    on the full sequence, restricted to the rows of ``tokens``.
+    """
+    attn = blk.attn
+    d, heads, b = attn.num_heads * attn.head_dim, attn.num_heads, tokens.shape[0]
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(blk.norm1(tokens), weight[:d], None if bias is None else bias[:d])
+    kv = F.linear(blk.norm1(context), weight[d:], None if bias is None else bias[d:])
+    q = q.view(b, -1, heads, attn.head_dim).transpose(1, 2)
+    k, v = kv.view(b, context.shape[1], 2, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)
+    tokens = tokens + blk.ls1(attn.proj(attn.norm(o.transpose(1, 2).reshape(b, -1, d))))
+    return tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
 
 
 def image_geometry(model: nn.Module) -> tuple[int, int, int]:
@@ -142,15 +162,20 @@ class TPCViTMixin(TPCHooks):
             def run(tokens: torch.Tensor, mask: torch.Tensor | None, blk=blk) -> torch.Tensor:
                 return blk(tokens, attn_mask=mask)
 
+            if fast and cfg.paused_keys:  # selected tokens query the whole buffer; padding rows are discarded
+                def run(tokens: torch.Tensor, mask: torch.Tensor | None, blk=blk, context=x) -> torch.Tensor:
+                    return context_block(blk, tokens, context)
+
             if fast:
                 if mode == "budget" and forced_active is None:
                     x = run_on_selection(run, x, select_topk(active, prop.budget_k, P, prop.topk_index))
-                elif self.tpc_packed and not self.training and x.shape[0] > 1 and supports_packing(blk):
+                elif (self.tpc_packed and not cfg.paused_keys and not self.training and x.shape[0] > 1
+                      and supports_packing(blk)):
                     x = packed_block(blk, x, active, P)
                 else:
                     x = run_on_selection(run, x, select_active(active, P, x.dtype))
             else:
-                x = masked_update(run, x, states, P)
+                x = masked_update(run, x, states, P, mask_keys=not cfg.paused_keys)
         return self.norm(x), prop.trace(cfg.start_layer, P)
 
     # ------------------------------------------------------------------------------------------------------
