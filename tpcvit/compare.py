@@ -1,9 +1,10 @@
 """One harness for TPC, the dense model and the peers: matched budgets, accuracy, GMACs, speed, Pareto plots.
 
-A *spec* names a method and its budget: ``dense``; ``tpc-adaptive`` (learned per-image decisions, as trained);
-``METHOD@F`` with F a fraction of the dense model's GMACs, the method's knob then bisected until the GMACs measured
-on real calibration images match; or ``METHOD=V`` to set the knob to V directly. Methods with a knob: ``tpc``
-(budget-mode keep ratio), ``tome`` (tokens merged per block), ``evit`` (keep rate), ``avit`` (halting threshold).
+A *spec* names a method and its budget: ``dense``; ``tpc-adaptive`` / ``tpc-keys-adaptive`` (learned per-image
+decisions, as trained); ``METHOD@F`` with F a fraction of the dense model's GMACs, the method's knob then bisected
+until the GMACs measured on real calibration images match; or ``METHOD=V`` to set the knob to V directly. Methods
+with a knob: ``tpc`` (budget-mode keep ratio; ``tpc-keys``: the ``paused_keys`` variant, paused tokens visible as
+keys/values), ``tome`` (tokens merged per block), ``evit`` (keep rate), ``avit`` (halting threshold).
 
 Every variant is evaluated on the same images (top-1/top-5, GMACs per image averaged over the evaluation set,
 counting only the work done) and timed in one interleaved loop (medians, warm-up, machine named).
@@ -27,8 +28,10 @@ from .models.vit import image_geometry
 from .pipeline import take_batches
 from .propagation import set_mode, tpc_modules
 
-METHODS = ("dense", "tpc-adaptive", "tpc", "tome", "evit", "avit")
-MODEL_PREFIX = {"dense": "", "tpc-adaptive": "tpc_", "tpc": "tpc_", "tome": "tome_", "evit": "evit_", "avit": "avit_"}
+METHODS = ("dense", "tpc-adaptive", "tpc", "tpc-keys-adaptive", "tpc-keys", "tome", "evit", "avit")
+MODEL_PREFIX = {"dense": "", "tpc-adaptive": "tpc_", "tpc": "tpc_", "tpc-keys-adaptive": "tpc_", "tpc-keys": "tpc_",
+                "tome": "tome_", "evit": "evit_", "avit": "avit_"}
+NO_KNOB = ("dense", "tpc-adaptive", "tpc-keys-adaptive")
 
 
 @dataclass
@@ -52,7 +55,7 @@ def parse_spec(text: str) -> Spec:
     method, value = (text.split(sep, 1) if sep else (text, None))
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r} in {text!r}: choose from {', '.join(METHODS)}")
-    if method in ("dense", "tpc-adaptive"):
+    if method in NO_KNOB:
         if value is not None:
             raise ConfigError(f"{method} has no budget knob: write just {method!r}")
         return Spec(method)
@@ -120,10 +123,13 @@ def build_variant(cfg: dict, spec: Spec, num_classes: int, weights: dict[str, st
     from .engine import build_model
 
     name = MODEL_PREFIX[spec.method] + backbone_name(cfg["model"]["name"])
-    fallback = weights.get("tpc") if spec.method == "tpc-adaptive" else None
+    fallback = weights.get(spec.method.removesuffix("-adaptive")) if spec.method.endswith("-adaptive") else None
     init = weights.get(spec.method) or fallback or weights.get("dense")
+    if spec.method.startswith("tpc"):
+        cfg = {**cfg, "model": {**cfg["model"], "tpc": {**cfg["model"]["tpc"],
+                                                          "paused_keys": spec.method.startswith("tpc-keys")}}}
     model = build_model(cfg, num_classes, name=name, init=init)
-    if spec.method == "tpc-adaptive":
+    if spec.method.endswith("-adaptive"):
         set_mode(model, "adaptive")
     return model.eval()
 

@@ -37,6 +37,7 @@ def plot_pipeline(result: dict, path: str | os.PathLike) -> Path:
 
 
 METHOD_STYLE = {"dense": ("black", "*"), "tpc": ("tab:red", "o"), "tpc-adaptive": ("darkred", "D"),
+                "tpc-keys": ("tab:orange", "o"), "tpc-keys-adaptive": ("saddlebrown", "D"),
                 "tome": ("tab:blue", "s"), "evit": ("tab:green", "^"), "avit": ("tab:purple", "v")}
 
 
