@@ -265,6 +265,15 @@ def test_token_labelling_trains_lvvit_with_dense_per_token_targets(tmp_path):
     assert bad.returncode != 0 and "token-labelling head" in bad.stderr
 
 
+def test_swin_trains_and_evaluates_through_the_pipeline(tmp_path):
+    swin = ["model.name=tpc_swin_tiny_patch4_window7_224", "model.kwargs={img_size: 32, patch_size: 2, in_chans: 1, "
+            "embed_dim: 16, depths: [2, 2], num_heads: [2, 2], window_size: 4}", "data.mean=[0.286]",
+            "data.std=[0.353]", "data.train_limit=64", "data.val_limit=32", "train.batch_size=16"]
+    summary = _summary(_cli("train", "-o", str(tmp_path / "s"), "--quiet", *swin))
+    assert len(summary["keep_per_block"]) == 4 and summary["keep_per_block"][0] == 1.0
+    assert 0 < summary["gmacs"] and summary["images"] == 32
+
+
 def test_full_augmentation_bf16_and_hard_distillation_into_a_distilled_student(tmp_path):
     teacher = tmp_path / "teacher"
     _cli("train", "-o", str(teacher), "--quiet", "model.name=deit_tiny_patch16_224", *TINY, "data.train_limit=64",

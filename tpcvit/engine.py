@@ -237,7 +237,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo | No
     model.eval()
     inner = unwrap(model)
     is_tpc = bool(reducers(inner))
-    depth = len(inner.blocks) if hasattr(inner, "blocks") else 0
+    blocks = getattr(inner, "block_list", None) or getattr(inner, "blocks", None)  # Swin: every stage's blocks
+    depth = len(blocks) if blocks is not None else 0
     sums = torch.zeros(5 + depth, dtype=torch.float64)  # n, top1, top5, loss, gmacs, keep per block
     dense_gmacs = None
     for images, targets in tqdm(loader, desc=desc, disable=not (progress and info.main), leave=False):
