@@ -13,6 +13,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .checkpoint import atomic_write, unwrap
+from .engine import count_blocks
 from .propagation import TokenTrace, override_probs
 
 
@@ -63,7 +64,7 @@ def trace_statistics(trace: TokenTrace) -> dict:
 def analyze(model: nn.Module, loader, device: torch.device, progress: bool = True, bins: int = 20) -> dict:
     """Run the model (eval, its current mode) over ``loader``; restart statistics and what restarts are worth."""
     inner = unwrap(model).eval()
-    depth = len(getattr(inner, "block_list", None) or inner.blocks)  # Swin: blocks of all stages
+    depth = count_blocks(inner)
     totals: dict = {}
     correct = {"learned": 0, "no_restart": 0}
     gmacs = {"learned": 0.0, "no_restart": 0.0}

@@ -103,6 +103,13 @@ def seed_everything(seed: int) -> None:
 PEER_PREFIXES = ("tome_", "evit_", "avit_")
 
 
+def count_blocks(model: nn.Module) -> int:
+    """Transformer blocks of a ViT, or of every stage of a Swin (TPC or plain timm)."""
+    if hasattr(model, "layers") and not hasattr(model, "blocks"):
+        return sum(len(stage.blocks) for stage in model.layers)
+    return len(getattr(model, "blocks", ()))
+
+
 def reducers(model: nn.Module) -> list[nn.Module]:
     """TPC models and peer token-reduction models inside ``model`` (anything with ``reduction_loss``)."""
     return [m for m in model.modules() if hasattr(m, "reduction_loss") and hasattr(m, "gmacs_per_image")]
@@ -237,8 +244,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo | No
     model.eval()
     inner = unwrap(model)
     is_tpc = bool(reducers(inner))
-    blocks = getattr(inner, "block_list", None) or getattr(inner, "blocks", None)  # Swin: every stage's blocks
-    depth = len(blocks) if blocks is not None else 0
+    depth = count_blocks(inner)
     sums = torch.zeros(5 + depth, dtype=torch.float64)  # n, top1, top5, loss, gmacs, keep per block
     dense_gmacs = None
     for images, targets in tqdm(loader, desc=desc, disable=not (progress and info.main), leave=False):
