@@ -4,11 +4,12 @@ How paused tokens meet (shifted) window attention and patch merging, and where t
 
 - **Window attention runs on every token.** A paused token stays in its window as a key and value (its frozen
   features are still good context for its active neighbours) and the window shapes stay static, so shifted
-  windows and their masks work unchanged. What a paused token skips is *its own update*: the attention
-  residual, LayerNorm and the MLP. The MLP is 8C^2 of the ~12C^2 + window-attention MACs per token, so the
-  ceiling is ~63% of a block's work saved at keep 0; keep k costs ``1 - 0.63 (1 - k)`` of a controlled block.
-- **Real saving**: the fast path gathers the active tokens of the whole batch into one flat list, runs
-  LayerNorm + MLP on exactly those, and scatters them back (no padding at all, since the MLP is per token).
+  windows and their masks work unchanged. What a paused token skips is *its own update*: the attention output
+  projection, the residual, LayerNorm and the MLP. Those are 9C^2 of the ~12C^2 + window-attention MACs per
+  token, so the ceiling is ~71% of a block's work saved at keep 0.
+- **Real saving**: the fast path gathers the active tokens of the whole batch into one flat list, runs the
+  output projection, LayerNorm and MLP on exactly those, and scatters them back (no padding at all: all three
+  are per-token).
 - **Patch merging** sees the full buffer, where every paused token holds its last features, so merging is
   exactly timm's. Merged tokens are new tokens: each stage starts with every token active and its own
   controller state (smoothing on that stage's grid, EMA reset).
@@ -21,6 +22,8 @@ is replaced by its input, ``x' = s * block(x) + (1 - s) * x``; for fixed decisio
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from timm.models import register_model
@@ -31,18 +34,33 @@ from ..stabilizer import TokenGridStabilizer
 from .vit import check_create_kwargs, check_images
 
 
+@contextlib.contextmanager
+def output_projection_deferred(attn: nn.Module):
+    """timm's ``WindowAttention`` ends with its output projection; inside this context it returns the heads'
+    output instead, so the projection (a per-token linear, which commutes with window reverse and shift) can run
+    on the active tokens only."""
+    proj = attn.proj
+    attn.proj = nn.Identity()
+    try:
+        yield proj
+    finally:
+        attn.proj = proj
+
+
 def sparse_swin_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """A timm ``SwinTransformerBlock`` (eval) where only ``active`` ``[B, H*W]`` tokens are updated.
 
-    Window attention sees every token (keys/values); residual, LayerNorm and MLP run on the active tokens only.
+    Window attention sees every token (keys/values); output projection, residual, LayerNorm and MLP run on the
+    active tokens only.
     """
     b, h, w, c = x.shape
     if bool(active.all()):
         return blk(x)
-    attn = blk._attn(blk.norm1(x))
+    with output_projection_deferred(blk.attn) as proj:
+        heads = blk._attn(blk.norm1(x))
     flat = x.reshape(b * h * w, c)
     idx = active.reshape(-1).nonzero().squeeze(1)
-    tokens = flat.index_select(0, idx) + attn.reshape(b * h * w, c).index_select(0, idx)
+    tokens = flat.index_select(0, idx) + proj(heads.reshape(b * h * w, c).index_select(0, idx))
     tokens = tokens + blk.mlp(blk.norm2(tokens))
     return flat.index_copy(0, idx, tokens).view(b, h, w, c)
 
@@ -158,7 +176,7 @@ class TPCSwinTransformer(TPCHooks, SwinTransformer):
         for t in trace.stages:
             for j in range(t.active.shape[1]):
                 blk = self.block_list[g]
-                per_token = blk.mlp.fc1.in_features * blk.mlp.fc1.out_features * 2
+                per_token = blk.mlp.fc1.in_features * blk.mlp.fc1.out_features * 2 + blk.attn.proj.in_features ** 2
                 saved += (~t.active[:, j]).sum(dim=1).double() * per_token
                 g += 1
         controlled = 0 if self.tpc_mode == "dense" else sum(
