@@ -212,12 +212,16 @@ def test_bench_methods_compares_tpc_and_peers_on_real_images(tmp_path):
          "data.val_limit=32", "train.batch_size=32")
     sets = [a for o in [*TINY, "data.train_limit=64", "data.val_limit=48", "model.name=tpc_deit_tiny_patch16_224"]
             for a in ("--set", o)]
-    _cli("bench", "-c", "configs/fmnist_main.yaml", "--methods", "dense,tpc@0.6,tome@0.6,evit@0.8,avit=3",
-         "--weights", f"dense={dense / 'best.safetensors'}", "--batch-sizes", "1", "8", "--rounds", "1",
+    missing = _cli("bench", "-c", "configs/fmnist_main.yaml", "--methods", "dense,tome-ft@0.6", *sets, check=False)
+    assert missing.returncode != 0 and "--weights tome-ft=PATH" in missing.stderr
+    _cli("bench", "-c", "configs/fmnist_main.yaml", "--methods", "dense,tpc@0.6,tome@0.6,tome-ft@0.6,evit@0.8,avit=3",
+         "--weights", f"dense={dense / 'best.safetensors'}", "--weights", f"tome-ft={dense / 'best.safetensors'}",
+         "--batch-sizes", "1", "8", "--rounds", "1",
          "--calib-images", "16", "--quiet", "--out", str(tmp_path / "cmp"), *sets)
     result = json.loads((tmp_path / "cmp.json").read_text())
     points = result["points"]
-    assert list(points) == ["dense", "tpc@60%", "tome@60%", "evit@80%", "avit=3"]
+    assert list(points) == ["dense", "tpc@60%", "tome@60%", "tome-ft@60%", "evit@80%", "avit=3"]
+    assert points["tome-ft@60%"]["top1"] == points["tome@60%"]["top1"]  # same weights here: same model
     assert points["tome@60%"]["matched"] and points["tpc@60%"]["matched"]
     assert all(0 <= p["top1"] <= 100 and p["images"] == 48 for p in points.values())
     assert points["avit=3"]["top1"] == points["dense"]["top1"]  # threshold 3 on 3 blocks: never halts = dense
@@ -228,7 +232,8 @@ def test_bench_methods_compares_tpc_and_peers_on_real_images(tmp_path):
 
 
 @pytest.mark.parametrize("name,peer", [("avit_deit_tiny_patch16_224", "{target_depth: 0.5}"),
-                                       ("evit_deit_tiny_patch16_224", "{keep_rate: 0.5}")])
+                                       ("evit_deit_tiny_patch16_224", "{keep_rate: 0.5}"),
+                                       ("tome_deit_tiny_patch16_224", "{tome_r: 4}")])
 def test_peers_fine_tune_with_the_same_pipeline(tmp_path, name, peer):
     out = _cli("train", "-o", str(tmp_path / "p"), "--quiet", f"model.name={name}", f"model.peer={peer}", *TINY,
                "data.train_limit=64", "data.val_limit=32", "train.batch_size=16", "train.log_every_steps=1")
@@ -238,7 +243,7 @@ def test_peers_fine_tune_with_the_same_pipeline(tmp_path, name, peer):
     if name.startswith("avit"):
         assert all("ponder" in s and "dist" in s for s in steps)
     else:
-        assert summary["keep_per_block"][-1] < 0.6  # EViT's token count after its reductions
+        assert summary["keep_per_block"][-1] < 0.6  # EViT's / ToMe's token count after its reductions
     assert summary["gmacs"] > 0 and summary["images"] == 32
 
 

@@ -4,7 +4,8 @@ A *spec* names a method and its budget: ``dense``; ``tpc-adaptive`` / ``tpc-keys
 decisions, as trained); ``METHOD@F`` with F a fraction of the dense model's GMACs, the method's knob then bisected
 until the GMACs measured on real calibration images match; or ``METHOD=V`` to set the knob to V directly. Methods
 with a knob: ``tpc`` (budget-mode keep ratio; ``tpc-keys``: the ``paused_keys`` variant, paused tokens visible as
-keys/values), ``tome`` (tokens merged per block), ``evit`` (keep rate), ``avit`` (halting threshold).
+keys/values), ``tome`` (tokens merged per block; ``tome-ft``: ToMe with its own fine-tuned weights, trained with
+merging on), ``evit`` (keep rate), ``avit`` (halting threshold).
 
 Every variant is evaluated on the same images (top-1/top-5, GMACs per image averaged over the evaluation set,
 counting only the work done) and timed in one interleaved loop (medians, warm-up, machine named).
@@ -28,9 +29,10 @@ from .models.vit import image_geometry
 from .pipeline import take_batches
 from .propagation import set_mode, tpc_modules
 
-METHODS = ("dense", "tpc-adaptive", "tpc", "tpc-keys-adaptive", "tpc-keys", "tome", "evit", "avit")
+METHODS = ("dense", "tpc-adaptive", "tpc", "tpc-keys-adaptive", "tpc-keys", "tome", "tome-ft", "evit", "avit")
 MODEL_PREFIX = {"dense": "", "tpc-adaptive": "tpc_", "tpc": "tpc_", "tpc-keys-adaptive": "tpc_", "tpc-keys": "tpc_",
-                "tome": "tome_", "evit": "evit_", "avit": "avit_"}
+                "tome": "tome_", "tome-ft": "tome_", "evit": "evit_", "avit": "avit_"}
+NEEDS_WEIGHTS = {"tome-ft": "ToMe fine-tuned with merging on (tpcvit train ... model.name=tome_<backbone>)"}
 NO_KNOB = ("dense", "tpc-adaptive", "tpc-keys-adaptive")
 
 
@@ -118,11 +120,17 @@ def backbone_name(name: str) -> str:
     return name
 
 
+def missing_weights(method: str) -> str:
+    return f"{method} needs its own weights: --weights {method}=PATH, the checkpoint of {NEEDS_WEIGHTS[method]}"
+
+
 def build_variant(cfg: dict, spec: Spec, num_classes: int, weights: dict[str, str]) -> nn.Module:
     """The model for ``spec``: its own fine-tuned weights if given (``weights[method]``), else the dense ones."""
     from .engine import build_model
 
     name = MODEL_PREFIX[spec.method] + backbone_name(cfg["model"]["name"])
+    if spec.method in NEEDS_WEIGHTS and spec.method not in weights:
+        raise ConfigError(missing_weights(spec.method))
     fallback = weights.get(spec.method.removesuffix("-adaptive")) if spec.method.endswith("-adaptive") else None
     init = weights.get(spec.method) or fallback or weights.get("dense")
     if spec.method.startswith("tpc"):
@@ -154,6 +162,8 @@ def run_compare(
     labels = [s.label for s in parsed]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"duplicate specs in {specs}")
+    for method in sorted({s.method for s in parsed} & set(NEEDS_WEIGHTS) - set(weights)):
+        raise ConfigError(missing_weights(method))
     info = init_distributed(device)
     dev = info.device
     probe = build_variant(cfg, Spec("dense"), 1, {})

@@ -38,7 +38,8 @@ def plot_pipeline(result: dict, path: str | os.PathLike) -> Path:
 
 METHOD_STYLE = {"dense": ("black", "*"), "tpc": ("tab:red", "o"), "tpc-adaptive": ("darkred", "D"),
                 "tpc-keys": ("tab:orange", "o"), "tpc-keys-adaptive": ("saddlebrown", "D"),
-                "tome": ("tab:blue", "s"), "evit": ("tab:green", "^"), "avit": ("tab:purple", "v")}
+                "tome": ("tab:blue", "s"), "tome-ft": ("navy", "P"),
+                "evit": ("tab:green", "^"), "avit": ("tab:purple", "v")}
 
 
 def plot_compare(result: dict, path: str | os.PathLike) -> Path:

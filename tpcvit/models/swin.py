@@ -161,7 +161,7 @@ class TPCSwinTransformer(TPCHooks, SwinTransformer):
         return self.forward_head(feats), trace
 
     def gmacs_per_image(self, trace: TokenTrace) -> torch.Tensor:
-        """Dense GMACs (FLOP counter, cached) minus the LayerNorm + MLP work of every paused token."""
+        """Dense GMACs (FLOP counter, cached) minus the projection + LayerNorm + MLP work of each paused token."""
         from ..flops import count_gmacs
 
         if not hasattr(self, "_dense_gmacs"):
