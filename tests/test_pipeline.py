@@ -304,5 +304,6 @@ def test_ablate_runs_every_variant_and_writes_the_table(tmp_path):
     result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert set(result["summary"]) == {"tpc full", "no restart", "no smoothing", "no stabilizer"}
     assert all(len(v) == 1 and 0 <= v[0]["isolated"] <= 1 for v in result["runs"].values())
+    assert all(v["top1_worst"] == v["top1_per_seed"][0] == v["top1_mean"] for v in result["summary"].values())
     assert "| no restart |" in (tmp_path / "abl" / "ablation.md").read_text()
     assert Image.open(tmp_path / "abl" / "ablation.png").format == "PNG"

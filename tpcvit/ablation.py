@@ -72,7 +72,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
         within = [float(np.std(r["top1_per_epoch"][-3:])) for r in rs]
         keep_drift = [float(np.std(r["keep_per_epoch"][-3:])) for r in rs]
         out[name] = {
-            "top1_mean": float(top1.mean()), "top1_std_seeds": float(top1.std()),
+            "top1_mean": float(top1.mean()), "top1_std_seeds": float(top1.std()), "top1_worst": float(top1.min()),
+            "top1_per_seed": top1.tolist(),
             "top1_spread_epochs": float(np.mean(within)), "gmacs": float(np.mean([r["gmacs"] for r in rs])),
             "keep_drift_epochs": float(np.mean(keep_drift)),
             "isolated": float(np.mean([r["isolated"] for r in rs])),
@@ -83,11 +84,12 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def ablation_markdown(table: dict[str, dict]) -> str:
-    head = ["variant", "top-1 (mean ± std over seeds)", "MMACs/img", "top-1 spread over last epochs",
+    head = ["variant", "top-1 (mean ± std over seeds)", "worst seed", "MMACs/img", "top-1 spread over last epochs",
             "isolated decisions", "flips per block", "keep std over images"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in table.items():
-        lines.append(f"| {name} | {r['top1_mean']:.2f} ± {r['top1_std_seeds']:.2f} | {1e3 * r['gmacs']:.2f} | "
+        lines.append(f"| {name} | {r['top1_mean']:.2f} ± {r['top1_std_seeds']:.2f} | {r['top1_worst']:.2f} | "
+                     f"{1e3 * r['gmacs']:.2f} | "
                      f"{r['top1_spread_epochs']:.2f} | {100 * r['isolated']:.2f}% | {r['flip_rate']:.3f} | "
                      f"{r['keep_std_images']:.3f} |")
     return "\n".join(lines)
@@ -105,9 +107,12 @@ def plot_ablation(table: dict[str, dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     x = np.arange(len(names))
     axes[0].bar(x, [table[n]["top1_mean"] for n in names], yerr=[table[n]["top1_std_seeds"] for n in names],
-                capsize=4, color="#4c72b0")
-    lo = min(table[n]["top1_mean"] for n in names)
-    axes[0].set(ylim=(lo - 3, None), ylabel="top-1 (%)", title="accuracy (error bar: std over seeds)")
+                capsize=4, color="#4c72b0", alpha=0.8)
+    for i, n in enumerate(names):  # every seed, so a collapsed run is seen rather than averaged away
+        seeds = table[n]["top1_per_seed"]
+        axes[0].scatter(np.full(len(seeds), i), seeds, color="black", s=14, zorder=3)
+    lo = min(min(table[n]["top1_per_seed"]) for n in names)
+    axes[0].set(ylim=(lo - 2, None), ylabel="top-1 (%)", title="accuracy (bars: mean ± std; dots: seeds)")
     axes[1].bar(x, [table[n]["top1_spread_epochs"] for n in names], color="#dd8452")
     axes[1].set(ylabel="std of top-1 over last epochs", title="training fluctuation (stabilizer)")
     axes[2].bar(x, [100 * table[n]["isolated"] for n in names], color="#55a868")
