@@ -160,6 +160,7 @@ class Propagation:
     forced_active: torch.Tensor | None = None
     force_pause: float | None = None
     force_restart: float | None = None
+    record: bool = True  # False: plain forward(), nobody reads the trace; skip its bookkeeping (batch-1 speed)
     _records: dict = field(default_factory=lambda: {k: [] for k in (
         "active", "pause", "restart", "pause_raw", "restart_raw", "a", "states")})
 
@@ -179,6 +180,8 @@ class Propagation:
 
     def dense_block(self) -> None:
         """Record a block where every token is computed."""
+        if not self.record:
+            return
         ones = torch.ones(self.batch, self.num_patches, device=self.device)
         zeros = torch.zeros_like(ones)
         self._append(ones.bool(), zeros, zeros, zeros, zeros, ones, None)
@@ -221,8 +224,10 @@ class Propagation:
             restart_ev = C.sample_events(restart, tau, thr, noise=self.sample)
             states = C.active_recursion(self.state, pause_ev, restart_ev)
         self.state = states
-        self.a = C.active_recursion(self.a, pause, restart)
         active = states.detach() > 0.5
+        if not self.record:
+            return states, active
+        self.a = C.active_recursion(self.a, pause, restart)
         self._append(active, pause, restart, raw[..., 0], raw[..., 1], self.a, None if self.lean else states)
         return states, active
 
@@ -234,7 +239,9 @@ class Propagation:
         if states is not None:
             rec["states"].append(states)
 
-    def trace(self, start_layer: int, num_prefix: int) -> TokenTrace:
+    def trace(self, start_layer: int, num_prefix: int) -> TokenTrace | None:
+        if not self.record:
+            return None
         rec = self._records
         stack = lambda key: torch.stack(rec[key], dim=1)  # noqa: E731
         states = stack("states") if rec["states"] else torch.ones(self.batch, 0, self.num_patches,

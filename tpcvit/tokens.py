@@ -41,6 +41,11 @@ def select_active(active: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> 
     An image computed alone or inside a batch therefore gets the same result.
     """
     b, n = active.shape
+    if b == 1:  # one image: no padding, and nonzero() is the same stable order at a third of sort's cost
+        order = active[0].nonzero().squeeze(1)
+        if order.numel() == n:
+            return TokenSelection(index=None, full=True)
+        return TokenSelection(index=_with_prefix(order[None], num_prefix))
     counts = active.sum(dim=1)
     n_max = int(counts.max()) if b > 0 else 0
     if n_max == n:

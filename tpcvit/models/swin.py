@@ -95,8 +95,8 @@ class TPCSwinTransformer(TPCHooks, SwinTransformer):
         self.tpc_force_pause = self.tpc_force_restart = None
 
     # ------------------------------------------------------------------------------------------------------
-    def _propagate(self, x: torch.Tensor, forced_active: list | None = None,
-                   path: str | None = None) -> tuple[torch.Tensor, TokenTrace]:
+    def _propagate(self, x: torch.Tensor, forced_active: list | None = None, path: str | None = None,
+                   with_trace: bool = True) -> tuple[torch.Tensor, TokenTrace | None]:
         check_images(self, x)
         cfg, mode = self.tpc_cfg, self.tpc_mode
         if path not in (None, "fast", "masked"):
@@ -114,7 +114,8 @@ class TPCSwinTransformer(TPCHooks, SwinTransformer):
             forced = None if forced_active is None else torch.stack(forced_active[g:g + n], dim=1)
             prop = Propagation(cfg, mode, self.tpc_keep, b, h * w, (h, w), x.device,
                                sample=self.training and not fast, forced_active=forced,
-                               force_pause=self.tpc_force_pause, force_restart=self.tpc_force_restart)
+                               force_pause=self.tpc_force_pause, force_restart=self.tpc_force_restart,
+                               record=with_trace)
             for j, blk in enumerate(stage.blocks):
                 if str(g) in self.stabilizers:
                     x = self.stabilizers[str(g)](x.reshape(b, h * w, c), 0, (h, w)).view(b, h, w, c)
@@ -130,7 +131,7 @@ class TPCSwinTransformer(TPCHooks, SwinTransformer):
                         x = s * blk(x) + (1.0 - s) * x
                 g += 1
             stage_traces.append(prop.trace(0, 0))
-        return self.norm(x), self._merge_traces(stage_traces, top)
+        return self.norm(x), self._merge_traces(stage_traces, top) if with_trace else None
 
     def _merge_traces(self, traces: list[TokenTrace], top: tuple[int, int]) -> TokenTrace:
         def cat(field: str) -> torch.Tensor:
@@ -147,7 +148,7 @@ class TPCSwinTransformer(TPCHooks, SwinTransformer):
 
     # ------------------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._propagate(x)[0]
+        return self._propagate(x, with_trace=False)[0]
 
     def forward(self, x: torch.Tensor, return_trace: bool = False):
         if return_trace:

@@ -134,8 +134,10 @@ class TPCViTMixin(TPCHooks):
         x: torch.Tensor,
         forced_active: torch.Tensor | None = None,
         path: str | None = None,
-    ) -> tuple[torch.Tensor, TokenTrace]:
-        """Run the blocks with token propagation control; returns normalised features and the trace."""
+        with_trace: bool = True,
+    ) -> tuple[torch.Tensor, TokenTrace | None]:
+        """Run the blocks with token propagation control; returns normalised features and the trace (``None``
+        with ``with_trace=False``)."""
         x = self._embed(x)
         cfg, P = self.tpc_cfg, self.num_prefix_tokens
         grid = tuple(self.patch_embed.grid_size)
@@ -148,7 +150,8 @@ class TPCViTMixin(TPCHooks):
             raise ValueError(f"forced_active must be [B, depth, N] = {[x.shape[0], len(self.blocks), n]}")
         prop = Propagation(cfg, mode, self.tpc_keep, x.shape[0], n, grid, x.device,
                            sample=self.training and not fast, forced_active=forced_active,
-                           force_pause=self.tpc_force_pause, force_restart=self.tpc_force_restart)
+                           force_pause=self.tpc_force_pause, force_restart=self.tpc_force_restart,
+                           record=with_trace)
         for i, blk in enumerate(self.blocks):
             stab = self.stabilizers[str(i)] if str(i) in self.stabilizers else None
             if stab is not None:
@@ -182,7 +185,7 @@ class TPCViTMixin(TPCHooks):
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("TPC models make their own attention masks; attn_mask/is_causal unsupported")
-        return self._propagate(x)[0]
+        return self._propagate(x, with_trace=False)[0]
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, return_trace: bool = False):
         """timm's forward; ``return_trace=True`` gives ``(logits, trace)`` (use it through DDP wrappers)."""
