@@ -1,4 +1,5 @@
-"""Command line: ``tpcvit bench | train | eval`` (also ``python -m tpcvit`` and under ``torchrun``)."""
+"""Command line: ``tpcvit bench | train | eval | analyze | viz | ablate | export | pipeline`` (also
+``python -m tpcvit`` and under ``torchrun``)."""
 
 from __future__ import annotations
 
@@ -197,6 +198,46 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from .config import load_config
+    from .engine import build_model
+    from .export import classes_in_checkpoint, export_onnx, report_dict, time_onnx
+
+    overrides = list(args.overrides) + ([f"model.name={args.model}"] if args.model else [])
+    cfg = load_config(args.config, overrides)
+    num_classes = args.num_classes or (classes_in_checkpoint(args.checkpoint) if args.checkpoint else None) or 1000
+    model = build_model(cfg, num_classes, init=args.checkpoint)
+    report = export_onnx(model, args.out, args.mode, args.keep, args.batch_size, dynamic_batch=not args.static_batch,
+                         check=not args.no_check)
+    checked = f"onnxruntime matches PyTorch (max |diff| {report.max_abs_diff:.2g})" if report.checked_batches \
+        else "not checked"
+    print(f"wrote {report.path} ({report.size_mb} MB, {report.mode}"
+          f"{'' if report.keep is None else f' keep {report.keep}'}): {checked}")
+    if args.bench is not None:
+        batches = args.bench or [1, 32]
+        if args.static_batch and any(b != args.batch_size for b in batches):
+            raise ValueError("--bench batch sizes need a dynamic batch axis: drop --static-batch")
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            dense = export_onnx(model, Path(tmp) / "dense.onnx", "dense", None, args.batch_size,
+                                dynamic_batch=not args.static_batch, check=False)
+            for b in batches:
+                t_dense, t_model = time_onnx([dense.path, report.path], b, rounds=args.rounds)
+                rows.append({"batch": b, "dense_img_s": b / t_dense, "img_s": b / t_model,
+                             "speed_up": t_dense / t_model})
+        print("onnxruntime CPU, fp32, interleaved rounds, medians")
+        print("| batch | dense img/s | exported img/s | speed-up |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['batch']} | {r['dense_img_s']:.1f} | {r['img_s']:.1f} | {r['speed_up']:.2f}x |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({**report_dict(report), "bench": rows}, indent=2) + "\n")
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="YAML experiment config (see configs/)")
     p.add_argument("--output", "-o", default=None, help="output folder (overrides the config's output)")
@@ -257,6 +298,26 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--dense", required=True, help="dense checkpoint every variant is fine-tuned from")
     ab.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated, e.g. 0,1,2")
     ab.set_defaults(func=_cmd_ablate)
+
+    x = sub.add_parser("export", help="ONNX export of a model in dense or budget mode (static shapes), checked "
+                       "against PyTorch with onnxruntime; --bench times it against the exported dense model")
+    x.add_argument("--config", "-c", default=None, help="experiment config (model name and kwargs)")
+    x.add_argument("--model", default=None, help="model name (overrides the config's model.name)")
+    x.add_argument("--checkpoint", default=None, help="weights; without: random weights (speed only)")
+    x.add_argument("--num-classes", type=int, default=0, help="default: from the checkpoint's classifier, else 1000")
+    x.add_argument("--mode", default="budget", choices=["budget", "dense"])
+    x.add_argument("--keep", type=float, default=None, help="budget mode: share of patch tokens kept per block "
+                   "(default: the model's target_keep)")
+    x.add_argument("--batch-size", type=int, default=1, help="batch of the check (the batch axis stays dynamic)")
+    x.add_argument("--static-batch", action="store_true", help="fix the batch axis to --batch-size")
+    x.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    x.add_argument("--bench", type=int, nargs="*", default=None, metavar="BATCH",
+                   help="time onnxruntime at these batch sizes (default 1 32) against the same model exported dense")
+    x.add_argument("--rounds", type=int, default=5)
+    x.add_argument("--json", default=None, help="write the report (and timings) to this JSON file")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("overrides", nargs="*", help="config overrides: key.sub=value")
+    x.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("pipeline", help="dense training + TPC fine-tuning + evaluation + speed, one table")
     _add_config_args(p)

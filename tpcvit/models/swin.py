@@ -47,19 +47,24 @@ def output_projection_deferred(attn: nn.Module):
         attn.proj = proj
 
 
-def sparse_swin_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+def sparse_swin_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor,
+                      index: torch.Tensor | None = None) -> torch.Tensor:
     """A timm ``SwinTransformerBlock`` (eval) where only ``active`` ``[B, H*W]`` tokens are updated.
 
     Window attention sees every token (keys/values); output projection, residual, LayerNorm and MLP run on the
-    active tokens only.
+    active tokens only. ``index`` ``[B, k]`` (budget mode: the kept positions of each image) replaces the
+    ``nonzero`` of ``active``, which keeps every shape static (ONNX export, compilers).
     """
     b, h, w, c = x.shape
-    if bool(active.all()):
+    if (index.shape[1] == h * w) if index is not None else bool(active.all()):
         return blk(x)
     with output_projection_deferred(blk.attn) as proj:
         heads = blk._attn(blk.norm1(x))
     flat = x.reshape(b * h * w, c)
-    idx = active.reshape(-1).nonzero().squeeze(1)
+    if index is not None:
+        idx = (index + torch.arange(b, device=x.device)[:, None] * (h * w)).reshape(-1)
+    else:
+        idx = active.reshape(-1).nonzero().squeeze(1)
     tokens = flat.index_select(0, idx) + proj(heads.reshape(b * h * w, c).index_select(0, idx))
     tokens = tokens + blk.mlp(blk.norm2(tokens))
     return flat.index_copy(0, idx, tokens).view(b, h, w, c)
@@ -125,7 +130,7 @@ class TPCSwinTransformer(TPCHooks, SwinTransformer):
                 else:
                     states, active = prop.step(j, self.controller[g - cfg.start_layer](x.reshape(b, h * w, c), 0))
                     if fast:
-                        x = sparse_swin_block(blk, x, active)
+                        x = sparse_swin_block(blk, x, active, prop.topk_index)
                     else:
                         s = states.to(x.dtype).view(b, h, w, 1)
                         x = s * blk(x) + (1.0 - s) * x

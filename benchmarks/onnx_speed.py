@@ -1,0 +1,162 @@
+"""TPC exported to ONNX (budget mode: static shapes) and run in onnxruntime, against the same model exported dense.
+
+1. DeiT-S 224 (random weights: speed only): dense vs budget keep 70/50/30%, batch 1 and 32, GMACs from the model.
+2. With the main job's checkpoints (``bash scripts/main.sh``): the Fashion-MNIST models, where the exported graphs
+   are also evaluated on the full 10k test set (top-1 of onnxruntime vs PyTorch for the same weights and mode).
+
+Timing: onnxruntime CPU provider, fp32, random images, warm-up, rounds interleaved across the variants, medians.
+Writes ``<out>.json`` and ``<out>.md``.  ~10 min on a 2-core CPU.
+
+    python benchmarks/onnx_speed.py --out benchmarks/results/onnx_speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tpcvit import count_gmacs, set_mode  # tpcvit first: its import guard must run before timm is imported
+from tpcvit.bench import machine_info
+from tpcvit.config import load_config
+from tpcvit.engine import build_data, build_model, init_distributed
+from tpcvit.export import export_onnx, ort_session, time_onnx
+from tpcvit.models.vit import image_geometry
+
+
+def timing_rows(paths: list[str], names: list[str], gmacs: list[float], batches: list[int], rounds: int) -> list:
+    rows = []
+    for b in batches:
+        secs = time_onnx(paths, b, rounds=rounds)
+        for name, g, t in zip(names, gmacs, secs):
+            rows.append({"variant": name, "batch": b, "img_s": b / t, "latency_ms": 1e3 * t if b == 1 else None,
+                         "gmacs": g, "speed_up": secs[0] / t, "flops_ratio": gmacs[0] / g,
+                         "speed_up_per_flops": (secs[0] / t) / (gmacs[0] / g)})
+    return rows
+
+
+def deit_small(keeps: list[float], batches: list[int], rounds: int, tmp: Path) -> list:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("tpc_deit_small_patch16_224").eval()
+    x = torch.randn(2, *image_geometry(model))
+    names, paths, gmacs = [], [], []
+    for keep in [None, *keeps]:
+        mode = "dense" if keep is None else "budget"
+        path = tmp / f"deit_s_{mode}_{keep}.onnx"
+        report = export_onnx(model, path, mode, keep)
+        set_mode(model, mode, keep)
+        names.append("dense" if keep is None else f"TPC budget keep {keep:.0%}")
+        paths.append(str(path))
+        gmacs.append(count_gmacs(model, x))
+        print(f"exported {names[-1]}: max |onnxruntime - PyTorch| = {report.max_abs_diff:.2g}")
+    return timing_rows(paths, names, gmacs, batches, rounds)
+
+
+def onnx_top1(path: str, loader) -> float:
+    session = ort_session(path)
+    correct = total = 0
+    for images, targets in tqdm(loader, desc=f"onnxruntime eval {Path(path).name}", leave=False):
+        logits = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+        correct += int((logits.argmax(-1) == targets).sum())
+        total += len(targets)
+    return 100.0 * correct / total
+
+
+def torch_top1(model, loader) -> float:
+    correct = total = 0
+    with torch.no_grad():
+        for images, targets in tqdm(loader, desc="PyTorch eval", leave=False):
+            correct += int((model(images).argmax(-1) == targets).sum())
+            total += len(targets)
+    return 100.0 * correct / total
+
+
+def fashion_mnist(main: Path, keep: float, batches: list[int], rounds: int, tmp: Path) -> dict | None:
+    dense_ckpt, tpc_ckpt = main / "dense" / "best.safetensors", main / "tpc" / "best.safetensors"
+    if not (dense_ckpt.is_file() and tpc_ckpt.is_file()):
+        print(f"skipping the Fashion-MNIST part: {dense_ckpt} / {tpc_ckpt} missing (run bash scripts/main.sh)")
+        return None
+    cfg = load_config("configs/fmnist_main.yaml", [])
+    info = init_distributed()
+    tpc = build_model(cfg, 10, init=str(tpc_ckpt)).eval()
+    dense = build_model(cfg, 10, name=cfg["model"]["name"].removeprefix("tpc_"), init=str(dense_ckpt)).eval()
+    in_chans, size = image_geometry(tpc)[:2]
+    _, _, _, _, val_loader = build_data(cfg, in_chans, size, info)
+    images = next(iter(val_loader))[0]
+    paths = [str(tmp / "fmnist_dense.onnx"), str(tmp / "fmnist_tpc.onnx")]
+    export_onnx(dense, paths[0], "dense")
+    export_onnx(tpc, paths[1], "budget", keep)
+    set_mode(tpc, "budget", keep)
+    gmacs = [count_gmacs(dense, images), count_gmacs(tpc, images)]
+    names = ["dense", f"TPC budget keep {keep:.0%}"]
+    accuracy = [{"variant": names[0], "top1_onnx": onnx_top1(paths[0], val_loader),
+                 "top1_torch": torch_top1(dense, val_loader)},
+                {"variant": names[1], "top1_onnx": onnx_top1(paths[1], val_loader),
+                 "top1_torch": torch_top1(tpc, val_loader)}]
+    return {"accuracy": accuracy, "speed": timing_rows(paths, names, gmacs, batches, rounds)}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"onnxruntime {result['onnxruntime']} CPU provider, fp32; {m['cpu']}, {m['cores']} cores; "
+             f"{result['rounds']} interleaved rounds, medians.", "", f"Command: `{result['command']}`", ""]
+
+    def speed_table(rows: list) -> None:
+        lines.extend(["| variant | batch | img/s | speed-up | GMACs | FLOPs ratio | speed-up / FLOPs |",
+                      "|---|---|---|---|---|---|---|"])
+        for r in rows:
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['img_s']:.1f} | {r['speed_up']:.2f}x | "
+                         f"{r['gmacs']:.4g} | {r['flops_ratio']:.2f}x | {r['speed_up_per_flops']:.2f} |")
+        lines.append("")
+
+    lines.append("DeiT-S 224 (random weights):")
+    lines.append("")
+    speed_table(result["deit_small"])
+    fm = result.get("fashion_mnist")
+    if fm:
+        lines.extend(["Fashion-MNIST main-job models (full 10k test set):", "",
+                      "| variant | top-1 onnxruntime | top-1 PyTorch |", "|---|---|---|"])
+        lines.extend(f"| {a['variant']} | {a['top1_onnx']:.2f} | {a['top1_torch']:.2f} |" for a in fm["accuracy"])
+        lines.append("")
+        speed_table(fm["speed"])
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import shlex
+    import sys
+
+    import onnxruntime
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--main", default="runs/fmnist_main", help="the main job's output (dense/ and tpc/ checkpoints)")
+    p.add_argument("--fmnist-keep", type=float, default=0.25)
+    p.add_argument("--fmnist-batch-sizes", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--out", default="benchmarks/results/onnx_speed")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+                  "machine": machine_info(), "onnxruntime": onnxruntime.__version__, "rounds": args.rounds,
+                  "deit_small": deit_small(args.keeps, args.batch_sizes, args.rounds, Path(tmp)),
+                  "fashion_mnist": fashion_mnist(Path(args.main), args.fmnist_keep, args.fmnist_batch_sizes,
+                                                 args.rounds, Path(tmp))}
+    text = markdown(result)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
