@@ -98,3 +98,20 @@ def test_import_guard_makes_timm_importable_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")
+
+
+def test_steady_allocator_is_applied_for_cpu_timing_and_reported(monkeypatch):
+    """Timing fixes glibc's mmap/trim thresholds (page-fault noise) and says so; TPCVIT_STEADY_MALLOC=0 opts out."""
+    import tpcvit.bench as bench
+
+    monkeypatch.setattr(bench, "_allocator_note", "default")
+    monkeypatch.setenv("TPCVIT_STEADY_MALLOC", "0")
+    bench.time_interleaved({"noop": lambda: None}, torch.device("cpu"), rounds=1, progress=False)
+    assert bench.machine_info()["allocator"] == "default"
+    monkeypatch.delenv("TPCVIT_STEADY_MALLOC")
+    samples = bench.time_interleaved({"noop": lambda: None}, torch.device("cpu"), rounds=2, progress=False)
+    assert len(samples["noop"]) == 2
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        assert bench.machine_info()["allocator"].startswith("glibc mallopt")
