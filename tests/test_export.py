@@ -99,3 +99,19 @@ def test_cli_exports_a_checkpoint_with_its_class_count(tmp_path, capsys):
     rc = main(["export", "--model", "tpc_deit_small_patch16_224", "--checkpoint", str(tmp_path / "nope.safetensors"),
                "--out", str(tmp_path / "x.onnx"), kwargs])
     assert rc == 2 and "checkpoint not found" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+
+
+def test_torch_compile_of_budget_mode_matches_eager_and_benches():
+    """Budget mode has static shapes: torch.compile(fullgraph=True) traces it without graph breaks."""
+    from tpcvit.bench import bench_tpc_speed
+
+    model = small_tpc(depth=2).eval()
+    set_mode(model, "budget", keep=0.5)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, dynamic=False)(x), model(x),
+                                   rtol=1e-4, atol=1e-4)
+    rows, meta = bench_tpc_speed("tpc_deit_tiny_patch16_224", keeps=(0.5,), batch_sizes=(2,), rounds=2,
+                                 compile=True, img_size=32, patch_size=8, depth=2)
+    assert meta["compiled"] and [r.variant for r in rows] == ["dense", "tpc@50%"]
+    assert all(r.img_per_s > 0 for r in rows) and rows[1].gmacs < rows[0].gmacs

@@ -130,13 +130,25 @@ def speed_table(
     rounds: int,
     baseline: str,
     progress: bool = True,
+    compile: bool = False,
 ) -> list[SpeedRow]:
-    """Time every variant at every batch size on ``make_input(batch)``; speed-ups relative to ``baseline``."""
+    """Time every variant at every batch size on ``make_input(batch)``; speed-ups relative to ``baseline``.
+
+    ``compile``: every variant (baseline included) runs through ``torch.compile(dynamic=False)``, compiled once
+    per batch size before timing (static shapes: dense and budget mode; adaptive mode recompiles per shape).
+    """
     rows: list[SpeedRow] = []
     dtype_name = str(dtype).removeprefix("torch.")
     for batch in batch_sizes:
         x = make_input(batch).to(device, dtype)
-        fns = {name: (lambda m=model, x=x: m(x)) for name, (model, _) in variants.items()}
+        models = {name: model for name, (model, _) in variants.items()}
+        if compile:
+            torch._dynamo.reset()  # a fresh compile per batch size: no guard failures, no recompilation limit
+            models = {name: torch.compile(m, dynamic=False) for name, m in models.items()}
+            with torch.inference_mode():
+                for m in tqdm(models.values(), desc=f"compiling (batch {batch})", disable=not progress, leave=False):
+                    m(x)
+        fns = {name: (lambda m=model, x=x: m(x)) for name, model in models.items()}
         iters = max(1, 8 // batch) if device.type == "cpu" else 10
         with torch.inference_mode():
             samples = time_interleaved(fns, device, rounds=rounds, iters=iters, progress=progress)
@@ -180,9 +192,11 @@ def bench_tpc_speed(
     rounds: int = 7,
     device: str = "cpu",
     dtype: str = "float32",
+    compile: bool = False,
     **model_kwargs,
 ) -> tuple[list[SpeedRow], dict]:
-    """Dense timm backbone vs the TPC model in ``budget`` mode at each keep ratio (random weights: speed only)."""
+    """Dense timm backbone vs the TPC model in ``budget`` mode at each keep ratio (random weights: speed only);
+    ``compile``: all of them through ``torch.compile``."""
     import timm
 
     from .flops import count_gmacs
@@ -205,7 +219,8 @@ def bench_tpc_speed(
     for m, _ in variants.values():
         m.to(dev, dt)
     rows = speed_table(variants, gmacs, lambda b: torch.randn(b, *size), list(batch_sizes), dev, dt, rounds,
-                       baseline="dense")
+                       baseline="dense", compile=compile)
     meta = {"model": model_name, "dense": dense_name, "machine": machine_info(dev), "rounds": rounds,
-            "mode": "budget", "note": "random weights (speed only); medians over interleaved rounds"}
+            "mode": "budget", "compiled": compile,
+            "note": "random weights (speed only); medians over interleaved rounds"}
     return rows, meta

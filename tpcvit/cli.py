@@ -20,13 +20,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     command = "tpcvit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.methods:
+        if args.compile:
+            raise ValueError("--compile times budget/dense variants only: drop --methods, or drop --compile")
         return _bench_methods(args, command)
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     rows, meta = bench_tpc_speed(args.model, tuple(args.keeps), tuple(args.batch_sizes), args.rounds,
-                                 args.device, args.dtype, **kwargs)
+                                 args.device, args.dtype, compile=args.compile, **kwargs)
     meta["command"] = command
     print(f"{meta['model']} vs {meta['dense']} on {meta['machine']['cpu']} "
-          f"({meta['machine']['threads']} threads, {args.device}, {args.dtype})")
+          f"({meta['machine']['threads']} threads, {args.device}, {args.dtype}{', compiled' if args.compile else ''})")
     print(rows_to_markdown(rows))
     if args.out:
         print(f"wrote {write_results(args.out, rows, meta)}")
@@ -259,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--img-size", type=int, default=None)
     b.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    b.add_argument("--compile", action="store_true", help="time every variant through torch.compile (not with "
+                   "--methods)")
     b.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --methods)")
     b.add_argument("--methods", type=_str_list, default=None,
                    help="comma-separated specs: dense, tpc-adaptive, METHOD@GMACS_FRACTION or METHOD=KNOB with "
