@@ -203,11 +203,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import json
     import tempfile
+    from dataclasses import asdict
     from pathlib import Path
 
     from .config import load_config
     from .engine import build_model
-    from .export import classes_in_checkpoint, export_onnx, report_dict, time_onnx
+    from .export import classes_in_checkpoint, export_onnx, time_onnx
 
     overrides = list(args.overrides) + ([f"model.name={args.model}"] if args.model else [])
     cfg = load_config(args.config, overrides)
@@ -236,7 +237,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"| {r['batch']} | {r['dense_img_s']:.1f} | {r['img_s']:.1f} | {r['speed_up']:.2f}x |")
         if args.json:
-            Path(args.json).write_text(json.dumps({**report_dict(report), "bench": rows}, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps({**asdict(report), "bench": rows}, indent=2) + "\n")
     return 0
 
 

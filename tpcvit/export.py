@@ -1,8 +1,8 @@
 """ONNX export of TPC (and dense/timm) models, checked against PyTorch with onnxruntime.
 
 Budget mode is the deployable form of TPC: every controlled block keeps exactly ``round(keep * N)`` patch tokens,
-so every shape is static and the whole gather -> block -> scatter path is plain ONNX (TopK, GatherElements,
-ScatterElements) that onnxruntime runs without custom ops. Adaptive mode decides per image how many tokens stay
+so every shape is static and the whole gather -> block -> scatter path is plain ONNX (TopK, Gather,
+ScatterND) that onnxruntime runs without custom ops. Adaptive mode decides per image how many tokens stay
 active, which makes shapes depend on the data; it is refused with a pointer to budget mode.
 """
 
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from .bench import time_interleaved
 from .checkpoint import atomic_write, read_state_dict, unwrap
+from .models.vit import image_geometry
 from .propagation import set_mode, tpc_modules
 
 EXPORT_MODES = ("dense", "budget")
@@ -71,12 +72,6 @@ def prepare_for_export(model: nn.Module, mode: str, keep: float | None) -> nn.Mo
     return model
 
 
-def _input_geometry(model: nn.Module) -> tuple[int, int, int]:
-    from .models.vit import image_geometry
-
-    return image_geometry(model)
-
-
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -95,7 +90,7 @@ def export_onnx(
     """
     _require("onnxscript")
     model = prepare_for_export(model, mode, keep)
-    c, h, w = _input_geometry(model)
+    c, h, w = image_geometry(model)
     # a dynamic batch axis is traced at 2: torch.export specialises a size-1 example dimension to 1
     example = torch.randn(max(batch_size, 2) if dynamic_batch else batch_size, c, h, w)
     dynamic_shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
@@ -131,7 +126,7 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, batches: list[int], at
     """Max abs difference between onnxruntime and PyTorch logits on random images; raises above ``atol``
     (relative to the logits' scale)."""
     session = ort_session(path)
-    c, h, w = _input_geometry(model)
+    c, h, w = image_geometry(model)
     worst = 0.0
     gen = torch.Generator().manual_seed(0)
     for b in batches:
@@ -160,25 +155,12 @@ def time_onnx(paths: list[str | os.PathLike], batch: int, rounds: int = 5, iters
     sessions = [ort_session(p, threads) for p in paths]
     c, h, w = (int(v) for v in sessions[0].get_inputs()[0].shape[1:])
     x = torch.randn(batch, c, h, w).numpy()
-    slowest = 0.0
-    for s in sessions:
-        for _ in range(3):
-            t0 = time.perf_counter()
-            s.run(None, {"images": x})
-        slowest = max(slowest, time.perf_counter() - t0)
-    iters = iters or max(1, min(1000, round(round_seconds / max(slowest, 1e-6))))
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for s, t in zip(sessions, times):
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                s.run(None, {"images": x})
-            t.append((time.perf_counter() - t0) / iters)
-    return [statistics.median(t) for t in times]
-
-
-def report_dict(report: ExportReport) -> dict:
-    return asdict(report)
+    fns = {i: (lambda s=s: s.run(None, {"images": x})) for i, s in enumerate(sessions)}
+    if iters is None:  # as many calls per round as fill round_seconds for the slowest model (after a warm-up)
+        one = time_interleaved(fns, torch.device("cpu"), rounds=1, warmup=2, progress=False)
+        iters = max(1, min(1000, round(round_seconds / max(max(t[0] for t in one.values()), 1e-6))))
+    samples = time_interleaved(fns, torch.device("cpu"), rounds=rounds, iters=iters, warmup=1, progress=False)
+    return [statistics.median(samples[i]) for i in range(len(sessions))]
 
 
 __all__ = ["EXPORT_MODES", "ExportError", "ExportReport", "check_onnx", "classes_in_checkpoint", "export_onnx",
