@@ -95,6 +95,10 @@ def export_onnx(
     example = torch.randn(max(batch_size, 2) if dynamic_batch else batch_size, c, h, w)
     dynamic_shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
 
+    batches = [batch_size] + ([batch_size + 2] if dynamic_batch else [])
+    report = ExportReport(str(path), mode, keep, [batch_size, c, h, w], dynamic_batch, 0.0, None,
+                          batches if check else [])
+
     def write(tmp: str) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.export internals, not actionable here
@@ -105,9 +109,6 @@ def export_onnx(
         if check:
             report.max_abs_diff = check_onnx(model, tmp, report.checked_batches)
 
-    batches = [batch_size] + ([batch_size + 2] if dynamic_batch else [])
-    report = ExportReport(str(path), mode, keep, [batch_size, c, h, w], dynamic_batch, 0.0, None,
-                          batches if check else [])
     out = atomic_write(path, write)
     report.size_mb = round(out.stat().st_size / 2**20, 2)
     return report

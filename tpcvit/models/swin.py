@@ -31,6 +31,7 @@ from timm.models.swin_transformer import SwinTransformer
 
 from ..propagation import ControllerHead, Propagation, TokenTrace, TPCConfig, TPCHooks
 from ..stabilizer import TokenGridStabilizer
+from ..tokens import flat_index
 from .vit import check_create_kwargs, check_images
 
 
@@ -61,10 +62,7 @@ def sparse_swin_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor,
     with output_projection_deferred(blk.attn) as proj:
         heads = blk._attn(blk.norm1(x))
     flat = x.reshape(b * h * w, c)
-    if index is not None:
-        idx = (index + torch.arange(b, device=x.device)[:, None] * (h * w)).reshape(-1)
-    else:
-        idx = active.reshape(-1).nonzero().squeeze(1)
+    idx = flat_index(index, h * w) if index is not None else active.reshape(-1).nonzero().squeeze(1)
     tokens = flat.index_select(0, idx) + proj(heads.reshape(b * h * w, c).index_select(0, idx))
     tokens = tokens + blk.mlp(blk.norm2(tokens))
     return flat.index_copy(0, idx, tokens).view(b, h, w, c)
