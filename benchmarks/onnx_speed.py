@@ -15,28 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from tpcvit import count_gmacs, set_mode  # tpcvit first: its import guard must run before timm is imported
-from tpcvit.bench import machine_info
+from tpcvit.bench import machine_info, rows_to_markdown  # tpcvit before timm: its import guard
 from tpcvit.config import load_config
 from tpcvit.engine import build_data, build_model, init_distributed
-from tpcvit.export import export_onnx, ort_session, time_onnx
+from tpcvit.export import export_onnx, onnx_speed_rows, ort_session
 from tpcvit.models.vit import image_geometry
-
-
-def timing_rows(paths: list[str], names: list[str], gmacs: list[float], batches: list[int], rounds: int) -> list:
-    rows = []
-    for b in batches:
-        secs = time_onnx(paths, b, rounds=rounds)
-        for name, g, t in zip(names, gmacs, secs):
-            rows.append({"variant": name, "batch": b, "img_s": b / t, "latency_ms": 1e3 * t if b == 1 else None,
-                         "gmacs": g, "speed_up": secs[0] / t, "flops_ratio": gmacs[0] / g,
-                         "speed_up_per_flops": (secs[0] / t) / (gmacs[0] / g)})
-    return rows
 
 
 def deit_small(keeps: list[float], batches: list[int], rounds: int, tmp: Path) -> list:
@@ -44,18 +33,14 @@ def deit_small(keeps: list[float], batches: list[int], rounds: int, tmp: Path) -
 
     torch.manual_seed(0)
     model = timm.create_model("tpc_deit_small_patch16_224").eval()
-    x = torch.randn(2, *image_geometry(model))
-    names, paths, gmacs = [], [], []
+    variants = {}
     for keep in [None, *keeps]:
         mode = "dense" if keep is None else "budget"
-        path = tmp / f"deit_s_{mode}_{keep}.onnx"
-        report = export_onnx(model, path, mode, keep)
-        set_mode(model, mode, keep)
-        names.append("dense" if keep is None else f"TPC budget keep {keep:.0%}")
-        paths.append(str(path))
-        gmacs.append(count_gmacs(model, x))
-        print(f"exported {names[-1]}: max |onnxruntime - PyTorch| = {report.max_abs_diff:.2g}")
-    return timing_rows(paths, names, gmacs, batches, rounds)
+        name = "dense" if keep is None else f"TPC budget keep {keep:.0%}"
+        report = export_onnx(model, tmp / f"deit_s_{mode}_{keep}.onnx", mode, keep)
+        variants[name] = (model, mode, keep, report.path)
+        print(f"exported {name}: max |onnxruntime - PyTorch| = {report.max_abs_diff:.2g}")
+    return onnx_speed_rows(variants, batches, rounds)
 
 
 def onnx_top1(path: str, loader) -> float:
@@ -88,18 +73,17 @@ def fashion_mnist(main: Path, keep: float, batches: list[int], rounds: int, tmp:
     dense = build_model(cfg, 10, name=cfg["model"]["name"].removeprefix("tpc_"), init=str(dense_ckpt)).eval()
     in_chans, size = image_geometry(tpc)[:2]
     _, _, _, _, val_loader = build_data(cfg, in_chans, size, info)
-    images = next(iter(val_loader))[0]
     paths = [str(tmp / "fmnist_dense.onnx"), str(tmp / "fmnist_tpc.onnx")]
     export_onnx(dense, paths[0], "dense")
-    export_onnx(tpc, paths[1], "budget", keep)
-    set_mode(tpc, "budget", keep)
-    gmacs = [count_gmacs(dense, images), count_gmacs(tpc, images)]
+    export_onnx(tpc, paths[1], "budget", keep)  # also leaves the PyTorch model in that mode for torch_top1
     names = ["dense", f"TPC budget keep {keep:.0%}"]
     accuracy = [{"variant": names[0], "top1_onnx": onnx_top1(paths[0], val_loader),
                  "top1_torch": torch_top1(dense, val_loader)},
                 {"variant": names[1], "top1_onnx": onnx_top1(paths[1], val_loader),
                  "top1_torch": torch_top1(tpc, val_loader)}]
-    return {"accuracy": accuracy, "speed": timing_rows(paths, names, gmacs, batches, rounds)}
+    speed = onnx_speed_rows({names[0]: (dense, "dense", None, paths[0]), names[1]: (tpc, "budget", keep, paths[1])},
+                            batches, rounds)
+    return {"accuracy": accuracy, "speed": speed}
 
 
 def markdown(result: dict) -> str:
@@ -107,24 +91,16 @@ def markdown(result: dict) -> str:
     lines = [f"onnxruntime {result['onnxruntime']} CPU provider, fp32; {m['cpu']}, {m['cores']} cores; "
              f"{result['rounds']} interleaved rounds, medians.", "", f"Command: `{result['command']}`", ""]
 
-    def speed_table(rows: list) -> None:
-        lines.extend(["| variant | batch | img/s | speed-up | GMACs | FLOPs ratio | speed-up / FLOPs |",
-                      "|---|---|---|---|---|---|---|"])
-        for r in rows:
-            lines.append(f"| {r['variant']} | {r['batch']} | {r['img_s']:.1f} | {r['speed_up']:.2f}x | "
-                         f"{r['gmacs']:.4g} | {r['flops_ratio']:.2f}x | {r['speed_up_per_flops']:.2f} |")
-        lines.append("")
-
     lines.append("DeiT-S 224 (random weights):")
     lines.append("")
-    speed_table(result["deit_small"])
+    lines.extend([rows_to_markdown(result["deit_small"]), ""])
     fm = result.get("fashion_mnist")
     if fm:
         lines.extend(["Fashion-MNIST main-job models (full 10k test set):", "",
                       "| variant | top-1 onnxruntime | top-1 PyTorch |", "|---|---|---|"])
         lines.extend(f"| {a['variant']} | {a['top1_onnx']:.2f} | {a['top1_torch']:.2f} |" for a in fm["accuracy"])
         lines.append("")
-        speed_table(fm["speed"])
+        lines.extend([rows_to_markdown(fm["speed"]), ""])
     return "\n".join(lines)
 
 
@@ -153,7 +129,7 @@ def main() -> None:
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=asdict) + "\n")
     out.with_suffix(".md").write_text(text + "\n")
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
 

@@ -152,13 +152,20 @@ def speed_table(
         iters = max(1, 8 // batch) if device.type == "cpu" else 10
         with torch.inference_mode():
             samples = time_interleaved(fns, device, rounds=rounds, iters=iters, progress=progress)
-        base = statistics.median(samples[baseline])
-        for name, (_, keep) in variants.items():
-            med = statistics.median(samples[name])
-            flops_ratio = gmacs[baseline] / gmacs[name]
-            speedup = base / med
-            rows.append(SpeedRow(name, batch, dtype_name, batch / med, med * 1e3, gmacs[name], speedup,
-                                 flops_ratio, speedup / flops_ratio, keep, [round(s, 5) for s in samples[name]]))
+        rows += speed_rows(samples, gmacs, batch, dtype_name, baseline, {n: k for n, (_, k) in variants.items()})
+    return rows
+
+
+def speed_rows(samples: dict[str, list[float]], gmacs: dict[str, float], batch: int, dtype: str, baseline: str,
+               keeps: dict[str, float | None] | None = None) -> list[SpeedRow]:
+    """One :class:`SpeedRow` per variant from its timing samples (seconds per call) at one batch size."""
+    base = statistics.median(samples[baseline])
+    rows = []
+    for name, times in samples.items():
+        med = statistics.median(times)
+        flops_ratio = gmacs[baseline] / gmacs[name]
+        rows.append(SpeedRow(name, batch, dtype, batch / med, med * 1e3, gmacs[name], base / med, flops_ratio,
+                             base / med / flops_ratio, (keeps or {}).get(name), [round(t, 5) for t in times]))
     return rows
 
 

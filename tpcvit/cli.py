@@ -206,9 +206,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
+    from .bench import rows_to_markdown
     from .config import load_config
     from .engine import build_model
-    from .export import classes_in_checkpoint, export_onnx, time_onnx
+    from .export import classes_in_checkpoint, export_onnx, onnx_speed_rows
 
     overrides = list(args.overrides) + ([f"model.name={args.model}"] if args.model else [])
     cfg = load_config(args.config, overrides)
@@ -224,20 +225,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
         batches = args.bench or [1, 32]
         if args.static_batch and any(b != args.batch_size for b in batches):
             raise ValueError("--bench batch sizes need a dynamic batch axis: drop --static-batch")
-        rows = []
         with tempfile.TemporaryDirectory() as tmp:
             dense = export_onnx(model, Path(tmp) / "dense.onnx", "dense", None, args.batch_size,
                                 dynamic_batch=not args.static_batch, check=False)
-            for b in batches:
-                t_dense, t_model = time_onnx([dense.path, report.path], b, rounds=args.rounds)
-                rows.append({"batch": b, "dense_img_s": b / t_dense, "img_s": b / t_model,
-                             "speed_up": t_dense / t_model})
-        print("onnxruntime CPU, fp32, interleaved rounds, medians")
-        print("| batch | dense img/s | exported img/s | speed-up |\n|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['batch']} | {r['dense_img_s']:.1f} | {r['img_s']:.1f} | {r['speed_up']:.2f}x |")
+            name = "exported" if args.keep is None else f"exported, keep {args.keep:.0%}"
+            rows = onnx_speed_rows({"dense": (model, "dense", None, dense.path),
+                                    name: (model, args.mode, args.keep, report.path)}, batches, args.rounds)
+        print("onnxruntime CPU provider, interleaved rounds, medians")
+        print(rows_to_markdown(rows))
         if args.json:
-            Path(args.json).write_text(json.dumps({**asdict(report), "bench": rows}, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps({**asdict(report), "bench": [asdict(r) for r in rows]}, indent=2))
     return 0
 
 

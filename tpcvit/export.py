@@ -9,15 +9,15 @@ active, which makes shapes depend on the data; it is refused with a pointer to b
 from __future__ import annotations
 
 import os
-import statistics
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .bench import time_interleaved
+from .bench import SpeedRow, speed_rows, time_interleaved
 from .checkpoint import atomic_write, read_state_dict, unwrap
+from .flops import count_gmacs
 from .models.vit import image_geometry
 from .propagation import set_mode, tpc_modules
 
@@ -146,23 +146,40 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, batches: list[int], at
     return worst
 
 
-def time_onnx(paths: list[str | os.PathLike], batch: int, rounds: int = 5, iters: int | None = None,
-              threads: int = 0, round_seconds: float = 0.5) -> list[float]:
-    """Median seconds per onnxruntime call of each model in ``paths`` on the same random images.
+def time_onnx(paths: dict[str, str | os.PathLike], batch: int, rounds: int = 5, iters: int | None = None,
+              threads: int = 0, round_seconds: float = 0.5) -> dict[str, list[float]]:
+    """Seconds per onnxruntime call of each named model, one sample per round, on the same random images.
 
     Rounds are interleaved across the models (a noisy machine slows all of them alike), after a warm-up; each
     round makes ``iters`` calls per model (default: as many as fill ``round_seconds`` for the slowest model).
     """
-    sessions = [ort_session(p, threads) for p in paths]
-    c, h, w = (int(v) for v in sessions[0].get_inputs()[0].shape[1:])
+    sessions = {name: ort_session(p, threads) for name, p in paths.items()}
+    c, h, w = (int(v) for v in next(iter(sessions.values())).get_inputs()[0].shape[1:])
     x = torch.randn(batch, c, h, w).numpy()
-    fns = {i: (lambda s=s: s.run(None, {"images": x})) for i, s in enumerate(sessions)}
-    if iters is None:  # as many calls per round as fill round_seconds for the slowest model (after a warm-up)
+    fns = {name: (lambda s=s: s.run(None, {"images": x})) for name, s in sessions.items()}
+    if iters is None:
         one = time_interleaved(fns, torch.device("cpu"), rounds=1, warmup=2, progress=False)
         iters = max(1, min(1000, round(round_seconds / max(max(t[0] for t in one.values()), 1e-6))))
-    samples = time_interleaved(fns, torch.device("cpu"), rounds=rounds, iters=iters, warmup=1, progress=False)
-    return [statistics.median(samples[i]) for i in range(len(sessions))]
+    return time_interleaved(fns, torch.device("cpu"), rounds=rounds, iters=iters, warmup=1, progress=False)
+
+
+def onnx_speed_rows(variants: dict[str, tuple[nn.Module, str, float | None, str | os.PathLike]],
+                    batch_sizes: list[int], rounds: int = 5) -> list[SpeedRow]:
+    """Time exported models against each other in onnxruntime (fp32, CPU); the first variant is the baseline.
+
+    ``variants``: name -> ``(model, mode, keep, onnx path)``; GMACs come from the PyTorch model in that mode.
+    """
+    gmacs = {}
+    for name, (model, mode, keep, _) in variants.items():
+        prepare_for_export(model, mode, keep)
+        gmacs[name] = count_gmacs(model, torch.randn(2, *image_geometry(model)))
+    baseline, keeps = next(iter(variants)), {name: v[2] for name, v in variants.items()}
+    rows: list[SpeedRow] = []
+    for batch in batch_sizes:
+        samples = time_onnx({name: v[3] for name, v in variants.items()}, batch, rounds)
+        rows += speed_rows(samples, gmacs, batch, "float32", baseline, keeps)
+    return rows
 
 
 __all__ = ["EXPORT_MODES", "ExportError", "ExportReport", "check_onnx", "classes_in_checkpoint", "export_onnx",
-           "prepare_for_export", "time_onnx"]
+           "onnx_speed_rows", "prepare_for_export", "time_onnx"]
