@@ -1,4 +1,4 @@
-"""Peers in the one harness: ToMe, EViT, A-ViT build, run, train, honour their budget knob, and agree with dense."""
+"""Peers in the one harness: ToMe, EViT, A-ViT, IdleViT, DynamicViT build, run, train, honour their budget knob, and agree with dense."""
 
 import pytest
 import timm
@@ -7,12 +7,16 @@ from conftest import SMALL, small_tpc
 
 from tpcvit import count_gmacs, set_mode
 from tpcvit.baselines.avit import gaussian_prior, halting_step
+from tpcvit.baselines.common import PEER_METHODS
 from tpcvit.baselines.evit import keep_topk_fuse
+from tpcvit.baselines.idlevit import token_cut_loss
 from tpcvit.baselines.tome import bipartite_plan, merge_schedule, merge_weighted
 from tpcvit.compare import match_gmacs, pareto_front, parse_spec
 from tpcvit.config import ConfigError
 
-PEERS = sorted(timm.list_models("tome_*") + timm.list_models("evit_*") + timm.list_models("avit_*"))
+PEERS = sorted(n for m in PEER_METHODS for n in timm.list_models(f"{m}_*"))
+BUDGET = {"tome": {"tome_r": 8.0}, "evit": {"keep_rate": 0.5}, "avit": {}, "idlevit": {"keep_rate": 0.4},
+          "dynamicvit": {"keep_rate": 0.6}}
 GRID = dict(SMALL, img_size=32, patch_size=4)  # 8x8 = 64 tokens: budgets have room to be matched finely
 
 
@@ -27,7 +31,8 @@ def _peer(name: str, **kwargs):
 
 def _dense_twin(model):
     dense = timm.create_model("deit_small_patch16_224", **GRID).eval()
-    dense.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("halting.")})
+    dense.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith(("halting.", "predictors."))})
     return dense
 
 
@@ -37,20 +42,20 @@ def grid_images():
     return torch.randn(6, 3, 32, 32)
 
 
-def test_all_three_peer_families_registered_for_tiny_small_base():
-    assert {n.split("_deit_")[0] for n in PEERS} == {"tome", "evit", "avit"}
-    assert len(PEERS) == 9
+def test_every_peer_family_registered_for_tiny_small_base():
+    assert {n.split("_deit_")[0] for n in PEERS} == {"tome", "evit", "avit", "idlevit", "dynamicvit"}
+    assert len(PEERS) == 15
 
 
 @pytest.mark.parametrize("name", PEERS)
 def test_every_peer_builds_runs_and_trains(name, grid_images):
-    budget = {"tome": {"tome_r": 8.0}, "evit": {"keep_rate": 0.5}, "avit": {}}[name.split("_")[0]]
+    budget = BUDGET[name.split("_")[0]]
     model = _peer(name, **budget, depth=4, embed_dim=64 if "tiny" in name else 96, num_heads=2)
     model.train()
     logits, trace = model.forward_with_trace(grid_images)
     assert logits.shape == (6, 5) and torch.isfinite(logits).all()
     assert trace.keep.shape == (6, 4) and float(trace.keep[:, -1].mean()) < 1.0
-    loss = logits.logsumexp(dim=1).mean() + model.reduction_loss(trace, {"alpha_dist": 1.0})["total"]
+    loss = logits.logsumexp(dim=1).mean() + model.reduction_loss(trace, {"alpha_dist": 1.0, "alpha_budget": 1.0})["total"]
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None
                and not n.startswith(("head_dist", "dist_token"))]
@@ -62,14 +67,16 @@ def test_every_peer_builds_runs_and_trains(name, grid_images):
 
 def test_peers_without_reduction_equal_the_dense_backbone(grid_images):
     for name, knob in (("tome_deit_small_patch16_224", 0.0), ("evit_deit_small_patch16_224", 1.0),
-                       ("avit_deit_small_patch16_224", 4.0)):
+                       ("avit_deit_small_patch16_224", 4.0), ("idlevit_deit_small_patch16_224", 1.0),
+                       ("dynamicvit_deit_small_patch16_224", 1.0)):
         model = _peer(name).eval()
         model.set_budget(knob)
         with torch.no_grad():
             torch.testing.assert_close(model(grid_images), _dense_twin(model)(grid_images), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,target", [(m, t) for m in ("tome", "avit", "tpc") for t in (0.5, 0.35)]
+@pytest.mark.parametrize("name,target", [(m, t) for m in ("tome", "avit", "tpc", "idlevit", "dynamicvit")
+                                         for t in (0.5, 0.35)]
                          + [("evit", 0.6), ("evit", 0.45)])  # EViT's floor: blocks before its first reduction
 def test_budget_knob_matches_a_gmacs_target_within_5_percent(name, target, grid_images):
     name = f"{name}_deit_small_patch16_224"
@@ -171,3 +178,65 @@ def test_pareto_front_drops_dominated_points():
     pts = [(1.0, 70.0), (2.0, 80.0), (2.5, 75.0), (3.0, 82.0)]
     assert pareto_front(pts, higher_x_better=False) == [(1.0, 70.0), (2.0, 80.0), (3.0, 82.0)]
     assert pareto_front(pts, higher_x_better=True) == [(3.0, 82.0)]
+
+
+@pytest.mark.parametrize("name", ["idlevit_deit_small_patch16_224", "dynamicvit_deit_small_patch16_224"])
+def test_idlevit_and_dynamicvit_fast_path_equals_masked_path(name, grid_images):
+    model = _peer(name, **BUDGET[name.split("_")[0]]).eval()
+    with torch.no_grad():
+        fast, t_fast = model.forward_with_trace(grid_images, path="fast")
+        masked, t_masked = model.forward_with_trace(grid_images, path="masked")
+        alone, _ = model.forward_with_trace(grid_images[:1], path="fast")
+    assert torch.equal(t_fast.active, t_masked.active)
+    assert 0.2 < t_fast.active[:, -1].float().mean() < 0.8  # reduced: the comparison means something
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone, fast[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_idlevit_selects_idle_tokens_again_and_dynamicvit_never_does(grid_images):
+    with torch.no_grad():
+        _, idle = _peer("idlevit_deit_small_patch16_224", keep_rate=0.4).eval().forward_with_trace(grid_images)
+        _, dvit = _peer("dynamicvit_deit_small_patch16_224", keep_rate=0.6).eval().forward_with_trace(grid_images)
+    a = idle.active
+    assert (a[:, 1:] & ~a[:, :-1]).any()  # idle at block l, computed again at l + 1
+    assert (a[:, 1:].sum(-1) == round(0.4 * 64)).all()  # the same k tokens per controlled block
+    d = dvit.active.int()
+    assert (d[:, 1:] <= d[:, :-1]).all()  # dropped for good
+    assert d[:, -1].sum(-1).tolist() == [round(0.6 ** 3 * 64)] * 6
+
+
+@pytest.mark.parametrize("name", ["idlevit_deit_small_patch16_224", "dynamicvit_deit_small_patch16_224"])
+def test_idlevit_and_dynamicvit_gmacs_count_the_work_done_and_fall_with_the_knob(name, grid_images):
+    from tpcvit.flops import vit_gmacs_from_counts
+
+    model = _peer(name).eval()
+    gmacs = []
+    for knob in (1.0, 0.8, 0.6, 0.4, 0.2):
+        model.set_budget(knob)
+        with torch.no_grad():
+            _, trace = model.forward_with_trace(grid_images)
+        counted = count_gmacs(model, grid_images)
+        extra = 0.0
+        if name.startswith("dynamicvit") and knob < 1.0:  # the predictors, on the tokens alive before each stage
+            d = model.embed_dim
+            per_token = d * d + d * d // 2 + d // 2 * d // 4 + d // 4 * 2
+            extra = sum(trace.active[0, i - 1].sum().item() * per_token for i in model.dvit_blocks)
+        blocks_only = vit_gmacs_from_counts(model, trace.active.sum(dim=2), extra_macs=extra).mean().item()
+        assert blocks_only <= counted <= blocks_only * 1.02  # + the class-attention row; nothing for idle tokens
+        gmacs.append(counted)
+    assert all(a > b for a, b in zip(gmacs, gmacs[1:])), gmacs
+    assert gmacs[0] == pytest.approx(count_gmacs(_dense_twin(model), grid_images), rel=1e-6)
+
+
+def test_token_cut_loss_is_zero_for_separated_sets_and_one_for_uniform_attention():
+    n, p = 6, 1
+    selected = torch.tensor([[True, True, True, False, False, False]])
+    visible = torch.ones(1, n, dtype=torch.bool)
+    uniform = torch.full((1, 2, n + p, n + p), 1.0 / (n + p))
+    assert token_cut_loss(uniform, visible, selected, p).item() == pytest.approx(1.0)  # cut/|S| + cut/|I|
+    blocks = torch.zeros(1, 2, n + p, n + p)
+    blocks[:, :, 1:4, 1:4] = blocks[:, :, 4:, 4:] = 1.0 / 3
+    assert token_cut_loss(blocks, visible, selected, p).item() == pytest.approx(0.0)
+    # tokens that did not take part in the block are left out of both sets
+    half = torch.tensor([[True, True, False, True, True, False]])
+    assert token_cut_loss(uniform, half, selected, p).item() == pytest.approx(1.0)

@@ -5,7 +5,8 @@ decisions, as trained); ``METHOD@F`` with F a fraction of the dense model's GMAC
 until the GMACs measured on real calibration images match; or ``METHOD=V`` to set the knob to V directly. Methods
 with a knob: ``tpc`` (budget-mode keep ratio; ``tpc-keys``: the ``paused_keys`` variant, paused tokens visible as
 keys/values), ``tome`` (tokens merged per block; ``tome-ft``: ToMe with its own fine-tuned weights, trained with
-merging on), ``evit`` (keep rate), ``avit`` (halting threshold).
+merging on), ``evit`` (keep rate), ``avit`` (halting threshold),
+``idlevit`` (share of tokens computed per block), ``dynamicvit`` (keep rate per stage).
 
 Every variant is evaluated on the same images (top-1/top-5, GMACs per image averaged over the evaluation set,
 counting only the work done) and timed in one interleaved loop (medians, warm-up, machine named).
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .baselines.common import PEER_METHODS, PEER_PREFIXES
 from .bench import machine_info, speed_table
 from .checkpoint import atomic_write
 from .config import ConfigError
@@ -29,9 +31,9 @@ from .models.vit import image_geometry
 from .pipeline import take_batches
 from .propagation import set_mode, tpc_modules
 
-METHODS = ("dense", "tpc-adaptive", "tpc", "tpc-keys-adaptive", "tpc-keys", "tome", "tome-ft", "evit", "avit")
 MODEL_PREFIX = {"dense": "", "tpc-adaptive": "tpc_", "tpc": "tpc_", "tpc-keys-adaptive": "tpc_", "tpc-keys": "tpc_",
-                "tome": "tome_", "tome-ft": "tome_", "evit": "evit_", "avit": "avit_"}
+                "tome-ft": "tome_", **{m: f"{m}_" for m in PEER_METHODS}}
+METHODS = tuple(MODEL_PREFIX)
 NEEDS_WEIGHTS = {"tome-ft": "ToMe fine-tuned with merging on (tpcvit train ... model.name=tome_<backbone>)"}
 NO_KNOB = ("dense", "tpc-adaptive", "tpc-keys-adaptive")
 
@@ -115,7 +117,7 @@ def match_gmacs(model: nn.Module, images: torch.Tensor, target_gmacs: float, ite
 # the harness
 # ----------------------------------------------------------------------------------------------------------
 def backbone_name(name: str) -> str:
-    for prefix in ("tpc_", "tome_", "evit_", "avit_"):
+    for prefix in ("tpc_", *PEER_PREFIXES):
         name = name.removeprefix(prefix)
     return name
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .baselines.common import PEER_METHODS, PEER_PREFIXES
 from .checkpoint import atomic_write, load_backbone, save_weights, unwrap
 from .config import ConfigError, dump_config
 from .data import (
@@ -100,9 +101,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-PEER_PREFIXES = ("tome_", "evit_", "avit_")
-
-
 def count_blocks(model: nn.Module) -> int:
     """Transformer blocks of a ViT, or of every stage of a Swin (TPC or plain timm)."""
     if hasattr(model, "layers") and not hasattr(model, "blocks"):
@@ -125,7 +123,7 @@ def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str 
         kwargs.update(cfg["model"]["tpc"])
     elif name.startswith(PEER_PREFIXES):
         peer = cfg["model"]["peer"]
-        if set(peer) & {"tome", "evit", "avit"}:  # per-method sections: {evit: {keep_rate: 0.5}, avit: {...}}
+        if set(peer) & set(PEER_METHODS):  # per-method sections: {evit: {keep_rate: 0.5}, avit: {...}}
             peer = peer.get(name.split("_", 1)[0], {})
         kwargs.update(peer)
     try:

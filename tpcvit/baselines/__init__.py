@@ -1,12 +1,16 @@
 """Peer token-reduction methods in the same harness as TPC, each on timm's ViT with one budget knob.
 
-``import tpcvit`` registers ``tome_deit_*``, ``evit_deit_*`` and ``avit_deit_*`` in timm's registry.
+``import tpcvit`` registers ``tome_deit_*``, ``evit_deit_*``, ``avit_deit_*``, ``idlevit_deit_*`` and
+``dynamicvit_deit_*`` in timm's registry.
 """
 
 from .avit import AViTVisionTransformer
-from .common import PeerMixin, PeerTrace, peer_modules
+from .common import PEER_METHODS, PEER_PREFIXES, PeerMixin, PeerTrace, peer_modules
+from .dynamicvit import DynamicViTVisionTransformer
 from .evit import EViTVisionTransformer
+from .idlevit import IdleViTVisionTransformer
 from .tome import ToMeVisionTransformer
 
-__all__ = ["AViTVisionTransformer", "EViTVisionTransformer", "PeerMixin", "PeerTrace", "ToMeVisionTransformer",
+__all__ = ["PEER_METHODS", "PEER_PREFIXES", "AViTVisionTransformer", "DynamicViTVisionTransformer",
+           "EViTVisionTransformer", "IdleViTVisionTransformer", "PeerMixin", "PeerTrace", "ToMeVisionTransformer",
            "peer_modules"]

@@ -25,15 +25,12 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..models.vit import (
-    DEIT_SIZES,
-    attach_default_cfg,
-    check_create_kwargs,
     embed_tokens,
     packed_block,
     supports_packing,
 )
 from ..tokens import masked_update, run_on_selection, select_active
-from .common import PeerMixin, PeerTrace
+from .common import PeerMixin, PeerTrace, create_peer
 
 
 def halting_step(
@@ -144,27 +141,20 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
         return vit_gmacs_from_counts(self, trace.active.sum(dim=2), extra_macs=heads)
 
 
-def _avit(size: str, pretrained: bool, kwargs: dict) -> AViTVisionTransformer:
-    name = f"avit_deit_{size}_patch16_224"
-    check_create_kwargs(name, pretrained, kwargs)
-    model = AViTVisionTransformer(**{**DEIT_SIZES[size], **kwargs})
-    attach_default_cfg(model, name)
-    return model
-
 
 @register_model
 def avit_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> AViTVisionTransformer:
     """DeiT-Tiny with A-ViT-style halting (``halt_threshold``, ``target_depth``)."""
-    return _avit("tiny", pretrained, kwargs)
+    return create_peer(AViTVisionTransformer, "tiny", pretrained, kwargs)
 
 
 @register_model
 def avit_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> AViTVisionTransformer:
     """DeiT-Small with A-ViT-style halting."""
-    return _avit("small", pretrained, kwargs)
+    return create_peer(AViTVisionTransformer, "small", pretrained, kwargs)
 
 
 @register_model
 def avit_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> AViTVisionTransformer:
     """DeiT-Base with A-ViT-style halting."""
-    return _avit("base", pretrained, kwargs)
+    return create_peer(AViTVisionTransformer, "base", pretrained, kwargs)

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+# every peer method, by the prefix of its registered model names (``<method>_deit_<size>_patch16_224``)
+PEER_METHODS = ("tome", "evit", "avit", "idlevit", "dynamicvit")
+PEER_PREFIXES = tuple(f"{m}_" for m in PEER_METHODS)
 
 
 @dataclass
@@ -105,6 +110,43 @@ def attention_output(attn: nn.Module, o: torch.Tensor) -> torch.Tensor:
     """``[B, H, T, Dh]`` head outputs -> projected ``[B, T, D]``."""
     b, _, t, _ = o.shape
     return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(b, t, attn.attn_dim))))
+
+
+def attend(blk: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = None,
+           need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A timm pre-norm ``Block`` on ``x`` ``[B, T, D]`` that also returns what selection methods read.
+
+    Returns ``(x_out, cls_attn, weights)``: ``cls_attn`` ``[B, T]`` is the class token's attention over the keys
+    (mean over heads; masked keys get 0); ``weights`` ``[B, H, T, T]`` the whole map with ``need_weights``
+    (else ``None``: the output then comes from fused attention and only the class row is computed explicitly,
+    one query, so inference stays cheap). ``key_bias`` ``[B, 1, 1, T]`` is an additive key mask.
+    """
+    attn = blk.attn
+    q, k, v = attention_parts(attn, blk.norm1(x))
+    if need_weights:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        weights = (logits if key_bias is None else logits + key_bias).softmax(dim=-1)
+        o = attn.attn_drop(weights) @ v
+        cls_attn = weights[:, :, 0].mean(dim=1)
+    else:
+        weights = None
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
+        cls_logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+        cls_attn = (cls_logits if key_bias is None else cls_logits + key_bias).softmax(dim=-1)[:, :, 0].mean(dim=1)
+    x = x + blk.drop_path1(blk.ls1(attention_output(attn, o)))
+    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return x, cls_attn, weights
+
+
+def create_peer(cls: type, size: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """A peer model on a DeiT size (``tiny``/``small``/``base``), named ``<method>_deit_<size>_patch16_224``."""
+    from ..models.vit import DEIT_SIZES, attach_default_cfg, check_create_kwargs
+
+    name = f"{cls.method}_deit_{size}_patch16_224"
+    check_create_kwargs(name, pretrained, kwargs)
+    model = cls(**{**DEIT_SIZES[size], **kwargs})
+    attach_default_cfg(model, name)
+    return model
 
 
 def reduction_blocks(depth: int, at_12: tuple[int, ...] = (3, 6, 9)) -> list[int]:

@@ -17,8 +17,8 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..models.vit import DEIT_SIZES, attach_default_cfg, check_create_kwargs, embed_tokens
-from .common import PeerMixin, PeerTrace, attention_output, attention_parts, reduction_blocks
+from ..models.vit import embed_tokens
+from .common import PeerMixin, PeerTrace, attention_output, attention_parts, create_peer, reduction_blocks
 
 
 def keep_topk_fuse(x: torch.Tensor, score: torch.Tensor, k: int, fuse: bool = True) -> torch.Tensor:
@@ -73,27 +73,20 @@ class EViTVisionTransformer(PeerMixin, VisionTransformer):
         return self.norm(x), PeerTrace(keep=x.new_tensor(keep).expand(x.shape[0], -1))
 
 
-def _evit(size: str, pretrained: bool, kwargs: dict) -> EViTVisionTransformer:
-    name = f"evit_deit_{size}_patch16_224"
-    check_create_kwargs(name, pretrained, kwargs)
-    model = EViTVisionTransformer(**{**DEIT_SIZES[size], **kwargs})
-    attach_default_cfg(model, name)
-    return model
-
 
 @register_model
 def evit_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> EViTVisionTransformer:
     """DeiT-Tiny with EViT token reorganisation (``keep_rate``)."""
-    return _evit("tiny", pretrained, kwargs)
+    return create_peer(EViTVisionTransformer, "tiny", pretrained, kwargs)
 
 
 @register_model
 def evit_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> EViTVisionTransformer:
     """DeiT-Small with EViT token reorganisation."""
-    return _evit("small", pretrained, kwargs)
+    return create_peer(EViTVisionTransformer, "small", pretrained, kwargs)
 
 
 @register_model
 def evit_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> EViTVisionTransformer:
     """DeiT-Base with EViT token reorganisation."""
-    return _evit("base", pretrained, kwargs)
+    return create_peer(EViTVisionTransformer, "base", pretrained, kwargs)

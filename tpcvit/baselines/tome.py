@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..models.vit import DEIT_SIZES, attach_default_cfg, check_create_kwargs, embed_tokens
-from .common import PeerMixin, PeerTrace, attention_output, attention_parts
+from ..models.vit import embed_tokens
+from .common import PeerMixin, PeerTrace, attention_output, attention_parts, create_peer
 
 
 @dataclass
@@ -110,30 +110,23 @@ class ToMeVisionTransformer(PeerMixin, VisionTransformer):
         return self.norm(x), PeerTrace(keep=x.new_tensor(keep).expand(b, -1))
 
 
-def _tome(size: str, pretrained: bool, kwargs: dict) -> ToMeVisionTransformer:
-    name = f"tome_deit_{size}_patch16_224"
-    check_create_kwargs(name, pretrained, kwargs)
-    model = ToMeVisionTransformer(**{**DEIT_SIZES[size], **kwargs})
-    attach_default_cfg(model, name)
-    return model
-
 
 @register_model
 def tome_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> ToMeVisionTransformer:
     """DeiT-Tiny with ToMe merging (``tome_r`` tokens per block)."""
-    return _tome("tiny", pretrained, kwargs)
+    return create_peer(ToMeVisionTransformer, "tiny", pretrained, kwargs)
 
 
 @register_model
 def tome_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> ToMeVisionTransformer:
     """DeiT-Small with ToMe merging."""
-    return _tome("small", pretrained, kwargs)
+    return create_peer(ToMeVisionTransformer, "small", pretrained, kwargs)
 
 
 @register_model
 def tome_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> ToMeVisionTransformer:
     """DeiT-Base with ToMe merging."""
-    return _tome("base", pretrained, kwargs)
+    return create_peer(ToMeVisionTransformer, "base", pretrained, kwargs)
 
 
 __all__ = ["MergePlan", "ToMeVisionTransformer", "bipartite_plan", "merge_schedule", "merge_weighted"]
