@@ -1,4 +1,5 @@
-"""Peers in the one harness: ToMe, EViT, A-ViT, IdleViT, DynamicViT build, run, train, honour their budget knob, and agree with dense."""
+"""Peers in the one harness (ToMe, EViT, A-ViT, IdleViT, DynamicViT): build, run, train, honour their budget knob,
+and agree with dense."""
 
 import pytest
 import timm
@@ -55,7 +56,8 @@ def test_every_peer_builds_runs_and_trains(name, grid_images):
     logits, trace = model.forward_with_trace(grid_images)
     assert logits.shape == (6, 5) and torch.isfinite(logits).all()
     assert trace.keep.shape == (6, 4) and float(trace.keep[:, -1].mean()) < 1.0
-    loss = logits.logsumexp(dim=1).mean() + model.reduction_loss(trace, {"alpha_dist": 1.0, "alpha_budget": 1.0})["total"]
+    weights = {"alpha_dist": 1.0, "alpha_budget": 1.0}
+    loss = logits.logsumexp(dim=1).mean() + model.reduction_loss(trace, weights)["total"]
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None
                and not n.startswith(("head_dist", "dist_token"))]

@@ -307,3 +307,34 @@ def test_ablate_runs_every_variant_and_writes_the_table(tmp_path):
     assert all(v["top1_worst"] == v["top1_per_seed"][0] == v["top1_mean"] for v in result["summary"].values())
     assert "| no restart |" in (tmp_path / "abl" / "ablation.md").read_text()
     assert Image.open(tmp_path / "abl" / "ablation.png").format == "PNG"
+
+
+def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp_path):
+    out = tmp_path / "ev"
+    args = ["evidence", "-c", "configs/evidence_fmnist49.yaml", "-o", str(out), "--quiet", "--out",
+            str(tmp_path / "evidence_tiny"), *TINY, "data.train_limit=300", "data.val_limit=200", "train.epochs=2",
+            "train.batch_size=32", "evidence.methods=[tpc,idlevit,tome,dense,tpc-norestart]", "evidence.seeds=[0,1]",
+            "evidence.budgets=[0.6,0.8]", "evidence.train_budget=0.7", "evidence.finetune_epochs=1",
+            "evidence.finetune_train_limit=200", "evidence.calib_images=32", "model.tpc={target_keep: 0.6}"]
+    _cli(*args, timeout=900)
+    result = json.loads((tmp_path / "evidence_tiny.json").read_text())
+    assert result["tokens"] == 16 and len(result["dense"]["curve"]) == 2
+    assert set(result["dense"]) >= {"top1", "gmacs", "curve", "converged", "last20_gain"}
+    runs = result["runs"]
+    assert {(r["method"], r["seed"]) for r in runs if r["budget"] == 0.6} == {
+        ("tpc", 0), ("tpc", 1), ("idlevit", 0), ("idlevit", 1), ("tome", None), ("tpc-norestart", 0),
+        ("tpc-norestart", 1)}
+    assert all(set(r) >= {"method", "budget", "seed", "top1", "gmacs", "gmacs_ratio"} for r in runs)
+    for r in runs:  # matched compute: every method at (about) the budget it is reported at
+        if r["method"] != "dense":
+            assert abs(r["gmacs_ratio"] - r["budget"]) < 0.1, r
+    summary = result["summary"]
+    assert summary["tpc_vs_best_peer"]["0.6"]["best_peer"] in ("idlevit", "tome")
+    assert summary["tpc_vs_best_peer"]["0.6"]["n"] == 2 and "tpc-norestart" in summary["claims"]
+    assert (tmp_path / "evidence_tiny.md").read_text().count("|") > 20 and (tmp_path / "evidence_tiny.png").exists()
+    # finished fine-tunes and evaluations are reused: a second run trains nothing and gives the same numbers
+    stamp = (out / "ft" / "tpc" / "seed0" / "last.safetensors").stat().st_mtime
+    _cli(*args, timeout=900)
+    again = json.loads((tmp_path / "evidence_tiny.json").read_text())
+    assert (out / "ft" / "tpc" / "seed0" / "last.safetensors").stat().st_mtime == stamp
+    assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in runs]

@@ -11,8 +11,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-# modules a method adds to the backbone (TPC controller + stabilizer, A-ViT halting head): absent from dense weights
-TPC_PREFIXES = ("controller.", "stabilizers.", "halting.")
+
+def added_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the modules a token-reduction method adds to its backbone (its ``added_modules``:
+    TPC's controller and stabilizers, A-ViT's halting head, DynamicViT's predictors): absent from dense weights."""
+    return tuple(f"{name}." for name in getattr(model, "added_modules", ()))
 
 
 class CheckpointError(ValueError):
@@ -88,7 +91,7 @@ def load_backbone(model: nn.Module, source: str | os.PathLike | dict, strict: bo
     state = read_state_dict(source) if not isinstance(source, dict) else dict(source)
     own = target.state_dict()
     name = getattr(target, "pretrained_cfg", {}).get("architecture", type(target).__name__)
-    backbone = [k for k in own if not k.startswith(TPC_PREFIXES)]
+    backbone = [k for k in own if not k.startswith(added_prefixes(target))]
     missing = [k for k in backbone if k not in state]
     unexpected = [k for k in state if k not in own]
     if strict and (missing or unexpected):

@@ -7,6 +7,7 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
 
 import tpcvit  # noqa: F401  (import guard + model registration before anything imports timm)
 
@@ -200,6 +201,18 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evidence(args: argparse.Namespace) -> int:
+    from .evidence import Evidence, evidence_markdown, write_evidence
+
+    cfg = _load(args)
+    result = Evidence(cfg, progress=not args.quiet).run()
+    result["command"] = "tpcvit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    out = args.out or f"benchmarks/results/evidence_{Path(cfg['output']).name.removeprefix('evidence_')}"
+    print(evidence_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in write_evidence(result, out)))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     import json
     import tempfile
@@ -324,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="dense training + TPC fine-tuning + evaluation + speed, one table")
     _add_config_args(p)
     p.set_defaults(func=_cmd_pipeline)
+
+    ev = sub.add_parser("evidence", help="converged dense model -> TPC and every peer fine-tuned alike over seeds, "
+                        "evaluated at matched GMACs, paired 95%% CIs (resumable: finished runs are reused)")
+    _add_config_args(ev)
+    ev.add_argument("--out", default=None, help="write <out>.json/.md/.png (default: benchmarks/results/"
+                    "evidence_<output folder name>)")
+    ev.set_defaults(func=_cmd_evidence)
     return parser
 
 

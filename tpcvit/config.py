@@ -83,6 +83,20 @@ DEFAULTS: dict[str, Any] = {
         "bench_batch_sizes": [1, 64],
         "bench_rounds": 5,
     },
+    "evidence": {  # `tpcvit evidence`: converged dense -> every method fine-tuned alike, seeds, matched GMACs
+        "methods": ["tpc", "idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome", "dense", "tpc-norestart",
+                    "tpc-nosmooth", "tpc-nostab"],
+        "seeds": [0, 1, 2],
+        "budgets": [0.35, 0.45, 0.6],  # GMACs fractions of the dense model, every method evaluated at each
+        "train_budget": 0.45,  # static-shape peers fine-tune with the knob that gives this fraction
+        "finetune_epochs": 3,
+        "finetune_lr": 5.0e-4,
+        "finetune_warmup": 0.25,
+        "finetune_train_limit": None,
+        "finetune_distill": True,
+        "calib_images": 256,  # images the knobs are matched on (from the validation loader)
+        "flat_gain": 0.3,  # the dense curve counts as flat below this gain (pt) over its last 20% of epochs
+    },
 }
 
 CHOICES = {
@@ -93,7 +107,8 @@ CHOICES = {
     "eval.mode": ("dense", "adaptive", "budget"),
 }
 POSITIVE = ("train.epochs", "train.batch_size", "train.lr", "eval.batch_size", "pipeline.dense_epochs",
-            "pipeline.tpc_epochs", "pipeline.bench_rounds")
+            "pipeline.tpc_epochs", "pipeline.bench_rounds", "evidence.finetune_epochs", "evidence.finetune_lr",
+            "evidence.calib_images", "evidence.train_budget")
 FRACTIONS = ("distill.alpha", "data.mixup", "data.cutmix", "data.label_smoothing", "data.aug.re_prob")
 FREE_FORM = ("model.kwargs", "model.tpc", "model.peer")  # validated by the model itself
 

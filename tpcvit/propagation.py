@@ -256,6 +256,8 @@ class TPCHooks:
     """What the engine and the harness call on every TPC model (ViT, LV-ViT, Swin); expects ``controller``,
     ``stabilizers`` and ``tpc_cfg``."""
 
+    added_modules: tuple[str, ...] = ("controller", "stabilizers")  # not in dense weights (load_backbone)
+
     def tpc_parameters(self) -> list[nn.Parameter]:
         """Parameters TPC adds to the backbone (controller heads and stabilizers)."""
         return list(self.controller.parameters()) + list(self.stabilizers.parameters())

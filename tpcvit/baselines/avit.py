@@ -60,6 +60,7 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
 
     method = "avit"
     per_image_compute = True
+    added_modules = ("halting",)
 
     def __init__(self, *args, halt_threshold: float = 0.99, target_depth: float = 0.5, prior_std: float = 1.0,
                  halt_gate: str = "linear", gate_scale: float = 10.0, gate_center: float = 30.0, **kwargs) -> None:

@@ -45,6 +45,7 @@ class PeerMixin:
     budget_bounds: tuple[float, float] = (0.0, 1.0)
     budget_raises_compute: bool = True
     per_image_compute: bool = False  # adaptive: cost differs per image, count image by image
+    added_modules: tuple[str, ...] = ()  # modules the method adds to the backbone (absent from dense weights)
 
     def _init_peer(self, budget: float) -> None:
         self._gmacs_cache: dict[tuple, float] = {}

@@ -52,6 +52,7 @@ class DynamicViTVisionTransformer(PeerMixin, VisionTransformer):
     """timm ``VisionTransformer`` with DynamicViT's learned, permanent, hierarchical token dropping."""
 
     method = "dynamicvit"
+    added_modules = ("predictors",)
 
     def __init__(self, *args, keep_rate: float = 0.7, dvit_blocks: tuple[int, ...] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)

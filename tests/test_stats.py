@@ -1,0 +1,31 @@
+"""The statistics behind every accuracy claim: t quantiles, mean/std, paired differences with a 95% CI."""
+
+import math
+
+import pytest
+
+from tpcvit.stats import mean_std, paired_difference, t_cdf, t_quantile
+
+
+@pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)])
+def test_t_quantile_matches_the_tables(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
+    assert t_cdf(expected, df) == pytest.approx(0.975, abs=1e-5)
+    assert t_cdf(-expected, df) == pytest.approx(0.025, abs=1e-5)
+
+
+def test_mean_std_uses_the_sample_deviation():
+    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_paired_difference_gives_the_known_interval():
+    # differences 1, 2, 3: mean 2, sd 1, n 3 -> 2 +- 4.3027 / sqrt(3)
+    d = paired_difference([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    half = 4.3027 / math.sqrt(3)
+    assert (d.mean, d.low, d.high) == pytest.approx((2.0, 2.0 - half, 2.0 + half), abs=1e-3)
+    assert d.verdict == "within noise"  # the interval [-0.48, 4.48] includes 0
+    assert paired_difference([11.0, 11.1, 10.9], [10.0]).verdict == "better"  # one deterministic value, paired
+    assert paired_difference([9.0, 9.1, 8.9], [10.0, 10.0, 10.0]).verdict == "worse"
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference([1.0, 2.0], [1.0, 2.0, 3.0])

@@ -1,0 +1,407 @@
+"""Is TPC worth using? The benchmark protocol of the field, end to end, resumable.
+
+1. A dense ViT trained once to convergence (its validation curve is recorded and checked for flatness: less than
+   ``evidence.flat_gain`` points gained over the last 20% of its epochs): the "pretrained DeiT" every method starts
+   from.
+2. Every method fine-tuned from it with one recipe (``evidence.finetune_*``: same images, epochs, lr, distillation
+   from the dense model), once per seed, at the middle budget (``evidence.train_budget``): TPC, the peers (IdleViT,
+   DynamicViT, EViT, ToMe fine-tuned, A-ViT), the claim variants of TPC (no restart, no smoothing, no stabilizer)
+   and the dense model itself (the same extra epochs). Training-free ToMe runs on the dense weights.
+3. Every fine-tuned model evaluated at every budget (``evidence.budgets``, fractions of the dense GMACs) by moving
+   its knob until the GMACs measured on calibration images match; top-1 and GMACs per image on the whole
+   validation set.
+4. Per budget: mean +- std over seeds, and the paired difference of TPC to the best peer and to each claim variant
+   with a 95% t-interval (:mod:`tpcvit.stats`).
+
+Finished fine-tunes and evaluations are reused (``<output>/ft/<method>/seed<k>/``), so the job can be split across
+sessions; a killed fine-tune resumes exactly from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .bench import machine_info
+from .checkpoint import atomic_write
+from .compare import backbone_name, match_gmacs
+from .config import ConfigError
+from .engine import build_data, build_model, evaluate, fit, init_distributed
+from .flops import count_gmacs
+from .models.vit import image_geometry
+from .pipeline import take_batches
+from .stats import mean_std, paired_difference
+
+# evidence method -> (model-name prefix, model.tpc overrides); peers read their options from model.peer.<method>
+TPC_VARIANTS = {"tpc": {}, "tpc-norestart": {"restart": False}, "tpc-nosmooth": {"smoothing": False},
+                "tpc-nostab": {"stabilizer": False}}
+PEERS = ("idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome")
+TRAINING_FREE = ("tome",)
+METHODS = ("dense", *TPC_VARIANTS, *PEERS)
+# static-shape peers: trained with the knob that gives ``train_budget`` GMACs (the model kwarg that holds it)
+KNOB_KWARG = {"idlevit": "keep_rate", "dynamicvit": "keep_rate", "evit": "keep_rate", "tome": "tome_r"}
+
+
+def model_name(cfg: dict, method: str) -> str:
+    base = backbone_name(cfg["model"]["name"])
+    if method == "dense":
+        return base
+    if method in TPC_VARIANTS:
+        return f"tpc_{base}"
+    return f"{method.removesuffix('-ft')}_{base}"
+
+
+def method_config(cfg: dict, method: str) -> dict:
+    """The config of ``method``: TPC options for TPC variants, the method's own ``model.peer`` section."""
+    c = copy.deepcopy(cfg)
+    if method in TPC_VARIANTS:
+        c["model"]["tpc"] = {**c["model"]["tpc"], **TPC_VARIANTS[method]}
+    else:
+        c["model"]["tpc"] = {}
+    c["model"]["name"] = model_name(cfg, method)
+    return c
+
+
+def _done(run: Path, epochs: int) -> bool:
+    last = run / "last.json"
+    return last.exists() and json.loads(last.read_text()).get("epoch") == epochs and (run / "last.safetensors").exists()
+
+
+def _read_json(path: Path, default):
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda t: Path(t).write_text(json.dumps(data, indent=2)))
+
+
+def _add_seconds(run: Path, key: str, seconds: float) -> None:
+    timing = _read_json(run / "timing.json", {})
+    timing[key] = timing.get(key, 0.0) + seconds
+    _write_json(run / "timing.json", timing)
+
+
+class Evidence:
+    """One setting's evidence run (see the module docstring); ``cfg`` is a full experiment config."""
+
+    def __init__(self, cfg: dict, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.ev = cfg["evidence"]
+        unknown = [m for m in self.ev["methods"] if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"evidence.methods: unknown {unknown}; choose from {list(METHODS)}")
+        self.out = Path(cfg["output"])
+        self.info = init_distributed()
+        self.log = print if progress and self.info.main else (lambda *a, **k: None)
+        probe = build_model(method_config(cfg, "dense"), 1, name=model_name(cfg, "dense"))
+        self.geometry = image_geometry(probe)
+        self.num_patches = probe.patch_embed.num_patches
+        train_ds, _, _, _, self.val_loader = build_data(cfg, self.geometry[0], self.geometry[1], self.info)
+        self.num_classes = train_ds.num_classes
+        pool = torch.cat([x for x, _ in take_batches(self.val_loader, self.ev["calib_images"])])
+        self.calib = pool[: self.ev["calib_images"]].to(self.info.device)
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def dense_dir(self) -> Path:
+        return self.out / "dense"
+
+    def train_dense(self) -> None:
+        c = method_config(self.cfg, "dense")
+        c["output"] = str(self.dense_dir)
+        if _done(self.dense_dir, c["train"]["epochs"]):
+            return
+        self.log(f"== dense backbone: {c['train']['epochs']} epochs (resumable)")
+        t0 = time.time()
+        fit(c, resume=(self.dense_dir / "last.json").exists(), progress=self.progress, model_name=c["model"]["name"])
+        _add_seconds(self.dense_dir, "train_s", time.time() - t0)
+
+    def dense_curve(self) -> list[dict]:
+        lines = (self.dense_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(ln) for ln in lines if ln.strip()]
+
+    def dense_model(self) -> nn.Module:
+        return build_model(method_config(self.cfg, "dense"), self.num_classes, name=model_name(self.cfg, "dense"),
+                           init=str(self.dense_dir / "last.safetensors")).to(self.info.device).eval()
+
+    # ------------------------------------------------------------------------------------------------------
+    def finetune_config(self, method: str, seed: int, dense_gmacs: float) -> dict:
+        ev, dense = self.ev, str(self.dense_dir / "last.safetensors")
+        c = method_config(self.cfg, method)
+        c["seed"] = seed
+        c["output"] = str(self.run_dir(method, seed))
+        c["train"].update(epochs=ev["finetune_epochs"], lr=ev["finetune_lr"], warmup_epochs=ev["finetune_warmup"])
+        c["data"]["train_limit"] = ev["finetune_train_limit"]
+        c["model"]["init"] = dense
+        c["distill"]["teacher"] = dense if ev["finetune_distill"] else None
+        c["distill"]["teacher_model"] = model_name(self.cfg, "dense")
+        key = method.removesuffix("-ft")
+        if key in KNOB_KWARG:  # train at the middle budget
+            peer = copy.deepcopy(c["model"]["peer"])
+            section = peer.setdefault(key, {})
+            section[KNOB_KWARG[key]] = self.train_knob(method, dense_gmacs)
+            c["model"]["peer"] = peer
+        return c
+
+    def train_knob(self, method: str, dense_gmacs: float) -> float:
+        """The knob of a static-shape method at ``evidence.train_budget`` (weights do not change its GMACs)."""
+        model = build_model(method_config(self.cfg, method), self.num_classes, name=model_name(self.cfg, method))
+        knob, _ = match_gmacs(model.eval(), self.calib.cpu(), self.ev["train_budget"] * dense_gmacs)
+        return round(knob, 4)
+
+    def run_dir(self, method: str, seed: int) -> Path:
+        return self.out / "ft" / method / f"seed{seed}"
+
+    def finetune(self, method: str, seed: int, dense_gmacs: float) -> None:
+        c = self.finetune_config(method, seed, dense_gmacs)
+        run = Path(c["output"])
+        if _done(run, c["train"]["epochs"]):
+            return
+        self.log(f"== fine-tune {method}, seed {seed}")
+        t0 = time.time()
+        fit(c, resume=(run / "last.json").exists(), progress=self.progress)
+        _add_seconds(run, "train_s", time.time() - t0)
+
+    # ------------------------------------------------------------------------------------------------------
+    def evaluate_run(self, method: str, seed: int | None, dense_gmacs: float) -> list[dict]:
+        """Top-1 and GMACs of one fine-tuned model (or training-free ToMe) at every budget; cached per budget."""
+        if method in TRAINING_FREE:
+            run, init, c = self.out / "ft" / method, str(self.dense_dir / "last.safetensors"), \
+                method_config(self.cfg, method)
+        else:
+            run = self.run_dir(method, seed)
+            c = json_config(run)
+            init = str(run / "last.safetensors")
+        cache_path = run / "evidence_eval.json"
+        cache = _read_json(cache_path, {})
+        budgets = [1.0] if method == "dense" else self.ev["budgets"]
+        todo = [b for b in budgets if f"{b:g}" not in cache]
+        if todo:
+            model = build_model(c, self.num_classes, name=c["model"]["name"], init=init).to(self.info.device).eval()
+            t0 = time.time()
+            for budget in todo:
+                knob = None
+                if method != "dense":
+                    knob, _ = match_gmacs(model, self.calib, budget * dense_gmacs)
+                point = evaluate(model, self.val_loader, self.info.device, self.info, progress=self.progress,
+                                 desc=f"eval {method} seed {seed} @{budget:.0%}")
+                point.update(knob=knob, calib_gmacs=count_gmacs(model, self.calib))
+                cache[f"{budget:g}"] = point
+                _write_json(cache_path, cache)
+            _add_seconds(run, "eval_s", time.time() - t0)
+        return [{"method": method, "budget": b, "seed": seed, "top1": cache[f"{b:g}"]["top1"],
+                 "gmacs": cache[f"{b:g}"]["gmacs"], "gmacs_ratio": cache[f"{b:g}"]["gmacs"] / dense_gmacs,
+                 "knob": cache[f"{b:g}"]["knob"]} for b in budgets]
+
+    # ------------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.train_dense()
+        curve = self.dense_curve()
+        dense = self.dense_model()
+        dense_eval = evaluate(dense, self.val_loader, self.info.device, self.info, progress=self.progress,
+                              desc="eval dense")
+        dense_gmacs = dense_eval["gmacs"]
+        runs: list[dict] = []
+        methods = self.ev["methods"]
+        for method in methods:  # training-free first: no CPU time spent before it shows
+            if method in TRAINING_FREE:
+                runs += self.evaluate_run(method, None, dense_gmacs)
+        for seed in self.ev["seeds"]:  # seed-major: an interrupted job leaves every method with as many seeds
+            for method in methods:
+                if method in TRAINING_FREE:
+                    continue
+                self.finetune(method, seed, dense_gmacs)
+                runs += self.evaluate_run(method, seed, dense_gmacs)
+        result = {
+            "setting": self.cfg["name"], "tokens": self.num_patches,
+            "dense": {"top1": dense_eval["top1"], "gmacs": dense_gmacs, "curve": [e["top1"] for e in curve],
+                      **flatness(curve, self.ev["flat_gain"])},
+            "runs": runs, "budgets": self.ev["budgets"], "seeds": self.ev["seeds"],
+            "recipe": {k: v for k, v in self.ev.items() if k.startswith("finetune")},
+            "cpu_seconds": self.cpu_seconds(), "machine": machine_info(self.info.device),
+            "config": self.cfg,
+        }
+        result["summary"] = summarize(result)
+        return result
+
+    def cpu_seconds(self) -> dict:
+        """Wall seconds spent by this job's runs so far (training and evaluation), summed over sessions."""
+        total = {"dense": _read_json(self.dense_dir / "timing.json", {})}
+        ft = 0.0
+        for path in (self.out / "ft").rglob("timing.json") if (self.out / "ft").exists() else []:
+            ft += sum(json.loads(path.read_text()).values())
+        total["finetune_and_eval"] = ft
+        total["total"] = ft + sum(total["dense"].values())
+        return total
+
+
+
+def json_config(run: Path) -> dict:
+    """The config a run was trained with (its ``config.yaml``)."""
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def flatness(curve: list[dict], max_gain: float) -> dict:
+    """Gain of validation top-1 over the last 20% of the epochs, and whether it is below ``max_gain`` points."""
+    top1 = [e["top1"] for e in curve]
+    if len(top1) < 2:
+        return {"last20_gain": None, "converged": False}
+    tail = max(1, math.ceil(0.2 * len(top1)))
+    gain = top1[-1] - top1[-1 - tail]
+    return {"last20_gain": round(gain, 3), "converged": gain < max_gain, "epochs": len(top1)}
+
+
+def summarize(result: dict) -> dict:
+    """Mean +- std per (method, budget); per budget the best peer and TPC's paired difference to it; TPC's paired
+    difference to each claim variant. Runs are paired by seed."""
+    by: dict[tuple[str, float], dict] = {}
+    for r in result["runs"]:
+        by.setdefault((r["method"], r["budget"]), {})[r["seed"]] = r
+    table: dict[str, dict] = {}
+    for (method, budget), seeds in by.items():
+        top1 = [r["top1"] for r in seeds.values()]
+        mean, std = mean_std(top1)
+        table.setdefault(method, {})[f"{budget:g}"] = {
+            "mean": mean, "std": std, "n": len(top1), "top1": top1, "seeds": list(seeds),
+            "gmacs_ratio": float(np.mean([r["gmacs_ratio"] for r in seeds.values()]))}
+
+    def paired(a: str, b: str, budget: float) -> dict | None:
+        ra, rb = by.get((a, budget), {}), by.get((b, budget), {})
+        if not ra or not rb:
+            return None
+        if list(rb) == [None]:  # deterministic peer
+            common = sorted(ra)
+            return paired_difference([ra[s]["top1"] for s in common], [rb[None]["top1"]]).as_dict()
+        common = sorted(set(ra) & set(rb))
+        if not common:
+            return None
+        return paired_difference([ra[s]["top1"] for s in common], [rb[s]["top1"] for s in common]).as_dict()
+
+    comparisons, claims = {}, {}
+    for budget in result["budgets"]:
+        key = f"{budget:g}"
+        peers = {m: table[m][key]["mean"] for m in PEERS if m in table and key in table[m]}
+        if "tpc" in table and peers:
+            best = max(peers, key=peers.get)
+            comparisons[key] = {"best_peer": best, **(paired("tpc", best, budget) or {})}
+        for variant in TPC_VARIANTS:
+            if variant != "tpc" and "tpc" in table and variant in table:
+                claims.setdefault(variant, {})[key] = paired("tpc", variant, budget)
+    return {"table": table, "tpc_vs_best_peer": comparisons, "claims": claims}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reporting
+# ----------------------------------------------------------------------------------------------------------
+def _fmt_diff(d: dict | None) -> str:
+    if not d or "mean" not in d:
+        return "-"
+    if d["n"] < 2:
+        return f"{d['mean']:+.2f} (1 seed)"
+    return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] {d['verdict']}"
+
+
+def evidence_markdown(result: dict) -> str:
+    s, dense = result["summary"], result["dense"]
+    budgets = [f"{b:g}" for b in result["budgets"]]
+    lines = [f"Setting {result['setting']}: {result['tokens']} patch tokens. Dense backbone (the common start): "
+             f"top-1 {dense['top1']:.2f}, {dense['gmacs'] * 1e3:.2f} MMACs/img, {dense.get('epochs')} epochs, "
+             f"gain over the last 20% of its epochs {dense['last20_gain']} pt "
+             f"({'flat' if dense['converged'] else 'NOT flat'}).",
+             f"Fine-tune recipe (every method): {result['recipe']}; seeds {result['seeds']}.",
+             f"CPU time so far: {result['cpu_seconds']['total'] / 3600:.2f} h "
+             f"({result['machine']['cpu']}, {result['machine']['threads']} threads, fp32).", "",
+             "Top-1 (%) at matched GMACs: mean ± std over seeds (n); GMACs as measured on the validation set.", "",
+             "| method | " + " | ".join(f"{float(b):.0%} GMACs" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for method, cells in s["table"].items():
+        if method == "dense":
+            c = cells["1"]
+            lines.append(f"| dense + same epochs | {c['mean']:.2f} ± {c['std']:.2f} ({c['n']}) at 100% |"
+                         + " |" * (len(budgets) - 1))
+            continue
+        row = []
+        for b in budgets:
+            c = cells.get(b)
+            row.append("-" if c is None else f"{c['mean']:.2f} ± {c['std']:.2f} ({c['n']}), {c['gmacs_ratio']:.0%}")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines += ["", "TPC minus the best peer at each budget (paired by seed, 95% t-interval):", "",
+              "| budget | best peer | TPC - best peer |", "|---|---|---|"]
+    for b in budgets:
+        c = s["tpc_vs_best_peer"].get(b)
+        if c:
+            lines.append(f"| {float(b):.0%} | {c['best_peer']} | {_fmt_diff(c)} |")
+    if s["claims"]:
+        lines += ["", "The paper's claims: TPC minus each variant (paired by seed, 95% t-interval):", "",
+                  "| variant | " + " | ".join(f"{float(b):.0%}" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for variant, cells in s["claims"].items():
+            lines.append(f"| {variant} | " + " | ".join(_fmt_diff(cells.get(b)) for b in budgets) + " |")
+    return "\n".join(lines)
+
+
+def plot_evidence(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .viz import save_figure
+
+    s = result["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax = axes[0]
+    for i, (method, cells) in enumerate(sorted(s["table"].items())):
+        color = f"C{i % 10}"
+        pts = sorted((c["gmacs_ratio"], c["mean"], c["top1"]) for c in cells.values())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if method.startswith("tpc") else "--o",
+                color=color, label=method, lw=2.2 if method == "tpc" else 1.2, ms=4)
+        for x, _, seeds in pts:  # every seed, not just the mean
+            ax.scatter([x] * len(seeds), seeds, color=color, s=9, alpha=0.5)
+    ax.axhline(result["dense"]["top1"], color="grey", ls=":", label="dense backbone")
+    ax.set(xlabel="GMACs / dense GMACs", ylabel="top-1 (%)", title=f"{result['setting']}: every seed shown")
+    ax.legend(fontsize=7, ncol=2)
+    ax = axes[1]
+    budgets = [f"{b:g}" for b in result["budgets"]]
+    rows = [("vs best peer", s["tpc_vs_best_peer"])] + [(f"vs {v}", c) for v, c in s["claims"].items()]
+    width = 0.8 / max(1, len(rows))
+    for j, (label, cells) in enumerate(rows):
+        xs, ys, lo, hi = [], [], [], []
+        for i, b in enumerate(budgets):
+            c = cells.get(b)
+            if c and "mean" in c and c["n"] > 1:
+                xs.append(i + (j - (len(rows) - 1) / 2) * width)
+                ys.append(c["mean"])
+                lo.append(c["mean"] - c["low"])
+                hi.append(c["high"] - c["mean"])
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=f"TPC {label}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(budgets)), [f"{float(b):.0%} GMACs" for b in budgets])
+    ax.set(ylabel="top-1 difference (pt), 95% CI", title="paired differences over seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_evidence(result: dict, out: str | Path) -> list[Path]:
+    """``<out>.json``, ``<out>.md``, ``<out>.png``, written atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(out.with_suffix(".json"), result)
+    md = evidence_markdown(result) + "\n"
+    atomic_write(out.with_suffix(".md"), lambda t: Path(t).write_text(md))
+    return [out.with_suffix(".json"), out.with_suffix(".md"), plot_evidence(result, out.with_suffix(".png"))]
+
+
+__all__ = ["Evidence", "evidence_markdown", "flatness", "summarize", "write_evidence"]
