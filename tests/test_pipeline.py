@@ -338,3 +338,11 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     again = json.loads((tmp_path / "evidence_tiny.json").read_text())
     assert (out / "ft" / "tpc" / "seed0" / "last.safetensors").stat().st_mtime == stamp
     assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in runs]
+    # a later session without the run folders (weights are not committed) rebuilds the results from the ledger
+    ledger = sorted(p.name for p in (tmp_path / "evidence_tiny_runs").iterdir())
+    assert "dense_backbone.json" in ledger and "tpc_seed1.json" in ledger and "tome.json" in ledger
+    shutil.rmtree(out)
+    _cli(*args, timeout=900)
+    assert not (out / "ft").exists() and not (out / "dense").exists()  # nothing re-trained
+    third = json.loads((tmp_path / "evidence_tiny.json").read_text())
+    assert [r["top1"] for r in third["runs"]] == [r["top1"] for r in runs]

@@ -205,9 +205,9 @@ def _cmd_evidence(args: argparse.Namespace) -> int:
     from .evidence import Evidence, evidence_markdown, write_evidence
 
     cfg = _load(args)
-    result = Evidence(cfg, progress=not args.quiet).run()
-    result["command"] = "tpcvit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out = args.out or f"benchmarks/results/evidence_{Path(cfg['output']).name.removeprefix('evidence_')}"
+    result = Evidence(cfg, ledger=f"{out}_runs", progress=not args.quiet).run()
+    result["command"] = "tpcvit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(evidence_markdown(result))
     print("wrote " + ", ".join(str(p) for p in write_evidence(result, out)))
     return 0
@@ -341,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evidence", help="converged dense model -> TPC and every peer fine-tuned alike over seeds, "
                         "evaluated at matched GMACs, paired 95%% CIs (resumable: finished runs are reused)")
     _add_config_args(ev)
-    ev.add_argument("--out", default=None, help="write <out>.json/.md/.png (default: benchmarks/results/"
-                    "evidence_<output folder name>)")
+    ev.add_argument("--out", default=None, help="write <out>.json/.md/.png and one JSON per finished run in "
+                    "<out>_runs/ (commit it: runs found there are reused); default: benchmarks/results/"
+                    "evidence_<output folder name>")
     ev.set_defaults(func=_cmd_evidence)
     return parser
 

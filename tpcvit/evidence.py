@@ -27,14 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from .bench import machine_info
 from .checkpoint import atomic_write
 from .compare import backbone_name, match_gmacs
 from .config import ConfigError
 from .engine import build_data, build_model, evaluate, fit, init_distributed
-from .flops import count_gmacs
 from .models.vit import image_geometry
 from .pipeline import take_batches
 from .stats import mean_std, paired_difference
@@ -84,21 +82,28 @@ def _write_json(path: Path, data) -> None:
 
 
 def _add_seconds(run: Path, key: str, seconds: float) -> None:
+    """Accumulate wall seconds of a resumable step in ``run/timing.json`` (kept across resumes)."""
     timing = _read_json(run / "timing.json", {})
     timing[key] = timing.get(key, 0.0) + seconds
     _write_json(run / "timing.json", timing)
 
 
 class Evidence:
-    """One setting's evidence run (see the module docstring); ``cfg`` is a full experiment config."""
+    """One setting's evidence run (see the module docstring); ``cfg`` is a full experiment config.
 
-    def __init__(self, cfg: dict, progress: bool = True) -> None:
+    ``ledger``: a folder (committed beside the results) with one JSON per finished run: its evaluations at every
+    budget, training curve and seconds. A run found there is reused as it is, so the job continues in a later
+    session even when the run folders (``<output>``, not committed: weights) are gone; the dense backbone is then
+    re-trained only if a fine-tune still needs its weights (same seed, same recipe).
+    """
+
+    def __init__(self, cfg: dict, ledger: str | Path, progress: bool = True) -> None:
         self.cfg, self.progress = cfg, progress
         self.ev = cfg["evidence"]
         unknown = [m for m in self.ev["methods"] if m not in METHODS]
         if unknown:
             raise ConfigError(f"evidence.methods: unknown {unknown}; choose from {list(METHODS)}")
-        self.out = Path(cfg["output"])
+        self.out, self.ledger = Path(cfg["output"]), Path(ledger)
         self.info = init_distributed()
         self.log = print if progress and self.info.main else (lambda *a, **k: None)
         probe = build_model(method_config(cfg, "dense"), 1, name=model_name(cfg, "dense"))
@@ -114,7 +119,12 @@ class Evidence:
     def dense_dir(self) -> Path:
         return self.out / "dense"
 
-    def train_dense(self) -> None:
+    @property
+    def dense_weights(self) -> str:
+        return str(self.dense_dir / "last.safetensors")
+
+    def ensure_dense(self) -> None:
+        """Train the dense backbone (or finish it: resumable) unless its weights are there."""
         c = method_config(self.cfg, "dense")
         c["output"] = str(self.dense_dir)
         if _done(self.dense_dir, c["train"]["epochs"]):
@@ -124,30 +134,40 @@ class Evidence:
         fit(c, resume=(self.dense_dir / "last.json").exists(), progress=self.progress, model_name=c["model"]["name"])
         _add_seconds(self.dense_dir, "train_s", time.time() - t0)
 
-    def dense_curve(self) -> list[dict]:
+    def dense_record(self) -> dict:
+        """The dense backbone's validation curve, top-1 and GMACs (from the ledger, else trained and evaluated)."""
+        path = self.ledger / "dense_backbone.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        self.ensure_dense()
+        t0 = time.time()
+        model = build_model(method_config(self.cfg, "dense"), self.num_classes, name=model_name(self.cfg, "dense"),
+                            init=self.dense_weights).to(self.info.device).eval()
+        point = evaluate(model, self.val_loader, self.info.device, self.info, progress=self.progress,
+                         desc="eval dense")
         lines = (self.dense_dir / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(ln) for ln in lines if ln.strip()]
-
-    def dense_model(self) -> nn.Module:
-        return build_model(method_config(self.cfg, "dense"), self.num_classes, name=model_name(self.cfg, "dense"),
-                           init=str(self.dense_dir / "last.safetensors")).to(self.info.device).eval()
+        curve = [json.loads(ln) for ln in lines if ln.strip()]
+        seconds = _read_json(self.dense_dir / "timing.json", {}).get("train_s", 0.0) + time.time() - t0
+        record = {"top1": point["top1"], "top5": point["top5"], "gmacs": point["gmacs"],
+                  "curve": [e["top1"] for e in curve], "seconds": seconds, **flatness(curve, self.ev["flat_gain"])}
+        _write_json(path, record)
+        return record
 
     # ------------------------------------------------------------------------------------------------------
     def finetune_config(self, method: str, seed: int, dense_gmacs: float) -> dict:
-        ev, dense = self.ev, str(self.dense_dir / "last.safetensors")
+        ev = self.ev
         c = method_config(self.cfg, method)
         c["seed"] = seed
         c["output"] = str(self.run_dir(method, seed))
         c["train"].update(epochs=ev["finetune_epochs"], lr=ev["finetune_lr"], warmup_epochs=ev["finetune_warmup"])
         c["data"]["train_limit"] = ev["finetune_train_limit"]
-        c["model"]["init"] = dense
-        c["distill"]["teacher"] = dense if ev["finetune_distill"] else None
+        c["model"]["init"] = self.dense_weights
+        c["distill"]["teacher"] = self.dense_weights if ev["finetune_distill"] else None
         c["distill"]["teacher_model"] = model_name(self.cfg, "dense")
         key = method.removesuffix("-ft")
         if key in KNOB_KWARG:  # train at the middle budget
             peer = copy.deepcopy(c["model"]["peer"])
-            section = peer.setdefault(key, {})
-            section[KNOB_KWARG[key]] = self.train_knob(method, dense_gmacs)
+            peer.setdefault(key, {})[KNOB_KWARG[key]] = self.train_knob(method, dense_gmacs)
             c["model"]["peer"] = peer
         return c
 
@@ -160,88 +180,78 @@ class Evidence:
     def run_dir(self, method: str, seed: int) -> Path:
         return self.out / "ft" / method / f"seed{seed}"
 
-    def finetune(self, method: str, seed: int, dense_gmacs: float) -> None:
-        c = self.finetune_config(method, seed, dense_gmacs)
-        run = Path(c["output"])
-        if _done(run, c["train"]["epochs"]):
-            return
-        self.log(f"== fine-tune {method}, seed {seed}")
-        t0 = time.time()
-        fit(c, resume=(run / "last.json").exists(), progress=self.progress)
-        _add_seconds(run, "train_s", time.time() - t0)
-
     # ------------------------------------------------------------------------------------------------------
-    def evaluate_run(self, method: str, seed: int | None, dense_gmacs: float) -> list[dict]:
-        """Top-1 and GMACs of one fine-tuned model (or training-free ToMe) at every budget; cached per budget."""
-        if method in TRAINING_FREE:
-            run, init, c = self.out / "ft" / method, str(self.dense_dir / "last.safetensors"), \
-                method_config(self.cfg, method)
-        else:
-            run = self.run_dir(method, seed)
-            c = json_config(run)
-            init = str(run / "last.safetensors")
-        cache_path = run / "evidence_eval.json"
-        cache = _read_json(cache_path, {})
+    def method_run(self, method: str, seed: int | None, dense_gmacs: float) -> list[dict]:
+        """One (method, seed): fine-tune (unless training-free), evaluate at every budget; reused from the
+        ledger when it is complete there."""
         budgets = [1.0] if method == "dense" else self.ev["budgets"]
-        todo = [b for b in budgets if f"{b:g}" not in cache]
+        path = self.ledger / f"{method}_seed{seed}.json" if seed is not None else self.ledger / f"{method}.json"
+        record = _read_json(path, {"evals": {}})
+        todo = [b for b in budgets if f"{b:g}" not in record["evals"]]
         if todo:
-            model = build_model(c, self.num_classes, name=c["model"]["name"], init=init).to(self.info.device).eval()
+            self.ensure_dense()
             t0 = time.time()
+            if method in TRAINING_FREE:
+                c, init = method_config(self.cfg, method), self.dense_weights
+            else:
+                c = self.finetune_config(method, seed, dense_gmacs)
+                run = Path(c["output"])
+                if not _done(run, c["train"]["epochs"]):
+                    self.log(f"== fine-tune {method}, seed {seed}")
+                    t_fit = time.time()
+                    fit(c, resume=(run / "last.json").exists(), progress=self.progress)
+                    _add_seconds(run, "train_s", time.time() - t_fit)
+                    t0 += time.time() - t_fit  # counted once, through the run's timing.json (kept across resumes)
+                init = str(run / "last.safetensors")
+                lines = (run / "metrics.jsonl").read_text().splitlines()
+                record["curve"] = [json.loads(ln)["top1"] for ln in lines if ln.strip()]
+                record["train_knob"] = c["model"]["peer"].get(method.removesuffix("-ft"), {})
+            model = build_model(c, self.num_classes, name=c["model"]["name"], init=init).to(self.info.device).eval()
             for budget in todo:
                 knob = None
                 if method != "dense":
                     knob, _ = match_gmacs(model, self.calib, budget * dense_gmacs)
                 point = evaluate(model, self.val_loader, self.info.device, self.info, progress=self.progress,
                                  desc=f"eval {method} seed {seed} @{budget:.0%}")
-                point.update(knob=knob, calib_gmacs=count_gmacs(model, self.calib))
-                cache[f"{budget:g}"] = point
-                _write_json(cache_path, cache)
-            _add_seconds(run, "eval_s", time.time() - t0)
-        return [{"method": method, "budget": b, "seed": seed, "top1": cache[f"{b:g}"]["top1"],
-                 "gmacs": cache[f"{b:g}"]["gmacs"], "gmacs_ratio": cache[f"{b:g}"]["gmacs"] / dense_gmacs,
-                 "knob": cache[f"{b:g}"]["knob"]} for b in budgets]
+                record["evals"][f"{budget:g}"] = {"top1": point["top1"], "top5": point["top5"],
+                                                  "gmacs": point["gmacs"], "knob": knob,
+                                                  "keep_per_block": point["keep_per_block"]}
+            trained = 0.0 if method in TRAINING_FREE else _read_json(run / "timing.json", {}).get("train_s", 0.0)
+            record["seconds"] = record.get("eval_seconds", 0.0) + time.time() - t0 + trained
+            record["eval_seconds"] = record.get("eval_seconds", 0.0) + time.time() - t0
+            _write_json(path, record)
+        return [{"method": method, "budget": b, "seed": seed, "top1": record["evals"][f"{b:g}"]["top1"],
+                 "gmacs": record["evals"][f"{b:g}"]["gmacs"],
+                 "gmacs_ratio": record["evals"][f"{b:g}"]["gmacs"] / dense_gmacs,
+                 "knob": record["evals"][f"{b:g}"]["knob"]} for b in budgets]
 
     # ------------------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        self.train_dense()
-        curve = self.dense_curve()
-        dense = self.dense_model()
-        dense_eval = evaluate(dense, self.val_loader, self.info.device, self.info, progress=self.progress,
-                              desc="eval dense")
-        dense_gmacs = dense_eval["gmacs"]
+        dense = self.dense_record()
+        dense_gmacs = dense["gmacs"]
         runs: list[dict] = []
         methods = self.ev["methods"]
         for method in methods:  # training-free first: no CPU time spent before it shows
             if method in TRAINING_FREE:
-                runs += self.evaluate_run(method, None, dense_gmacs)
+                runs += self.method_run(method, None, dense_gmacs)
         for seed in self.ev["seeds"]:  # seed-major: an interrupted job leaves every method with as many seeds
             for method in methods:
-                if method in TRAINING_FREE:
-                    continue
-                self.finetune(method, seed, dense_gmacs)
-                runs += self.evaluate_run(method, seed, dense_gmacs)
+                if method not in TRAINING_FREE:
+                    runs += self.method_run(method, seed, dense_gmacs)
         result = {
             "setting": self.cfg["name"], "tokens": self.num_patches,
-            "dense": {"top1": dense_eval["top1"], "gmacs": dense_gmacs, "curve": [e["top1"] for e in curve],
-                      **flatness(curve, self.ev["flat_gain"])},
+            "dense": {k: dense[k] for k in ("top1", "gmacs", "curve", "last20_gain", "converged", "epochs")},
             "runs": runs, "budgets": self.ev["budgets"], "seeds": self.ev["seeds"],
             "recipe": {k: v for k, v in self.ev.items() if k.startswith("finetune")},
-            "cpu_seconds": self.cpu_seconds(), "machine": machine_info(self.info.device),
-            "config": self.cfg,
+            "cpu_seconds": self.cpu_seconds(), "machine": machine_info(self.info.device), "config": self.cfg,
         }
         result["summary"] = summarize(result)
         return result
 
     def cpu_seconds(self) -> dict:
-        """Wall seconds spent by this job's runs so far (training and evaluation), summed over sessions."""
-        total = {"dense": _read_json(self.dense_dir / "timing.json", {})}
-        ft = 0.0
-        for path in (self.out / "ft").rglob("timing.json") if (self.out / "ft").exists() else []:
-            ft += sum(json.loads(path.read_text()).values())
-        total["finetune_and_eval"] = ft
-        total["total"] = ft + sum(total["dense"].values())
-        return total
-
+        """Wall seconds of every run in the ledger (training + evaluation, summed over sessions), 2-core CPU."""
+        per = {p.stem: _read_json(p, {}).get("seconds", 0.0) for p in sorted(self.ledger.glob("*.json"))}
+        return {"per_run": per, "total": sum(per.values())}
 
 
 def json_config(run: Path) -> dict:
