@@ -84,6 +84,34 @@ def test_resume_after_kill_9_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+class _Payload:
+    """Pickles to ``open(path, "w")``: loading it with weights_only=False would create the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_a_planted_train_state_and_runs_none_of_it(tmp_path):
+    common = ["--quiet", "model.name=deit_tiny_patch16_224", *TINY, "data.train_limit=128", "data.val_limit=32",
+              "train.epochs=2", "train.batch_size=32", "train.ckpt_every_steps=2"]
+    run = tmp_path / "run"
+    killed = _cli("train", "-o", str(run), *common, "train.halt_after_steps=3", check=False)
+    assert killed.returncode == -9
+    state = run / json.loads((run / "last.json").read_text())["checkpoint"] / "train_state.pt"
+    assert torch.load(state, weights_only=True)["rng"]["numpy"]["keys"].dtype == torch.int64  # plain tensors
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer": _Payload(marker), "scaler": None, "rng": {}}, state)
+    before = sorted(p.name for p in run.rglob("*"))
+    out = _cli("train", "-o", str(run), "--resume", *common, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "refusing to resume" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not marker.exists()  # nothing the file names ran
+    assert sorted(p.name for p in run.rglob("*")) == before
+
+
 def test_two_process_ddp_stays_in_sync(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tpcvit", "train", "-o",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .baselines.common import PEER_METHODS, PEER_PREFIXES
-from .checkpoint import atomic_write, load_backbone, save_weights, unwrap
+from .checkpoint import CheckpointError, atomic_write, load_backbone, save_weights, unwrap
 from .config import ConfigError, dump_config
 from .data import (
     AugmentConfig,
@@ -279,7 +279,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo | No
 # checkpoints
 # ----------------------------------------------------------------------------------------------------------
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG state as tensors and plain numbers, so ``torch.load(weights_only=True)`` can read it back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -287,7 +291,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -332,7 +337,12 @@ def load_resume(out: Path, model, optimizer, scaler) -> dict | None:
     meta = json.loads(pointer.read_text())
     ck = out / meta["checkpoint"]
     load_backbone(model, ck / "model.safetensors")
-    state = torch.load(ck / "train_state.pt", map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain data only, so a run folder someone hands you cannot run code
+        state = torch.load(ck / "train_state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (any unpickling failure: refuse the folder, name the file)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"refusing to resume from {ck / 'train_state.pt'}: it is not a plain tensor/data "
+                              f"file ({first}). Start a fresh run in a new --output folder.") from None
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
