@@ -149,10 +149,11 @@ def _folder(tmp_path: Path) -> Path:
 def test_corrupt_images_are_skipped_and_counted_or_raise(tmp_path):
     root = _folder(tmp_path)
     ds = ImageFolderDataset(root / "train", transform=None, skip_corrupt=True)
-    images = [ds[i][0] for i in range(len(ds))]
-    assert len(images) == 14 and sorted(Path(p).name for p in ds.skipped) == ["corrupt.jpg", "truncated.png"]
+    items = [ds[i] for i in range(len(ds))]
+    assert len(items) == 14 and sum(item is not None for item in items) == 12  # broken files: None, no stand-in
+    assert sorted(Path(p).name for p in ds.skipped) == ["corrupt.jpg", "truncated.png"]
     strict = ImageFolderDataset(root / "train", skip_corrupt=False)
-    with pytest.raises(DataError, match="corrupt or unreadable image .*corrupt.jpg.*skip_corrupt"):
+    with pytest.raises(DataError, match="corrupt, oversized or unreadable image .*corrupt.jpg.*skip_corrupt"):
         [strict[i] for i in range(len(strict))]
 
 
@@ -163,6 +164,13 @@ def test_any_mode_and_size_feeds_the_model(tmp_path):
                "data.kind=folder", f"data.path={root}", "train.batch_size=4", "eval.batch_size=4")
     summary = _summary(out)
     assert summary["skipped_images"] == 2 and summary["images"] == 12
+    # with worker processes the skips are seen too, and named
+    out = _cli("train", "-o", str(tmp_path / "run2"), "--quiet", "model.name=deit_tiny_patch16_224",
+               "model.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+               "data.kind=folder", f"data.path={root}", "train.batch_size=4", "eval.batch_size=4", "data.workers=2")
+    summary = _summary(out)
+    assert summary["skipped_images"] == 2
+    assert sorted(Path(f).name for f in summary["skipped_files"]) == ["corrupt.jpg", "truncated.png"]
     for mode in ("RGBA", "LA", "P", "I;16", "CMYK", "1"):
         img = Image.new(mode, (5, 7))
         assert ToMode("RGB")(img).mode == "RGB" and ToMode("L")(img).mode == "L"

@@ -22,6 +22,37 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used for this model (message says why and how to fix it)."""
 
 
+class OutputError(ValueError):
+    """An output location that cannot be written (checked before any compute)."""
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def ensure_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, before any compute is spent."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test.", delete=True)
+        probe.close()
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(f"cannot write to {folder}: a file is in the way (part of the path is not a folder); "
+                          "choose another output path") from None
+    except PermissionError:
+        raise OutputError(f"cannot write to {folder}: permission denied; choose an output folder you can "
+                          "write to") from None
+    except OSError as err:
+        raise OutputError(f"cannot write to {folder}: {err.strerror or err}") from None
+    return folder
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
     path = Path(path)
@@ -29,6 +60,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())

@@ -110,6 +110,15 @@ POSITIVE = ("train.epochs", "train.batch_size", "train.lr", "eval.batch_size", "
             "pipeline.tpc_epochs", "pipeline.bench_rounds", "evidence.finetune_epochs", "evidence.finetune_lr",
             "evidence.calib_images", "evidence.train_budget")
 FRACTIONS = ("distill.alpha", "data.mixup", "data.cutmix", "data.label_smoothing", "data.aug.re_prob")
+# whole numbers: counts of epochs, images, steps, rounds (1.5 epochs has no meaning in the loop)
+INTEGERS = ("seed", "train.epochs", "train.batch_size", "eval.batch_size", "data.workers", "train.ckpt_every_steps",
+            "train.log_every_steps", "pipeline.dense_epochs", "pipeline.tpc_epochs", "pipeline.bench_rounds",
+            "evidence.finetune_epochs", "evidence.calib_images")
+NON_NEGATIVE = ("seed", "data.workers", "train.min_lr", "train.weight_decay", "train.warmup_epochs",
+                "train.ckpt_every_steps", "train.alpha_budget", "train.alpha_dist", "train.controller_lr_scale",
+                "data.token_label_weight", "evidence.finetune_warmup", "distill.tau")
+# a subset size: a whole number >= 1, or null for everything
+LIMITS = ("data.train_limit", "data.val_limit", "evidence.finetune_train_limit")
 FREE_FORM = ("model.kwargs", "model.tpc", "model.peer")  # validated by the model itself
 
 
@@ -139,14 +148,26 @@ def _merge(base: dict, update: dict, prefix: str = "") -> None:
     valid = _flatten(DEFAULTS)
     for k, v in update.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and key not in FREE_FORM and isinstance(base.get(k), dict):
-            _merge(base[k], v, key + ".")
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            if key in FREE_FORM or any(key.startswith(f + ".") for f in FREE_FORM):
+                _update(base[k], v)  # model.tpc.target_keep=0.25 changes that key, keeps the rest of model.tpc
+            else:
+                _merge(base[k], v, key + ".")
             continue
         if key not in valid and not any(key.startswith(f + ".") for f in FREE_FORM):
             close = difflib.get_close_matches(key, list(valid), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
         base[k] = copy.deepcopy(v)
+
+
+def _update(base: dict, update: dict) -> None:
+    """Deep update of a free-form section (its keys are validated by the model)."""
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _update(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -214,6 +235,20 @@ def validate(cfg: dict) -> None:
     for key in FRACTIONS:
         if not 0 <= flat[key] <= 1:
             raise ConfigError(f"{key} must be in [0, 1], got {flat[key]!r}")
+    for key in INTEGERS:
+        if float(flat[key]) != int(flat[key]):
+            raise ConfigError(f"{key} must be a whole number, got {flat[key]!r}")
+        _set(cfg, key, int(flat[key]))
+    for key in NON_NEGATIVE:
+        if flat[key] is not None and flat[key] < 0:
+            raise ConfigError(f"{key} must be >= 0, got {flat[key]!r}")
+    for key in LIMITS:
+        v = flat[key]
+        if v is not None and not (_number(v) and v >= 1 and float(v) == int(v)):
+            raise ConfigError(f"{key} must be a whole number of images >= 1, or null for all of them; got {v!r}")
+    clip = flat["train.clip_grad"]
+    if clip is not None and not (_number(clip) and clip > 0):
+        raise ConfigError(f"train.clip_grad must be > 0 or null, got {clip!r}")
     if flat["data.token_labels"] is not None:
         aug = cfg["data"]["aug"]
         moved = [k for k, bad in (("data.aug.scale", list(aug["scale"]) != [1.0, 1.0]), ("data.aug.hflip",

@@ -10,13 +10,14 @@ import gzip
 import os
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -38,6 +39,13 @@ def _open_maybe_gz(path: Path):
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an idx file (optionally gzipped) into a numpy array (magic number checked)."""
     path = Path(path)
+    try:
+        return _read_idx(path)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise DataError(f"{path} is truncated or not a valid gzip file ({err}): re-download or unpack it") from None
+
+
+def _read_idx(path: Path) -> np.ndarray:
     with _open_maybe_gz(path) as fh:
         header = fh.read(4)
         if len(header) != 4 or header[:2] != b"\x00\x00":
@@ -109,8 +117,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             with Image.open(path) as img:
                 img.load()
                 return img.copy()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise DataError(f"corrupt or unreadable image {path}: {err}. Remove or replace it, or set "
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        raise DataError(f"corrupt, oversized or unreadable image {path}: {err}. Remove or replace it, or set "
                         "data.skip_corrupt: true to skip such files") from err
 
 
@@ -132,6 +141,30 @@ def list_images(paths: list[str]) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------------
 # image folders (ImageNet layout: root/train/<class>/*.jpg, root/val/<class>/*.jpg)
 # ----------------------------------------------------------------------------------------------------------
+def class_folders(root: Path) -> tuple[str, ...]:
+    """Class names of an image folder: its sub-folders, sorted; hidden ones (``.ipynb_checkpoints``) ignored."""
+    classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders: expected {root}/<class_name>/<image files>")
+    if len(classes) < 2:
+        raise DataError(f"{root} has a single class ({classes[0]!r}): classification needs at least 2 class folders")
+    return classes
+
+
+def shared_classes(root: Path, split: str) -> tuple[str, ...]:
+    """One class-index map for every split: the ``train`` folder's classes; another split must have the same
+    set, or its labels would mean other classes."""
+    if not (root / split).is_dir():
+        raise DataError(f"image folder not found: {root / split} (expected class sub-folders of images)")
+    train = class_folders(root / "train") if (root / "train").is_dir() else class_folders(root / split)
+    own = class_folders(root / split)
+    if set(own) != set(train):
+        extra, missing = sorted(set(own) - set(train)), sorted(set(train) - set(own))
+        raise DataError(f"{root / split} and {root / 'train'} have different classes (only in {split}: {extra[:5]}, "
+                        f"missing from {split}: {missing[:5]}): give both splits the same class folders")
+    return train
+
+
 class ImageFolderDataset(Dataset):
     """Class sub-folders of images. Corrupt or truncated files are skipped (counted) or raise, per ``skip_corrupt``."""
 
@@ -140,13 +173,14 @@ class ImageFolderDataset(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"image folder not found: {root} (expected class sub-folders of images)")
-        self.classes = classes or tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
-        if not self.classes:
-            raise DataError(f"{root} has no class sub-folders: expected {root}/<class_name>/<image files>")
+        self.classes = classes or class_folders(root)
         self.samples = [(p, idx) for idx, c in enumerate(self.classes) if (root / c).is_dir()
                         for p in sorted((root / c).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
-        if not self.samples:
-            raise DataError(f"{root} has no images with extensions {IMAGE_EXTENSIONS}")
+        counts = np.bincount([idx for _, idx in self.samples], minlength=len(self.classes))
+        empty = [c for c, n in zip(self.classes, counts) if n == 0]
+        if empty:
+            raise DataError(f"class folder(s) {empty[:5]} in {root} hold no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                            "add images or remove the folder")
         self.num_classes = len(self.classes)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
@@ -159,18 +193,18 @@ class ImageFolderDataset(Dataset):
         return load_image(self.samples[i][0])
 
     def __getitem__(self, i: int):
-        for offset in range(len(self.samples)):
-            j = (i + offset) % len(self.samples)
-            try:
-                img = self.load(j)
-            except DataError:
-                if not self.skip_corrupt:
-                    raise
-                if str(self.samples[j][0]) not in self.skipped:
-                    self.skipped.append(str(self.samples[j][0]))
-                continue
-            return (self.transform(img) if self.transform else img), self.samples[j][1]
-        raise DataError("every image in the dataset is unreadable")
+        """``(image, label)``, or ``None`` for an unreadable image with ``skip_corrupt`` (recorded in ``skipped``;
+        :func:`collate_present` drops it from the batch, so no other image is counted twice)."""
+        try:
+            img = self.load(i)
+        except DataError:
+            if not self.skip_corrupt:
+                raise
+            path = str(self.samples[i][0])
+            if path not in self.skipped:
+                self.skipped.append(path)
+            return None
+        return (self.transform(img) if self.transform else img), self.samples[i][1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,7 +285,10 @@ class WithTokenLabels(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int):
-        image, label = self.ds[i]
+        item = self.ds[i]
+        if item is None:  # a skipped image
+            return None
+        image, label = item
         return image, (label, self.token_labels[i])
 
 
@@ -288,7 +325,7 @@ def build_dataset(kind: str, path: str | None, split: str, transform, limit: int
     elif kind == "folder":
         if not path:
             raise DataError("data.kind 'folder' needs data.path: a folder with train/ and val/ class sub-folders")
-        ds = ImageFolderDataset(Path(path) / split, transform, skip_corrupt)
+        ds = ImageFolderDataset(Path(path) / split, transform, skip_corrupt, shared_classes(Path(path), split))
         if limit is not None and limit < len(ds):
             order = np.random.default_rng(0).permutation(len(ds))[:limit]
             ds.samples = [ds.samples[i] for i in sorted(order)]
@@ -336,9 +373,37 @@ class ResumableSampler(Sampler[int]):
         return self.per_replica - self.start
 
 
+def collate_present(batch: list):
+    """Default collation of the images that could be read (skipped ones are ``None``)."""
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        raise DataError(f"all {len(batch)} images of a batch are unreadable: check the dataset (data.skip_corrupt "
+                        "skips single files, not whole folders of broken ones)")
+    return default_collate(kept)
+
+
 def build_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int, drop_last: bool) -> DataLoader:
     """A loader with its own generator: starting an epoch's iterator then draws its worker seed from it, not from
-    the global RNG, so a resumed run's random stream (augmentation, Gumbel noise) stays aligned."""
+    the global RNG, so a resumed run's random stream (augmentation, Gumbel noise) stays aligned. With worker
+    processes, the dataset's list of skipped files is shared with them, so the main process sees every skip."""
+    if workers > 0 and isinstance(getattr(dataset, "skipped", None), list):
+        shared = _manager().list(dataset.skipped)
+        dataset.skipped = shared
+        if hasattr(dataset, "ds"):
+            dataset.ds.skipped = shared
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(), collate_fn=collate_present,
                       generator=torch.Generator().manual_seed(0))
+
+
+_MANAGER = None
+
+
+def _manager():
+    """One multiprocessing manager per process, started on first use (only runs with data workers need it)."""
+    global _MANAGER
+    if _MANAGER is None:
+        import multiprocessing
+
+        _MANAGER = multiprocessing.Manager()
+    return _MANAGER

@@ -531,5 +531,11 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
         summary["ranks_in_sync"] = ranks_in_sync(model, info)
     summary["world_size"] = info.world
     summary["best_top1"] = best
-    summary["skipped_images"] = len(getattr(train_ds, "skipped", [])) + len(getattr(val_ds, "skipped", []))
+    skipped = sorted(set(getattr(train_ds, "skipped", [])) | set(getattr(val_ds, "skipped", [])))
+    summary["skipped_images"] = len(skipped)
+    if skipped:
+        summary["skipped_files"] = skipped[:50]
+        if info.main and progress:
+            print(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}"
+                  f"{' ...' if len(skipped) > 5 else ''}", flush=True)
     return summary
