@@ -127,6 +127,40 @@ def test_two_process_ddp_stays_in_sync(tmp_path):
     assert steps[-1]["global_step"] == 256 // (16 * 2)
 
 
+def _torchrun(*args, check=True):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tpcvit", *args],
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(out.stderr[-3000:])
+    return out
+
+
+@pytest.mark.parametrize("launch", ["workers", "ddp"])
+def test_kill_9_and_resume_is_step_for_step_identical_with_workers_and_under_ddp(tmp_path, launch):
+    """Data workers (augmentation seeded per sample) and 2-process DDP (every rank's RNG in the checkpoint)."""
+    common = ["--quiet", "model.name=tpc_deit_tiny_patch16_224", *TINY, "train.batch_size=16",
+              "train.ckpt_every_steps=3", "train.log_every_steps=1", "data.val_limit=64"]
+    if launch == "workers":
+        run_cli, common = _cli, [*common, "data.workers=2", "data.train_limit=160", "train.epochs=2"]
+        halt, steps_per_epoch = 14, 10
+    else:
+        run_cli, common = _torchrun, [*common, "data.train_limit=128", "train.epochs=3"]
+        halt, steps_per_epoch = 7, 4
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_cli("train", "-o", str(ref), *common)
+    killed = run_cli("train", "-o", str(run), *common, f"train.halt_after_steps={halt}", check=False)
+    assert killed.returncode != 0
+    meta = json.loads((run / "last.json").read_text())
+    assert 0 < meta["step_in_epoch"] < steps_per_epoch  # died mid-epoch, resumes mid-epoch
+    run_cli("train", "-o", str(run), "--resume", *common)
+    assert (run / "steps.jsonl").read_text().splitlines() == (ref / "steps.jsonl").read_text().splitlines()
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref / "last.safetensors"), load_file(run / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def _folder(tmp_path: Path) -> Path:
     """A tiny ImageNet-layout dataset with RGB, grayscale, RGBA, odd sizes, a corrupt and a truncated file."""

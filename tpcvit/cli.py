@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import tpcvit  # noqa: F401  (import guard + model registration before anything imports timm)
+from tpcvit.checkpoint import ensure_writable
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -19,6 +20,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.out:
+        ensure_writable(Path(args.out).parent)
     command = "tpcvit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.methods:
         if args.compile:
@@ -41,7 +44,7 @@ def _bench_methods(args: argparse.Namespace, command: str) -> int:
     from .compare import compare_markdown, run_compare, write_compare
     from .config import ConfigError, load_config
 
-    overrides = list(args.set or [])
+    overrides = list(args.set or []) + list(args.overrides or [])
     if args.config is None:  # speed only: the named backbone at its own size on random images
         overrides.append(f"model.name={args.model}")
         if args.img_size:
@@ -63,6 +66,16 @@ def _bench_methods(args: argparse.Namespace, command: str) -> int:
     if args.out:
         print("wrote " + ", ".join(map(str, write_compare(result, args.out))))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _str_list(text: str) -> list[str]:
@@ -135,6 +148,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from .propagation import set_mode
 
     cfg = _load(args)
+    ensure_writable(args.output or "runs/analysis")
     model, val_loader, info, _ = _trained_model(cfg, args.checkpoint)
     set_mode(model, "adaptive")
     result = analyze(model, val_loader, info.device, progress=not args.quiet)
@@ -151,7 +165,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_viz(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     import torch
 
@@ -162,6 +175,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     from .viz import save_figure, token_map_figure
 
     cfg = _load(args)
+    out = ensure_writable(args.output or "runs/viz")
     if args.num_classes:
         model = build_model(cfg, args.num_classes, init=args.checkpoint).eval()
         classes = None
@@ -173,7 +187,6 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     d = cfg["data"]
     tf = build_transform(size, in_chans, False, AugmentConfig(**{**d["aug"], "scale": tuple(d["aug"]["scale"])}),
                          d["mean"], d["std"])
-    out = Path(args.output or "runs/viz")
     for path in list_images(args.images):
         image = load_image(path)
         with torch.no_grad():
@@ -205,9 +218,11 @@ def _cmd_evidence(args: argparse.Namespace) -> int:
     from .evidence import Evidence, evidence_markdown, write_evidence
 
     cfg = _load(args)
+    ensure_writable(cfg["output"])
     out = args.out or f"benchmarks/results/evidence_{Path(cfg['output']).name.removeprefix('evidence_')}"
     result = Evidence(cfg, ledger=f"{out}_runs", progress=not args.quiet).run()
     result["command"] = "tpcvit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    ensure_writable(Path(out).parent)
     print(evidence_markdown(result))
     print("wrote " + ", ".join(str(p) for p in write_evidence(result, out)))
     return 0
@@ -226,6 +241,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"model.name={args.model}"] if args.model else [])
     cfg = load_config(args.config, overrides)
+    ensure_writable(Path(args.out).parent)
     num_classes = args.num_classes or (classes_in_checkpoint(args.checkpoint) if args.checkpoint else None) or 1000
     model = build_model(cfg, num_classes, init=args.checkpoint)
     report = export_onnx(model, args.out, args.mode, args.keep, args.batch_size, dynamic_batch=not args.static_batch,
@@ -266,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "TPC vs dense vs peers at matched GMACs (accuracy too with --config)")
     b.add_argument("--model", default="tpc_deit_small_patch16_224")
     b.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    b.add_argument("--rounds", type=int, default=7)
+    b.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 32])
+    b.add_argument("--rounds", type=_positive_int, default=7)
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--img-size", type=int, default=None)
@@ -284,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-data", action="store_true", help="with --config: speed and GMACs on random images only")
     b.add_argument("--calib-images", type=int, default=64, help="images used to match GMACs targets")
     b.add_argument("--quiet", action="store_true")
+    b.add_argument("overrides", nargs="*", help="with --methods: config overrides key.sub=value (as --set)")
     b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("train", help="train or fine-tune a dense or TPC model (also under torchrun)")
@@ -348,12 +365,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _os_message(err: OSError) -> str:
+    """What an OS error means for the user: disk full, no permission, a file where a folder should be, ..."""
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    if isinstance(err, PermissionError):
+        return f"permission denied{where}: choose a location you can write to / read from"
+    if isinstance(err, (NotADirectoryError, FileExistsError)):
+        return f"a file is in the way{where}: part of the path is not a folder"
+    if getattr(err, "errno", None) == 28:
+        return f"no space left on the device{where}: free some space, then run again (with --resume for training)"
+    return f"{err.strerror or _one_line(err)}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. The project's own errors, the OS/IO errors a user can cause (disk full, permissions) and
+    Ctrl-C become one line and exit code 2 (130 for Ctrl-C); anything else is a bug and keeps its traceback."""
+    from safetensors import SafetensorError
+
     args = build_parser().parse_args(argv)
+    prefix = f"tpcvit {args.command}"
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
-        print(f"tpcvit {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted; finished checkpoints are kept (tpcvit train ... --resume continues)",
+              file=sys.stderr)
+        return 130
+    except FloatingPointError as err:  # training diverged (its message names the step and the fix)
+        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:  # ConfigError, DataError, CheckpointError, ExportError, ...
+        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"{prefix}: error: {_os_message(err)}", file=sys.stderr)
+        return 2
+    except SafetensorError as err:
+        reason = "no space left on the device" if "No space left" in str(err) else _one_line(err)
+        print(f"{prefix}: error writing weights: {reason}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 import struct
 import warnings
 import zlib
@@ -272,17 +273,64 @@ def build_transform(img_size: int, in_chans: int, train: bool, aug: AugmentConfi
 # ----------------------------------------------------------------------------------------------------------
 # datasets by name
 # ----------------------------------------------------------------------------------------------------------
-class WithTokenLabels(Dataset):
-    """A dataset whose targets become ``(label, token_labels[i])``: dense per-token targets (token labelling)."""
+class DatasetWrapper(Dataset):
+    """Base of datasets that wrap another (``ds``): attributes they do not define (``num_classes``, ``classes``,
+    ``skipped``) are the wrapped dataset's."""
 
-    def __init__(self, ds: Dataset, token_labels: torch.Tensor) -> None:
-        self.ds, self.token_labels = ds, token_labels
-        for attr in ("num_classes", "classes", "skipped"):
-            if hasattr(ds, attr):
-                setattr(self, attr, getattr(ds, attr))
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __getattr__(self, name: str):
+        if name == "ds":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.ds, name)
 
     def __len__(self) -> int:
         return len(self.ds)
+
+
+def innermost(ds: Dataset) -> Dataset:
+    while isinstance(ds, DatasetWrapper):
+        ds = ds.ds
+    return ds
+
+
+class SeedPerSample(DatasetWrapper):
+    """Random augmentation as a pure function of ``(seed, epoch, index)``.
+
+    With data worker processes, which worker draws which sample, and the workers' RNG streams, change with the
+    worker count and restart when a run resumes mid-epoch; seeding every sample from its own index makes the
+    augmented images identical whatever the workers and wherever the run resumed. The caller's RNG states are
+    left as they were. Call :meth:`set_epoch` before each epoch's iterator is created.
+    """
+
+    def __init__(self, ds: Dataset, seed: int) -> None:
+        super().__init__(ds)
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, i: int):
+        s = ((self.seed * 1_000_003 + self.epoch) * 100_003_001 + int(i)) % 2**63
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % 2**32)
+            try:
+                return self.ds[i]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+class WithTokenLabels(DatasetWrapper):
+    """A dataset whose targets become ``(label, token_labels[i])``: dense per-token targets (token labelling)."""
+
+    def __init__(self, ds: Dataset, token_labels: torch.Tensor) -> None:
+        super().__init__(ds)
+        self.token_labels = token_labels
 
     def __getitem__(self, i: int):
         item = self.ds[i]
@@ -386,11 +434,9 @@ def build_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: i
     """A loader with its own generator: starting an epoch's iterator then draws its worker seed from it, not from
     the global RNG, so a resumed run's random stream (augmentation, Gumbel noise) stays aligned. With worker
     processes, the dataset's list of skipped files is shared with them, so the main process sees every skip."""
-    if workers > 0 and isinstance(getattr(dataset, "skipped", None), list):
-        shared = _manager().list(dataset.skipped)
-        dataset.skipped = shared
-        if hasattr(dataset, "ds"):
-            dataset.ds.skipped = shared
+    inner = innermost(dataset)
+    if workers > 0 and isinstance(getattr(inner, "skipped", None), list):
+        inner.skipped = _manager().list(inner.skipped)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(), collate_fn=collate_present,
                       generator=torch.Generator().manual_seed(0))

@@ -33,6 +33,7 @@ from .data import (
     AugmentConfig,
     DataError,
     ResumableSampler,
+    SeedPerSample,
     WithTokenLabels,
     build_dataset,
     build_loader,
@@ -299,7 +300,15 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: Path, model, optimizer, scaler, position: dict, best: float, info: DistInfo) -> Path:
-    """Write a complete checkpoint folder, then point ``last.json`` at it; keep only the newest two."""
+    """Write a complete checkpoint folder, then point ``last.json`` at it; keep only the newest two.
+
+    Every rank's RNG state is gathered into it (ranks draw different augmentation and Gumbel noise), so a resumed
+    DDP run continues each rank's stream exactly."""
+    rng = _rng_state()
+    ranks = [rng]
+    if info.world > 1:
+        ranks = [None] * info.world if info.main else None
+        dist.gather_object(rng, ranks, dst=0)
     if not info.main:
         return out
     ckdir = out / "checkpoints"
@@ -309,7 +318,7 @@ def save_checkpoint(out: Path, model, optimizer, scaler, position: dict, best: f
     tmp.mkdir(parents=True)
     save_weights(model, tmp / "model.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "rng": _rng_state()}, tmp / "train_state.pt")
+                "rng": rng, "rng_ranks": ranks}, tmp / "train_state.pt")
     (tmp / "meta.json").write_text(json.dumps({**position, "best_top1": best}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -330,7 +339,7 @@ def _trim_jsonl(path: Path, max_step: int) -> None:
     atomic_write(path, lambda t: Path(t).write_text("".join(ln + "\n" for ln in keep)))
 
 
-def load_resume(out: Path, model, optimizer, scaler) -> dict | None:
+def load_resume(out: Path, model, optimizer, scaler, rank: int = 0) -> dict | None:
     pointer = out / "last.json"
     if not pointer.exists():
         return None
@@ -346,7 +355,11 @@ def load_resume(out: Path, model, optimizer, scaler) -> dict | None:
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if rank >= len(ranks):
+        raise CheckpointError(f"{ck} was written by {len(ranks)} process(es); resume with the same number "
+                              f"(torchrun --nproc_per_node {len(ranks)})")
+    _set_rng_state(ranks[rank])
     for name in ("steps.jsonl", "metrics.jsonl"):
         _trim_jsonl(out / name, meta["global_step"])
     return meta
@@ -371,6 +384,8 @@ def build_data(cfg: dict, in_chans: int, img_size: int, info: DistInfo, model_cf
     train_ds = build_dataset(d["kind"], d["path"], "train", train_tf, d["train_limit"], d["skip_corrupt"])
     if d["token_labels"]:
         train_ds = WithTokenLabels(train_ds, load_token_labels(d["token_labels"], len(train_ds), train_ds.num_classes))
+    if d["workers"] > 0:  # augmentation independent of which worker draws a sample: exact resume with workers
+        train_ds = SeedPerSample(train_ds, cfg["seed"])
     val_split = "val" if d["kind"] == "folder" else "test"
     val_ds = build_dataset(d["kind"], d["path"], val_split, val_tf, d["val_limit"], d["skip_corrupt"])
     bs = cfg["train"]["batch_size"]
@@ -432,13 +447,11 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     best = -1.0
     if resume:
-        meta = load_resume(out, model, optimizer, scaler)
+        meta = load_resume(out, model, optimizer, scaler, info.rank)
         if meta is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {out} (last.json missing); start without --resume")
         position = {k: meta[k] for k in position}
         best = meta["best_top1"]
-        if info.rank > 0:  # every rank continues from the same RNG stream offset
-            seed_everything(cfg["seed"] + info.rank + position["global_step"])
     elif info.main:
         if (out / "last.json").exists():
             raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or choose another output")
@@ -453,6 +466,8 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
     for epoch in range(position["epoch"], t["epochs"]):
         start = position["step_in_epoch"] if epoch == position["epoch"] else 0
         train_sampler.set_epoch(epoch, start * t["batch_size"])
+        if isinstance(train_ds, SeedPerSample):
+            train_ds.set_epoch(epoch)
         model.train()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=not (progress and info.main),
                    initial=start, total=steps_per_epoch, leave=False)
