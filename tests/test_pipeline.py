@@ -284,9 +284,20 @@ def test_bench_methods_compares_tpc_and_peers_on_real_images(tmp_path):
             for a in ("--set", o)]
     missing = _cli("bench", "-c", "configs/fmnist_main.yaml", "--methods", "dense,tome-ft@0.6", *sets, check=False)
     assert missing.returncode != 0 and "--weights tome-ft=PATH" in missing.stderr
+    ckpt = dense / "best.safetensors"
+    refusals = {  # what would score the wrong model is refused, with the fix in one line
+        ("dense,tpc@0.6", f"dense={ckpt}"): "tpc has learned parts: give its fine-tuned checkpoint with --weights tpc=",
+        ("dense,tome@0.6", f"evit={ckpt}"): "--weights evit: no method in --methods uses it",
+        ("dense,tpc-keys@0.6", f"tpc-keys={ckpt}"): "trained with paused_keys: false",
+    }
+    for (methods, weight), message in refusals.items():
+        res = _cli("bench", "-c", "configs/fmnist_main.yaml", "--methods", methods, "--weights", weight, *sets,
+                   check=False)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
+    # dense weights for TPC / A-ViT only when asked for explicitly (here: to check the harness itself)
     _cli("bench", "-c", "configs/fmnist_main.yaml", "--methods", "dense,tpc@0.6,tome@0.6,tome-ft@0.6,evit@0.8,avit=3",
-         "--weights", f"dense={dense / 'best.safetensors'}", "--weights", f"tome-ft={dense / 'best.safetensors'}",
-         "--batch-sizes", "1", "8", "--rounds", "1",
+         "--weights", f"dense={ckpt}", "--weights", f"tome-ft={ckpt}", "--weights", f"tpc={ckpt}",
+         "--weights", f"avit={ckpt}", "--batch-sizes", "1", "8", "--rounds", "1",
          "--calib-images", "16", "--quiet", "--out", str(tmp_path / "cmp"), *sets)
     result = json.loads((tmp_path / "cmp.json").read_text())
     points = result["points"]
@@ -416,3 +427,66 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     assert not (out / "ft").exists() and not (out / "dense").exists()  # nothing re-trained
     third = json.loads((tmp_path / "evidence_tiny.json").read_text())
     assert [r["top1"] for r in third["runs"]] == [r["top1"] for r in runs]
+
+
+def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path):
+    """Output path blocked by a file, diverging lr, mismatched class folders, zero batch size: one line, no
+    traceback, no output folder left behind."""
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    data = tmp_path / "data"
+    for split, classes in (("train", ["cat", "dog"]), ("val", ["cat", "eel"])):
+        for c in classes:
+            (data / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(data / split / c / "0.png")
+    out = tmp_path / "never"
+    cases = [
+        (["train", "-o", str(tmp_path / "blocker" / "run"), *TINY], "a file is in the way"),
+        (["export", "--model", "deit_tiny_patch16_224", "--mode", "dense", "--out",
+          str(tmp_path / "blocker" / "m.onnx")], "a file is in the way"),
+        (["train", "-o", str(out), *TINY, "data.kind=folder", f"data.path={data}"], "different classes"),
+        (["bench", "--batch-sizes", "0"], "must be >= 1"),
+    ]
+    for args, message in cases:
+        res = _cli(*args, *(["--quiet"] if args[0] == "train" else []), check=False)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (args, res.stderr[-1500:])
+        assert message in res.stderr.strip().splitlines()[-1], (args, res.stderr)
+        assert not out.exists()
+    res = _cli("train", "-o", str(tmp_path / "nan"), "--quiet", *TINY, "train.lr=1e6", "data.train_limit=256",
+               "data.val_limit=32", "train.batch_size=16", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
+        res.stderr[-1500:]
+
+
+def test_ctrl_c_stops_training_with_one_line_and_keeps_the_run_resumable(tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tpcvit", "train", "-o", str(run), "--quiet", *TINY,
+                             "data.train_limit=2000", "data.val_limit=32", "train.batch_size=16", "train.epochs=20",
+                             "train.ckpt_every_steps=5"], stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not (run / "last.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-1500:]
+    assert json.loads((run / "last.json").read_text())["global_step"] >= 5
+
+
+def test_resume_refuses_another_config_and_a_dead_start_begins_clean(tmp_path):
+    common = ["--quiet", *TINY, "data.train_limit=64", "data.val_limit=32", "train.batch_size=16",
+              "train.ckpt_every_steps=2", "train.log_every_steps=1"]
+    run = tmp_path / "run"
+    _cli("train", "-o", str(run), *common, "train.epochs=2", "train.halt_after_steps=3", check=False)
+    before = (run / "steps.jsonl").read_text()
+    res = _cli("train", "-o", str(run), "--resume", *common, "train.epochs=3", check=False)
+    assert res.returncode == 2 and "train.epochs: 2 -> 3" in res.stderr and "Traceback" not in res.stderr
+    assert (run / "steps.jsonl").read_text() == before  # nothing lost or changed
+    # a run that died before its first checkpoint: a fresh start does not append to its logs
+    dead = tmp_path / "dead"
+    _cli("train", "-o", str(dead), *common, "train.ckpt_every_steps=0", "train.halt_after_steps=2", check=False)
+    assert not (dead / "last.json").exists() and (dead / "steps.jsonl").exists()
+    _cli("train", "-o", str(dead), *common)
+    steps = [json.loads(ln)["global_step"] for ln in (dead / "steps.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[0] == 1

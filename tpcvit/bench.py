@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,6 +119,12 @@ class SpeedRow:
     speedup_per_flops: float = 1.0  # speedup / flops_ratio: 1.0 = the FLOP saving fully turns into speed
     keep: float | None = None
     samples_s: list[float] | None = None
+    spread: float = 1.0  # slowest / fastest round
+    unstable: bool = False  # spread > UNSTABLE_SPREAD: another process competed for the cores; do not trust it
+
+    @property
+    def img_per_s_text(self) -> str:
+        return f"{self.img_per_s:.1f}" + (f" (unstable: rounds vary {self.spread:.1f}x)" if self.unstable else "")
 
 
 def speed_table(
@@ -156,6 +163,9 @@ def speed_table(
     return rows
 
 
+UNSTABLE_SPREAD = 1.5  # normal round-to-round noise here is 10-30%; a competing process gives 2-100x
+
+
 def speed_rows(samples: dict[str, list[float]], gmacs: dict[str, float], batch: int, dtype: str, baseline: str,
                keeps: dict[str, float | None] | None = None) -> list[SpeedRow]:
     """One :class:`SpeedRow` per variant from its timing samples (seconds per call) at one batch size."""
@@ -164,8 +174,15 @@ def speed_rows(samples: dict[str, list[float]], gmacs: dict[str, float], batch: 
     for name, times in samples.items():
         med = statistics.median(times)
         flops_ratio = gmacs[baseline] / gmacs[name]
+        spread = max(times) / min(times) if min(times) > 0 else float("inf")
         rows.append(SpeedRow(name, batch, dtype, batch / med, med * 1e3, gmacs[name], base / med, flops_ratio,
-                             base / med / flops_ratio, (keeps or {}).get(name), [round(t, 5) for t in times]))
+                             base / med / flops_ratio, (keeps or {}).get(name), [round(t, 5) for t in times],
+                             round(spread, 3), spread > UNSTABLE_SPREAD))
+    bad = [r.variant for r in rows if r.unstable]
+    if bad:
+        warnings.warn(f"unstable timings at batch {batch} for {bad}: rounds differ by more than {UNSTABLE_SPREAD}x "
+                      "(another process is using the cores?); the rows are flagged, re-run on an idle machine",
+                      stacklevel=2)
     return rows
 
 
@@ -175,7 +192,7 @@ def rows_to_markdown(rows: list[SpeedRow]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         keep = "-" if r.keep is None else f"{r.keep:.0%}"
-        lines.append(f"| {r.variant} | {keep} | {r.batch} | {r.dtype} | {r.img_per_s:.1f} | {r.latency_ms:.1f} | "
+        lines.append(f"| {r.variant} | {keep} | {r.batch} | {r.dtype} | {r.img_per_s_text} | {r.latency_ms:.1f} | "
                      f"{r.gmacs:.2f} | {r.speedup:.2f}x | {r.flops_ratio:.2f}x | {r.speedup_per_flops:.2f} |")
     return "\n".join(lines)
 

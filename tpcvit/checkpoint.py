@@ -138,10 +138,14 @@ def load_backbone(model: nn.Module, source: str | os.PathLike | dict, strict: bo
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
              if k in state and state[k].shape != v.shape]
     if wrong:
-        heads = [w for w in wrong if w[0].startswith("head")]
-        hint = (f" The classifier has {heads[0][1][0]} classes in the checkpoint and {heads[0][2][0]} in the model: "
-                "create the model with num_classes matching the checkpoint, or drop the head keys to fine-tune "
-                "on new classes.") if heads else " The checkpoint is for another model size."
+        # only the classifier's output size differs: a class-count mismatch; anything else: another width/size
+        classes = [w for w in wrong if w[0].startswith("head") and w[1][0] != w[2][0] and w[1][1:] == w[2][1:]]
+        if classes and len(classes) == len(wrong):
+            hint = (f" The classifier has {classes[0][1][0]} classes in the checkpoint and {classes[0][2][0]} in the "
+                    "model: create the model with num_classes matching the checkpoint, or drop the head keys to "
+                    "fine-tune on new classes.")
+        else:
+            hint = " The checkpoint is for another model size (embed_dim, depth, patch or MLP width differ)."
         raise CheckpointError(f"checkpoint does not fit {name}: shape mismatch {wrong[:3]}.{hint}")
     target.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return model

@@ -168,7 +168,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .data import AugmentConfig, build_transform, list_images, load_image
+    from .data import AugmentConfig, build_transform, eval_view, list_images, load_image
     from .engine import build_model
     from .models.vit import image_geometry
     from .propagation import set_mode
@@ -185,15 +185,15 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     set_mode(model, "adaptive")
     in_chans, size = image_geometry(model)[:2]
     d = cfg["data"]
-    tf = build_transform(size, in_chans, False, AugmentConfig(**{**d["aug"], "scale": tuple(d["aug"]["scale"])}),
-                         d["mean"], d["std"])
+    aug = AugmentConfig(**{**d["aug"], "scale": tuple(d["aug"]["scale"])})
+    tf = build_transform(size, in_chans, False, aug, d["mean"], d["std"])
     for path in list_images(args.images):
-        image = load_image(path)
+        image = load_image(path, dataset=False)
         with torch.no_grad():
             logits, trace = model.forward_with_trace(tf(image)[None])
         pred = int(logits.argmax(-1))
         label = classes[pred] if classes else str(pred)
-        shown = image.convert("RGB").resize((size, size))
+        shown = eval_view(image, size, aug)  # the crop the model saw, so the token grid lines up
         fig = token_map_figure(shown, trace.active[0], trace.restarted[0], tuple(model.patch_embed.grid_size),
                                title=f"{path.name}: predicted {label}")
         print(f"wrote {save_figure(fig, out / (path.stem + '_tokens.png'))}")

@@ -36,6 +36,8 @@ MODEL_PREFIX = {"dense": "", "tpc-adaptive": "tpc_", "tpc": "tpc_", "tpc-keys-ad
 METHODS = tuple(MODEL_PREFIX)
 NEEDS_WEIGHTS = {"tome-ft": "ToMe fine-tuned with merging on (tpcvit train ... model.name=tome_<backbone>)"}
 NO_KNOB = ("dense", "tpc-adaptive", "tpc-keys-adaptive")
+# methods with learned parts: measuring their accuracy on dense weights would score an untrained controller
+LEARNED = ("tpc", "tpc-adaptive", "tpc-keys", "tpc-keys-adaptive", "avit", "dynamicvit", "tome-ft")
 
 
 @dataclass
@@ -126,6 +128,42 @@ def missing_weights(method: str) -> str:
     return f"{method} needs its own weights: --weights {method}=PATH, the checkpoint of {NEEDS_WEIGHTS[method]}"
 
 
+def weights_key(method: str) -> str:
+    """The ``--weights`` key a method reads (``tpc-adaptive`` reads ``tpc``'s checkpoint)."""
+    return method.removesuffix("-adaptive")
+
+
+def check_weights(specs: list[Spec], weights: dict[str, str], with_data: bool) -> None:
+    """Refuse what would score the wrong model: an unused ``--weights`` key, a learned method without its own
+    weights (accuracy runs), a TPC checkpoint under the other variant (paused keys or not; read from the
+    ``config.yaml`` beside the checkpoint)."""
+    import yaml
+
+    used = {"dense"} | {weights_key(s.method) for s in specs} | {s.method for s in specs}
+    unused = sorted(set(weights) - used)
+    if unused:
+        raise ConfigError(f"--weights {', '.join(unused)}: no method in --methods uses it (keys are method names "
+                          f"without '-adaptive', e.g. tpc-keys=PATH)")
+    for spec in specs:
+        path = weights.get(spec.method) or weights.get(weights_key(spec.method))
+        if path is None:
+            if with_data and spec.method in LEARNED:
+                raise ConfigError(f"{spec.method} has learned parts: give its fine-tuned checkpoint with --weights "
+                                  f"{weights_key(spec.method)}=PATH (with the dense weights its controller would "
+                                  "be untrained)")
+            continue
+        saved = Path(path).parent / "config.yaml"
+        if spec.method.startswith("tpc") and saved.is_file():
+            trained = bool(((yaml.safe_load(saved.read_text()) or {}).get("model", {}).get("tpc") or {})
+                           .get("paused_keys", False))
+            wanted = spec.method.startswith("tpc-keys")
+            if trained != wanted:
+                right = "tpc-keys" if trained else "tpc"
+                raise ConfigError(f"{path} was trained with paused_keys: {str(trained).lower()} ({saved}), but "
+                                  f"{spec.label} runs paused_keys: {str(wanted).lower()}: use the spec "
+                                  f"{right}{spec.label[len(weights_key(spec.method)):]} and --weights {right}=PATH")
+
+
 def build_variant(cfg: dict, spec: Spec, num_classes: int, weights: dict[str, str]) -> nn.Module:
     """The model for ``spec``: its own fine-tuned weights if given (``weights[method]``), else the dense ones."""
     from .engine import build_model
@@ -166,6 +204,7 @@ def run_compare(
         raise ConfigError(f"duplicate specs in {specs}")
     for method in sorted({s.method for s in parsed} & set(NEEDS_WEIGHTS) - set(weights)):
         raise ConfigError(missing_weights(method))
+    check_weights(parsed, weights, with_data)
     info = init_distributed(device)
     dev = info.device
     probe = build_variant(cfg, Spec("dense"), 1, {})
@@ -235,7 +274,7 @@ def compare_markdown(result: dict) -> str:
         cells += [f"{p['gmacs']:.4f}", f"{p['gmacs_ratio']:.0%}"]
         for b in batches:
             r = speed[(label, b)]
-            cells += [f"{r.img_per_s:.1f}", f"{r.speedup:.2f}x"]
+            cells += [r.img_per_s_text, f"{r.speedup:.2f}x"]
         cells.append(f"{speed[(label, batches[-1])].speedup_per_flops:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -108,8 +108,9 @@ class IdxDataset(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image; corrupt/truncated files raise :class:`DataError` naming the file."""
+def load_image(path: str | os.PathLike, dataset: bool = True) -> Image.Image:
+    """Open and fully decode an image; corrupt/truncated files raise :class:`DataError` naming the file (and, for
+    a ``dataset`` image, the ``data.skip_corrupt`` switch)."""
     if not Path(path).is_file():
         raise DataError(f"image not found: {path}")
     try:
@@ -120,8 +121,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 return img.copy()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as err:
-        raise DataError(f"corrupt, oversized or unreadable image {path}: {err}. Remove or replace it, or set "
-                        "data.skip_corrupt: true to skip such files") from err
+        fix = ", or set data.skip_corrupt: true to skip such files" if dataset else ""
+        raise DataError(f"corrupt, oversized or unreadable image {path}: {err}. Remove or replace it{fix}") from err
 
 
 def list_images(paths: list[str]) -> list[Path]:
@@ -268,6 +269,20 @@ def build_transform(img_size: int, in_chans: int, train: bool, aug: AugmentConfi
     if mode == "RGB" and in_chans == 1:
         steps = [ToMode("RGB"), tf, T.Lambda(lambda t: t.mean(0, keepdim=True))]
     return T.Compose(steps)
+
+
+def eval_view(image: Image.Image, img_size: int, aug: AugmentConfig) -> Image.Image:
+    """``image`` as the model sees it at evaluation: the eval transform's resize and centre crop, before tensor
+    conversion (so token maps drawn over it line up with the tokens, also for non-square images)."""
+    from timm.data import create_transform
+
+    tf = create_transform(img_size, is_training=False, interpolation=aug.interpolation, crop_pct=aug.crop_pct)
+    out = image.convert("RGB")
+    for step in tf.transforms:
+        if type(step).__name__ in ("ToTensor", "MaybeToTensor", "Normalize", "PILToTensor", "MaybePILToTensor"):
+            break
+        out = step(out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

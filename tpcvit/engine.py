@@ -339,6 +339,29 @@ def _trim_jsonl(path: Path, max_step: int) -> None:
     atomic_write(path, lambda t: Path(t).write_text("".join(ln + "\n" for ln in keep)))
 
 
+# keys that may change between a run and its resumption (they do not change what is computed)
+RESUME_MAY_CHANGE = ("output", "train.halt_after_steps", "train.log_every_steps", "train.ckpt_every_steps")
+
+
+def check_same_config(out: Path, cfg: dict) -> None:
+    """Refuse to resume a run with a config that would train something else (one line naming the keys)."""
+    import yaml
+
+    from .config import _flatten
+
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved, now = _flatten(yaml.safe_load(saved_path.read_text()) or {}), _flatten(cfg)
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+               and not k.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise ConfigError(f"--resume with another config than the run in {out} ({shown}"
+                          f"{', ...' if len(changed) > 4 else ''}): resume with the same settings, or start a new "
+                          "run in another --output")
+
+
 def load_resume(out: Path, model, optimizer, scaler, rank: int = 0) -> dict | None:
     pointer = out / "last.json"
     if not pointer.exists():
@@ -447,6 +470,7 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     best = -1.0
     if resume:
+        check_same_config(out, cfg)
         meta = load_resume(out, model, optimizer, scaler, info.rank)
         if meta is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {out} (last.json missing); start without --resume")
@@ -455,6 +479,8 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
     elif info.main:
         if (out / "last.json").exists():
             raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or choose another output")
+        for stale in ("steps.jsonl", "metrics.jsonl"):  # a run that died before its first checkpoint: start over
+            (out / stale).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml", lambda p: Path(p).write_text(dump_config(cfg)))
 

@@ -93,6 +93,11 @@ def check_images(model: nn.Module, x: torch.Tensor) -> None:
         raise ValueError(
             f"expected images [B, {c}, {h}, {w}], got {list(x.shape)}: resize/convert the input (the data "
             "pipeline does this), or create the model with img_size=/in_chans= matching your data")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch: pass at least one image")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"images must be float32 (or bf16/fp16) tensors, normalised as in training, got {x.dtype}: "
+                         "use the data pipeline's transform, or x.float() (uint8: x.float() / 255, then normalise)")
 
 
 def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
