@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Install everything tpcvit needs on a fresh machine (Python, pip and gcc only).
-# torch/torchvision are pinned: unpinned they resolve to multi-GB CUDA builds.
+# Exact pins for this machine (the package itself takes ranges): unpinned, torch/torchvision resolve to
+# multi-GB CUDA builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-$PY -m pip install -q --disable-pip-version-check --root-user-action=ignore torch==2.13.0 torchvision==0.28.0
+$PY -m pip install -q --disable-pip-version-check --root-user-action=ignore torch==2.13.0 torchvision==0.28.0 \
+  timm==1.0.31
 $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"
 # Real offline data for the main job and the tests: Debian's Fashion-MNIST (idx files).
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

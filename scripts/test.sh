@@ -7,3 +7,11 @@ export HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 $PY -m ruff check .
 $PY -m pytest tests
+# The model tests again on the oldest timm we support (pyproject: timm>=1.0.17), beside the same torch.
+OLD=.venv-timm-oldest
+[ -x $OLD/bin/python ] || $PY -m venv --system-site-packages $OLD
+$OLD/bin/python -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps timm==1.0.17
+$OLD/bin/python -m pip install -q --disable-pip-version-check --root-user-action=ignore "huggingface_hub<1"  # its era
+$OLD/bin/python -c "import timm; assert timm.__version__ == '1.0.17', timm.__version__"
+$OLD/bin/python -m pytest -p no:cacheprovider tests/test_models.py tests/test_peers.py tests/test_families.py \
+  tests/test_flops_checkpoint.py tests/test_controller.py tests/test_patch.py

@@ -295,13 +295,15 @@ def test_bench_methods_compares_tpc_and_peers_on_real_images(tmp_path):
                    check=False)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
     # dense weights for TPC / A-ViT only when asked for explicitly (here: to check the harness itself)
-    _cli("bench", "-c", "configs/fmnist_main.yaml", "--methods", "dense,tpc@0.6,tome@0.6,tome-ft@0.6,evit@0.8,avit=3",
+    _cli("bench", "-c", "configs/fmnist_main.yaml", "--methods",
+         "dense,tpc@0.6,tome@0.6,tome-ft@0.6,evit@0.8,avit=3,tpc-free@0.6",
          "--weights", f"dense={ckpt}", "--weights", f"tome-ft={ckpt}", "--weights", f"tpc={ckpt}",
          "--weights", f"avit={ckpt}", "--batch-sizes", "1", "8", "--rounds", "1",
          "--calib-images", "16", "--quiet", "--out", str(tmp_path / "cmp"), *sets)
     result = json.loads((tmp_path / "cmp.json").read_text())
     points = result["points"]
-    assert list(points) == ["dense", "tpc@60%", "tome@60%", "tome-ft@60%", "evit@80%", "avit=3"]
+    assert list(points) == ["dense", "tpc@60%", "tome@60%", "tome-ft@60%", "evit@80%", "avit=3", "tpc-free@60%"]
+    assert points["tpc-free@60%"]["matched"]
     assert points["tome-ft@60%"]["top1"] == points["tome@60%"]["top1"]  # same weights here: same model
     assert points["tome@60%"]["matched"] and points["tpc@60%"]["matched"]
     assert all(0 <= p["top1"] <= 100 and p["images"] == 48 for p in points.values())
@@ -394,7 +396,8 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     out = tmp_path / "ev"
     args = ["evidence", "-c", "configs/evidence_fmnist49.yaml", "-o", str(out), "--quiet", "--out",
             str(tmp_path / "evidence_tiny"), *TINY, "data.train_limit=300", "data.val_limit=200", "train.epochs=2",
-            "train.batch_size=32", "evidence.methods=[tpc,idlevit,tome,dense,tpc-norestart]", "evidence.seeds=[0,1]",
+            "train.batch_size=32", "evidence.methods=[tpc,idlevit,tome,tpc-free,dense,tpc-norestart]",
+            "evidence.seeds=[0,1]",
             "evidence.budgets=[0.6,0.8]", "evidence.train_budget=0.7", "evidence.finetune_epochs=1",
             "evidence.finetune_train_limit=200", "evidence.calib_images=32", "model.tpc={target_keep: 0.6}"]
     _cli(*args, timeout=900)
@@ -403,8 +406,8 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     assert set(result["dense"]) >= {"top1", "gmacs", "curve", "converged", "last20_gain"}
     runs = result["runs"]
     assert {(r["method"], r["seed"]) for r in runs if r["budget"] == 0.6} == {
-        ("tpc", 0), ("tpc", 1), ("idlevit", 0), ("idlevit", 1), ("tome", None), ("tpc-norestart", 0),
-        ("tpc-norestart", 1)}
+        ("tpc", 0), ("tpc", 1), ("idlevit", 0), ("idlevit", 1), ("tome", None), ("tpc-free", None),
+        ("tpc-norestart", 0), ("tpc-norestart", 1)}
     assert all(set(r) >= {"method", "budget", "seed", "top1", "gmacs", "gmacs_ratio"} for r in runs)
     for r in runs:  # matched compute: every method at (about) the budget it is reported at
         if r["method"] != "dense":
@@ -412,6 +415,7 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     summary = result["summary"]
     assert summary["tpc_vs_best_peer"]["0.6"]["best_peer"] in ("idlevit", "tome")
     assert summary["tpc_vs_best_peer"]["0.6"]["n"] == 2 and "tpc-norestart" in summary["claims"]
+    assert set(summary["tpc_free_minus_tome"]) == {"0.6", "0.8"}
     assert (tmp_path / "evidence_tiny.md").read_text().count("|") > 20 and (tmp_path / "evidence_tiny.png").exists()
     # finished fine-tunes and evaluations are reused: a second run trains nothing and gives the same numbers
     stamp = (out / "ft" / "tpc" / "seed0" / "last.safetensors").stat().st_mtime

@@ -1,7 +1,8 @@
 """tpcvit: Token Propagation Controller for Vision Transformers.
 
 ``import tpcvit`` registers the TPC models in timm's registry, so ``timm.create_model("tpc_deit_small_patch16_224")``
-works. See README.md for the CLI and METHOD.md for the method.
+works, and ``tpcvit.patch(model, keep=0.5)`` gives TPC to a timm ViT you already have (training-free).
+See README.md for the CLI and docs/METHOD.md for the method.
 """
 
 from ._compat import ensure_torchvision_importable
@@ -12,12 +13,14 @@ from . import baselines, controller  # noqa: E402  (baselines registers tome_/ev
 from .checkpoint import CheckpointError, load_backbone, save_weights  # noqa: E402
 from .flops import count_gmacs, vit_gmacs_from_trace  # noqa: E402
 from .models import TPCVisionTransformer, TPCVisionTransformerDistilled  # noqa: E402
+from .patch import calibrate_threshold, patch  # noqa: E402
 from .propagation import MODES, TokenTrace, TPCConfig, override_probs, set_mode, tpc_loss  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODES", "CheckpointError", "TPCConfig", "TPCVisionTransformer", "TPCVisionTransformerDistilled", "TokenTrace",
-    "baselines", "controller", "count_gmacs", "load_backbone", "override_probs", "save_weights", "set_mode",
+    "baselines", "calibrate_threshold", "controller", "count_gmacs", "load_backbone", "override_probs", "patch",
+    "save_weights", "set_mode",
     "tpc_loss", "vit_gmacs_from_trace",
 ]

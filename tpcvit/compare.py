@@ -6,7 +6,8 @@ until the GMACs measured on real calibration images match; or ``METHOD=V`` to se
 with a knob: ``tpc`` (budget-mode keep ratio; ``tpc-keys``: the ``paused_keys`` variant, paused tokens visible as
 keys/values), ``tome`` (tokens merged per block; ``tome-ft``: ToMe with its own fine-tuned weights, trained with
 merging on), ``evit`` (keep rate), ``avit`` (halting threshold),
-``idlevit`` (share of tokens computed per block), ``dynamicvit`` (keep rate per stage).
+``idlevit`` (share of tokens computed per block), ``dynamicvit`` (keep rate per stage), ``tpc-free`` (training-free
+TPC, ``tpcvit.patch`` on the dense weights: keep ratio).
 
 Every variant is evaluated on the same images (top-1/top-5, GMACs per image averaged over the evaluation set,
 counting only the work done) and timed in one interleaved loop (medians, warm-up, machine named).
@@ -32,7 +33,7 @@ from .pipeline import take_batches
 from .propagation import set_mode, tpc_modules
 
 MODEL_PREFIX = {"dense": "", "tpc-adaptive": "tpc_", "tpc": "tpc_", "tpc-keys-adaptive": "tpc_", "tpc-keys": "tpc_",
-                "tome-ft": "tome_", **{m: f"{m}_" for m in PEER_METHODS}}
+                "tome-ft": "tome_", "tpc-free": "", **{m: f"{m}_" for m in PEER_METHODS}}
 METHODS = tuple(MODEL_PREFIX)
 NEEDS_WEIGHTS = {"tome-ft": "ToMe fine-tuned with merging on (tpcvit train ... model.name=tome_<backbone>)"}
 NO_KNOB = ("dense", "tpc-adaptive", "tpc-keys-adaptive")
@@ -177,6 +178,10 @@ def build_variant(cfg: dict, spec: Spec, num_classes: int, weights: dict[str, st
         cfg = {**cfg, "model": {**cfg["model"], "tpc": {**cfg["model"]["tpc"],
                                                           "paused_keys": spec.method.startswith("tpc-keys")}}}
     model = build_model(cfg, num_classes, name=name, init=init)
+    if spec.method == "tpc-free":  # training-free TPC on the dense model (tpcvit.patch, attention controller)
+        from .patch import patch
+
+        patch(model)
     if spec.method.endswith("-adaptive"):
         set_mode(model, "adaptive")
     return model.eval()

@@ -31,6 +31,19 @@ def transition_probs(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().sigmoid()
 
 
+def attention_logits(relative_attention: torch.Tensor, threshold: float, sharpness: float) -> torch.Tensor:
+    """Training-free controller: pause/restart logits ``[B, N, 2]`` from the class token's attention.
+
+    ``relative_attention`` ``[B, N]`` is the attention a token receives times the number of keys (1 = uniform).
+    With ``s = log(relative_attention) - threshold``: pause logit ``-sharpness * s`` (a token below the threshold
+    pauses), restart logit ``+sharpness * s`` (a paused token whose attention rises above it comes back). Then
+    ``keep_score`` ranks every token, active or paused, by its current attention: the paper's restart insight
+    without a learned head.
+    """
+    s = relative_attention.float().clamp_min(1e-6).log() - threshold
+    return torch.stack([-sharpness * s, sharpness * s], dim=-1)
+
+
 def active_recursion(a_prev: torch.Tensor, pause: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:
     """One step of the two-state chain: ``a_l = a_{l-1} (1 - p_l) + (1 - a_{l-1}) r_l``.
 

@@ -34,6 +34,7 @@ from .compare import backbone_name, match_gmacs
 from .config import ConfigError
 from .engine import build_data, build_model, evaluate, fit, init_distributed
 from .models.vit import image_geometry
+from .patch import patch
 from .pipeline import take_batches
 from .stats import mean_std, paired_difference
 
@@ -41,15 +42,15 @@ from .stats import mean_std, paired_difference
 TPC_VARIANTS = {"tpc": {}, "tpc-norestart": {"restart": False}, "tpc-nosmooth": {"smoothing": False},
                 "tpc-nostab": {"stabilizer": False}}
 PEERS = ("idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome")
-TRAINING_FREE = ("tome",)
-METHODS = ("dense", *TPC_VARIANTS, *PEERS)
+TRAINING_FREE = ("tome", "tpc-free")  # evaluated on the dense weights, no fine-tune, no seeds
+METHODS = ("dense", *TPC_VARIANTS, *PEERS, "tpc-free")
 # static-shape peers: trained with the knob that gives ``train_budget`` GMACs (the model kwarg that holds it)
 KNOB_KWARG = {"idlevit": "keep_rate", "dynamicvit": "keep_rate", "evit": "keep_rate", "tome": "tome_r"}
 
 
 def model_name(cfg: dict, method: str) -> str:
     base = backbone_name(cfg["model"]["name"])
-    if method == "dense":
+    if method in ("dense", "tpc-free"):
         return base
     if method in TPC_VARIANTS:
         return f"tpc_{base}"
@@ -207,6 +208,8 @@ class Evidence:
                 record["curve"] = [json.loads(ln)["top1"] for ln in lines if ln.strip()]
                 record["train_knob"] = c["model"]["peer"].get(method.removesuffix("-ft"), {})
             model = build_model(c, self.num_classes, name=c["model"]["name"], init=init).to(self.info.device).eval()
+            if method == "tpc-free":
+                patch(model)  # training-free TPC: the attention controller on the dense weights
             for budget in todo:
                 knob = None
                 if method != "dense":
@@ -297,9 +300,11 @@ def summarize(result: dict) -> dict:
             return None
         return paired_difference([ra[s]["top1"] for s in common], [rb[s]["top1"] for s in common]).as_dict()
 
-    comparisons, claims = {}, {}
+    comparisons, claims, training_free = {}, {}, {}
     for budget in result["budgets"]:
         key = f"{budget:g}"
+        if ("tpc-free", budget) in by and ("tome", budget) in by:  # both deterministic: one number each
+            training_free[key] = by[("tpc-free", budget)][None]["top1"] - by[("tome", budget)][None]["top1"]
         peers = {m: table[m][key]["mean"] for m in PEERS if m in table and key in table[m]}
         if "tpc" in table and peers:
             best = max(peers, key=peers.get)
@@ -307,7 +312,8 @@ def summarize(result: dict) -> dict:
         for variant in TPC_VARIANTS:
             if variant != "tpc" and "tpc" in table and variant in table:
                 claims.setdefault(variant, {})[key] = paired("tpc", variant, budget)
-    return {"table": table, "tpc_vs_best_peer": comparisons, "claims": claims}
+    return {"table": table, "tpc_vs_best_peer": comparisons, "claims": claims,
+            "tpc_free_minus_tome": training_free}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,6 +357,10 @@ def evidence_markdown(result: dict) -> str:
         c = s["tpc_vs_best_peer"].get(b)
         if c:
             lines.append(f"| {float(b):.0%} | {c['best_peer']} | {_fmt_diff(c)} |")
+    if s.get("tpc_free_minus_tome"):
+        lines += ["", "Training-free: TPC (tpcvit.patch, attention controller) minus ToMe, on the dense weights (one "
+                  "deterministic run each): " + ", ".join(f"{float(b):.0%} GMACs {d:+.2f} pt"
+                                                         for b, d in s["tpc_free_minus_tome"].items())]
     if s["claims"]:
         lines += ["", "The paper's claims: TPC minus each variant (paired by seed, 95% t-interval):", "",
                   "| variant | " + " | ".join(f"{float(b):.0%}" for b in budgets) + " |",

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._timm import attention_dim, attention_out_norm
+
 # every peer method, by the prefix of its registered model names (``<method>_deit_<size>_patch16_224``)
 PEER_METHODS = ("tome", "evit", "avit", "idlevit", "dynamicvit")
 PEER_PREFIXES = tuple(f"{m}_" for m in PEER_METHODS)
@@ -110,7 +112,7 @@ def attention_parts(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
 def attention_output(attn: nn.Module, o: torch.Tensor) -> torch.Tensor:
     """``[B, H, T, Dh]`` head outputs -> projected ``[B, T, D]``."""
     b, _, t, _ = o.shape
-    return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(b, t, attn.attn_dim))))
+    return attn.proj_drop(attn.proj(attention_out_norm(attn)(o.transpose(1, 2).reshape(b, t, attention_dim(attn)))))
 
 
 def attend(blk: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = None,
@@ -141,13 +143,10 @@ def attend(blk: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = None
 
 def create_peer(cls: type, size: str, pretrained: bool, kwargs: dict) -> nn.Module:
     """A peer model on a DeiT size (``tiny``/``small``/``base``), named ``<method>_deit_<size>_patch16_224``."""
-    from ..models.vit import DEIT_SIZES, attach_default_cfg, check_create_kwargs
+    from ..models.vit import DEIT_SIZES, build_reducer
 
     name = f"{cls.method}_deit_{size}_patch16_224"
-    check_create_kwargs(name, pretrained, kwargs)
-    model = cls(**{**DEIT_SIZES[size], **kwargs})
-    attach_default_cfg(model, name)
-    return model
+    return build_reducer(cls, name, pretrained, {**DEIT_SIZES[size], **kwargs}, f"deit_{size}_patch16_224")
 
 
 def reduction_blocks(depth: int, at_12: tuple[int, ...] = (3, 6, 9)) -> list[int]:

@@ -26,7 +26,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..propagation import TPCConfig
-from .vit import TPCViTMixin, attach_default_cfg, check_create_kwargs
+from .vit import TPCViTMixin, build_reducer
 
 
 class ConvStem(nn.Module):
@@ -138,10 +138,9 @@ LVVIT_SIZES = {
 
 def _lvvit(size: str, tpc: bool, pretrained: bool, kwargs: dict) -> nn.Module:
     name = f"{'tpc_' if tpc else ''}lvvit_{size}"
-    check_create_kwargs(name, pretrained, kwargs)
     kwargs = {**LVVIT_SIZES[size], **kwargs}
-    model = TPCLVViT(tpc_cfg=TPCConfig.pop_from(kwargs), **kwargs) if tpc else LVViT(**kwargs)
-    attach_default_cfg(model, name)
+    init = {"tpc_cfg": TPCConfig.pop_from(kwargs)} if tpc else {}
+    model = build_reducer(TPCLVViT if tpc else LVViT, name, pretrained, kwargs, None, **init)  # not on timm's hub
     model.pretrained_cfg["first_conv"] = "patch_embed.conv1"
     model.pretrained_cfg["classifier"] = ("head", "aux_head")
     return model

@@ -32,7 +32,7 @@ from timm.models.swin_transformer import SwinTransformer
 from ..propagation import ControllerHead, Propagation, TokenTrace, TPCConfig, TPCHooks
 from ..stabilizer import TokenGridStabilizer
 from ..tokens import flat_index
-from .vit import check_create_kwargs, check_images
+from .vit import check_images
 
 
 @contextlib.contextmanager
@@ -88,6 +88,9 @@ class TPCSwinTransformer(TPCHooks, SwinTransformer):
         depth = len(self.block_list)
         if cfg.start_layer >= depth:
             raise ValueError(f"start_layer={cfg.start_layer} must be < depth={depth}")
+        if cfg.controller != "learned":
+            raise ValueError("Swin's TPC has the learned controller only (its windows have no class token to read "
+                             "attention from): drop controller=")
         self.tpc_cfg = cfg
         self.controller = nn.ModuleList(
             ControllerHead(self.block_list[i].dim, cfg.pause_bias_init, cfg.restart_bias_init)
@@ -204,13 +207,13 @@ class TPCSwinTransformer(TPCHooks, SwinTransformer):
 
 
 def _swin(name: str, pretrained: bool, arch: dict, kwargs: dict) -> TPCSwinTransformer:
-    from .vit import attach_default_cfg
+    from .vit import build_reducer
 
-    check_create_kwargs(name, pretrained, kwargs)
     tpc_cfg = TPCConfig.pop_from(kwargs)
-    model = TPCSwinTransformer(tpc_cfg=tpc_cfg, **{**arch, **kwargs})
-    attach_default_cfg(model, name)
-    model.pretrained_cfg["crop_pct"] = 0.9
+    model = build_reducer(TPCSwinTransformer, name, pretrained, {**arch, **kwargs}, name.removeprefix("tpc_"),
+                          tpc_cfg=tpc_cfg)
+    if not pretrained:
+        model.pretrained_cfg["crop_pct"] = 0.9
     return model
 
 

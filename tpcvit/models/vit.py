@@ -14,6 +14,8 @@ from timm.models import register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
+from .. import controller as C
+from .._timm import add_pos_embed, attention_dim, attention_gate, attention_out_norm
 from ..propagation import ControllerHead, Propagation, TokenTrace, TPCConfig, TPCHooks
 from ..stabilizer import TokenGridStabilizer
 from ..tokens import (
@@ -34,7 +36,7 @@ def supports_packing(blk: nn.Module) -> bool:
     from timm.layers import Attention
     from timm.models.vision_transformer import Block
 
-    return type(blk) is Block and type(blk.attn) is Attention and blk.attn.gate is None
+    return type(blk) is Block and type(blk.attn) is Attention and attention_gate(blk.attn) is None
 
 
 def packed_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -53,18 +55,23 @@ def packed_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor, num_pref
     q, k, v = qkv.reshape(b, sel.n_max, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sel.key_bias)
-    o = from_padded(o.transpose(1, 2).reshape(b, sel.n_max, attn.attn_dim), sel)
-    tokens = tokens + blk.ls1(attn.proj(attn.norm(o)))
+    o = from_padded(o.transpose(1, 2).reshape(b, sel.n_max, attention_dim(attn)), sel)
+    tokens = tokens + blk.ls1(attn.proj(attention_out_norm(attn)(o)))
     tokens = tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
     return unpack(x, sel, tokens)
 
 
-def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, class_attention: bool = False,
+                  num_prefix: int = 1):
     """A timm ``Block`` (eval) updating ``tokens`` ``[B, n, D]`` while attending to ``context`` ``[B, T, D]``.
 
     For ``paused_keys``: the queries, attention output and MLP run on the selected tokens only; keys and values
     come from the whole buffer, where paused tokens hold their frozen features. Same math as ``Block.forward``
     on the full sequence, restricted to the rows of ``tokens``.
+
+    ``class_attention=True`` also returns the class token's attention over every key, times the number of keys
+    (``[B, T]``, 1 = uniform; the mean query stands in for models without a class token): the signal of the
+    training-free controller, one extra query row.
     """
     attn = blk.attn
     d, heads, b = attn.num_heads * attn.head_dim, attn.num_heads, tokens.shape[0]
@@ -73,9 +80,19 @@ def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor) -
     kv = F.linear(blk.norm1(context), weight[d:], None if bias is None else bias[d:])
     q = q.view(b, -1, heads, attn.head_dim).transpose(1, 2)
     k, v = kv.view(b, context.shape[1], 2, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)
-    tokens = tokens + blk.ls1(attn.proj(attn.norm(o.transpose(1, 2).reshape(b, -1, d))))
-    return tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    o = F.scaled_dot_product_attention(q, k, v)
+    tokens = tokens + blk.ls1(attn.proj(attention_out_norm(attn)(o.transpose(1, 2).reshape(b, -1, d))))
+    out = tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
+    if not class_attention:
+        return out
+    if num_prefix:
+        query = q[:, :, :1]
+    else:  # no class token: the query of the buffer's mean (normed) token, the same whatever is selected
+        mean = F.linear(blk.norm1(context).mean(dim=1, keepdim=True), weight[:d], None if bias is None else bias[:d])
+        query = attn.q_norm(mean.view(b, 1, heads, attn.head_dim).transpose(1, 2))
+    row = ((query * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0].mean(dim=1)
+    return out, row * context.shape[1]
 
 
 def image_geometry(model: nn.Module) -> tuple[int, int, int]:
@@ -104,7 +121,7 @@ def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """timm ViT patch + position embedding, with a clear error for images of the wrong size or channel count."""
     check_images(model, x)
     x = model.patch_embed(x)
-    x = model._pos_embed(x)
+    x = add_pos_embed(model, x)
     x = model.patch_drop(x)
     return model.norm_pre(x)
 
@@ -118,11 +135,12 @@ class TPCViTMixin(TPCHooks):
             raise ValueError("TPC models need a fixed token grid: create them without dynamic_img_size=True")
         if cfg.start_layer >= depth:
             raise ValueError(f"start_layer={cfg.start_layer} must be < depth={depth}")
+        if cfg.controller == "attention" and cfg.start_layer < 1:
+            raise ValueError("controller='attention' reads the previous block's class attention: start_layer >= 1")
         self.tpc_cfg = cfg
+        heads = range(cfg.start_layer, depth) if cfg.controller == "learned" else ()  # training-free: no parameters
         self.controller = nn.ModuleList(
-            ControllerHead(self.embed_dim, cfg.pause_bias_init, cfg.restart_bias_init)
-            for _ in range(cfg.start_layer, depth)
-        )
+            ControllerHead(self.embed_dim, cfg.pause_bias_init, cfg.restart_bias_init) for _ in heads)
         self.stabilizers = nn.ModuleDict(
             {str(i): TokenGridStabilizer(self.embed_dim) for i in cfg.stabilized_blocks(depth)}
         )
@@ -157,22 +175,35 @@ class TPCViTMixin(TPCHooks):
                            sample=self.training and not fast, forced_active=forced_active,
                            force_pause=self.tpc_force_pause, force_restart=self.tpc_force_restart,
                            record=with_trace)
+        attention = cfg.controller == "attention" and mode != "dense"
+        score = None  # training-free controller: relative class attention of every token, from the last block
         for i, blk in enumerate(self.blocks):
             stab = self.stabilizers[str(i)] if str(i) in self.stabilizers else None
             if stab is not None:
                 x = stab(x, P, grid)
             if mode == "dense" or i < cfg.start_layer:
-                x = blk(x)
+                if attention and i == cfg.start_layer - 1:  # seeds the scores of the first controlled block
+                    x, score = context_block(blk, x, x, class_attention=True, num_prefix=P)
+                else:
+                    x = blk(x)
                 prop.dense_block()
                 continue
-            states, active = prop.step(i, self.controller[i - cfg.start_layer](x, P))
+            if attention:
+                logits = C.attention_logits(score[:, P:], cfg.attention_threshold, cfg.attention_sharpness)
+            else:
+                logits = self.controller[i - cfg.start_layer](x, P)
+            states, active = prop.step(i, logits)
+            seen: dict[str, torch.Tensor] = {}
 
             def run(tokens: torch.Tensor, mask: torch.Tensor | None, blk=blk) -> torch.Tensor:
                 return blk(tokens, attn_mask=mask)
 
-            if fast and cfg.paused_keys:  # selected tokens query the whole buffer; padding rows are discarded
-                def run(tokens: torch.Tensor, mask: torch.Tensor | None, blk=blk, context=x) -> torch.Tensor:
-                    return context_block(blk, tokens, context)
+            if cfg.paused_keys and (fast or attention):  # selected tokens query the whole buffer
+                def run(tokens: torch.Tensor, mask: torch.Tensor | None, blk=blk, context=x, seen=seen):
+                    if not attention:
+                        return context_block(blk, tokens, context)
+                    out, seen["score"] = context_block(blk, tokens, context, class_attention=True, num_prefix=P)
+                    return out
 
             if fast:
                 if mode == "budget" and forced_active is None:
@@ -184,6 +215,8 @@ class TPCViTMixin(TPCHooks):
                     x = run_on_selection(run, x, select_active(active, P, x.dtype))
             else:
                 x = masked_update(run, x, states, P, mask_keys=not cfg.paused_keys)
+            if attention:
+                score = seen["score"]
         return self.norm(x), prop.trace(cfg.start_layer, P)
 
     # ------------------------------------------------------------------------------------------------------
@@ -246,15 +279,45 @@ def _cfg(**kwargs) -> dict:
     }
 
 
-def check_create_kwargs(variant: str, pretrained: bool, kwargs: dict) -> None:
-    """Refuse what a local-weights model cannot honour, with the fix in the message."""
+# timm's pretrained-weight arguments: passed on to the dense model when pretrained=True
+PRETRAINED_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def build_reducer(cls: type, variant: str, pretrained: bool, kwargs: dict, dense_name: str | None,
+                  distilled: bool = False, **init) -> nn.Module:
+    """Construct a token-reduction model (TPC or a peer) the timm way.
+
+    ``pretrained=True`` goes through timm's own pretrained machinery for the dense model ``dense_name`` (hub id and
+    cache from its ``pretrained_cfg``, ``HF_HUB_OFFLINE``, ``pretrained_cfg_overlay=dict(file=...)`` for a local
+    file) and loads its weights into the backbone; what the method adds (controller heads, stabilizers, predictors)
+    stays freshly initialised. ``init``: extra constructor arguments (e.g. ``tpc_cfg``).
+    """
+    if kwargs.pop("features_only", False):
+        raise ValueError(f"{variant}: features_only is not supported by token-reduction models")
+    pre = {k: kwargs.pop(k) for k in PRETRAINED_KWARGS if k in kwargs}
+    model = cls(**init, **kwargs)
+    attach_default_cfg(model, variant, distilled)
     if pretrained:
-        raise RuntimeError(
-            f"{variant}: no weights are downloaded. Build it with pretrained=False and load a local dense "
-            "checkpoint: tpcvit.load_backbone(model, 'deit_small.safetensors')")
-    for key in ("features_only", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        if kwargs.pop(key, None) not in (None, False):
-            raise ValueError(f"{variant}: {key} is not supported by token-reduction models")
+        load_pretrained_dense(model, variant, dense_name, kwargs, pre)
+    return model
+
+
+def load_pretrained_dense(model: nn.Module, variant: str, dense_name: str | None, kwargs: dict, pre: dict) -> None:
+    """Load the pretrained weights of the dense timm model ``dense_name`` into ``model``'s backbone."""
+    import inspect
+
+    import timm
+
+    from ..checkpoint import load_backbone
+
+    if dense_name is None:
+        raise RuntimeError(f"{variant}: timm has no pretrained weights for this backbone; load a local checkpoint "
+                           "with tpcvit.load_backbone(model, PATH)")
+    base = next(c for c in type(model).__mro__ if c.__module__.startswith("timm."))
+    accepted = inspect.signature(base.__init__).parameters
+    dense = timm.create_model(dense_name, pretrained=True, **{k: v for k, v in kwargs.items() if k in accepted}, **pre)
+    load_backbone(model, dense.state_dict())
+    model.pretrained_cfg = model.default_cfg = {**dense.pretrained_cfg, "architecture": variant}
 
 
 def attach_default_cfg(model: VisionTransformer, variant: str, distilled: bool = False) -> None:
@@ -264,13 +327,11 @@ def attach_default_cfg(model: VisionTransformer, variant: str, distilled: bool =
 
 
 def create_tpc_vit(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> nn.Module:
-    """Build a TPC ViT. ``kwargs`` mix timm ViT arguments and :class:`TPCConfig` fields."""
-    check_create_kwargs(variant, pretrained, kwargs)
+    """Build a TPC ViT. ``kwargs`` mix timm ViT arguments and :class:`TPCConfig` fields; ``pretrained=True``
+    loads the dense DeiT's weights (timm's hub cache) into the backbone."""
     tpc_cfg = TPCConfig.pop_from(kwargs)
     cls = TPCVisionTransformerDistilled if distilled else TPCVisionTransformer
-    model = cls(tpc_cfg=tpc_cfg, **kwargs)
-    attach_default_cfg(model, variant, distilled)
-    return model
+    return build_reducer(cls, variant, pretrained, kwargs, variant.removeprefix("tpc_"), distilled, tpc_cfg=tpc_cfg)
 
 
 DEIT_SIZES = {

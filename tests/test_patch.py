@@ -1,0 +1,179 @@
+"""tpcvit.patch on timm ViTs a user already has, the training-free controller, and pretrained=True offline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import tpcvit
+from tpcvit import count_gmacs, set_mode
+
+VARIANTS = {  # the timm ViT variants users run, small
+    "deit": ("deit_small_patch16_224", {}),
+    "deit distilled": ("deit_small_distilled_patch16_224", {}),
+    "register tokens": ("vit_small_patch16_224", {"reg_tokens": 4}),
+    "avg pool, no class token": ("vit_small_patch16_224", {"class_token": False, "global_pool": "avg"}),
+    "narrow, shallow": ("vit_small_patch16_224", {"embed_dim": 96, "depth": 4, "num_heads": 2}),
+}
+
+
+def _model(name, **kw):
+    torch.manual_seed(0)
+    base = {"img_size": 64, "num_classes": 7, **kw}
+    if "embed_dim" not in kw:
+        base.update(embed_dim=96, depth=6, num_heads=3)
+    return timm.create_model(name, **base).eval()
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 64, 64)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_patch_keeps_weights_and_keys_and_dense_mode_is_the_original_model(variant, x):
+    name, kw = VARIANTS[variant]
+    model = _model(name, **kw)
+    with torch.no_grad():
+        ref = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert tpcvit.patch(model, keep=0.5) is model
+    assert list(model.state_dict()) == list(state)  # training-free: no new parameters, same keys
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        reduced = model(x)
+        torch.testing.assert_close(set_mode(model, "dense")(x), ref, rtol=1e-5, atol=1e-5)
+    assert reduced.shape == ref.shape and not torch.allclose(reduced, ref)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("mode", ["budget", "adaptive"])
+def test_training_free_controller_masked_equals_fast_and_restarts(variant, mode, x):
+    name, kw = VARIANTS[variant]
+    model = tpcvit.patch(_model(name, **kw), keep=0.4, mode=mode, images=x)
+    with torch.no_grad():
+        fast, t_fast = model.forward_with_trace(x, path="fast")
+        masked, t_masked = model.forward_with_trace(x, path="masked")
+        alone, _ = model.forward_with_trace(x[:1], path="fast")
+    assert torch.equal(t_fast.active, t_masked.active)
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone, fast[:1], rtol=1e-4, atol=1e-5)
+    start = model.tpc_cfg.start_layer
+    assert abs(t_fast.active[:, start:].float().mean().item() - 0.4) < 0.08  # budget, or calibrated threshold
+    assert t_fast.restarted[:, start + 1:].any()  # paused tokens come back when their attention rises
+
+
+def test_gmacs_target_and_trace_and_count(x):
+    model = tpcvit.patch(_model("deit_small_patch16_224"), gmacs=0.5)
+    dense = count_gmacs(set_mode(model, "dense"), x)
+    set_mode(model, "budget", model.tpc_cfg.target_keep)
+    got = count_gmacs(model, x)
+    assert got / dense == pytest.approx(0.5, abs=0.03)
+    with torch.no_grad():
+        _, trace = model.forward_with_trace(x)
+    assert model.gmacs_per_image(trace).mean().item() == pytest.approx(got, rel=0.01)  # analytic == counted
+    keep_half = tpcvit.patch(_model("deit_small_patch16_224"), keep=0.5)
+    assert 0.5 < count_gmacs(keep_half, x) / dense < 0.8  # paused tokens still pay for their keys/values
+
+
+def test_learned_controller_adds_heads_that_fine_tune(x):
+    model = tpcvit.patch(_model("deit_small_patch16_224"), keep=0.5, controller="learned", start_layer=1)
+    added = {k.split(".")[0] for k in model.state_dict()} - {k.split(".")[0] for k in _model(
+        "deit_small_patch16_224").state_dict()}
+    assert added == {"controller", "stabilizers"}
+    model.train()
+    logits, trace = model(x, return_trace=True)
+    loss = logits.logsumexp(-1).mean() + model.reduction_loss(trace, {"alpha_budget": 1.0, "alpha_dist": 0.1})["total"]
+    loss.backward()
+    assert all(p.grad is not None for p in model.controller.parameters())
+
+
+def test_unsupported_models_get_a_clear_error():
+    with pytest.raises(TypeError, match="tpc_swin"):
+        tpcvit.patch(timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=2, embed_dim=24,
+                                       depths=(1, 1), num_heads=(1, 1)))
+    with pytest.raises(ValueError, match="dynamic_img_size"):
+        tpcvit.patch(_model("vit_small_patch16_224", dynamic_img_size=True))
+    patched = tpcvit.patch(_model("deit_small_patch16_224"))
+    with pytest.raises(ValueError, match="already has TPC"):
+        tpcvit.patch(patched)
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    with pytest.raises(ValueError, match="ParallelScalingBlock"):
+        tpcvit.patch(_model("vit_small_patch16_224", block_fn=ParallelScalingBlock))
+    with pytest.raises(ValueError, match="needs images="):
+        tpcvit.patch(_model("deit_small_patch16_224"), mode="adaptive")
+
+
+def test_patched_model_exports_to_onnx_in_budget_mode(tmp_path, x):
+    pytest.importorskip("onnxruntime")
+    from tpcvit.export import export_onnx
+
+    model = tpcvit.patch(_model("deit_small_patch16_224"), keep=0.5)
+    report = export_onnx(model, tmp_path / "m.onnx", "budget", 0.5, 2)
+    assert report.checked_batches and report.max_abs_diff < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- pretrained=True
+HUB_SCRIPT = r"""
+import json, os, sys
+import tpcvit, timm, torch
+from safetensors.torch import load_file
+name, expect = sys.argv[1], sys.argv[2]
+model = timm.create_model(name, pretrained=True, **json.loads(sys.argv[3]))
+cached = load_file(expect)
+own = model.state_dict()
+same = all(torch.equal(own[k], v) for k, v in cached.items() if k in own and own[k].shape == v.shape)
+print(json.dumps({"same": same, "loaded": sum(k in own for k in cached), "cached": len(cached),
+                  "added": sorted({k.split(".")[0] for k in own} - {k.split(".")[0] for k in cached}),
+                  "hub_id": model.pretrained_cfg.get("hf_hub_id"), "arch": model.pretrained_cfg.get("architecture")}))
+"""
+
+
+def _hub_cache(root, repo: str, state: dict) -> str:
+    """A Hugging Face hub cache laid out as huggingface_hub expects, holding one model.safetensors."""
+    from safetensors.torch import save_file
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = root / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snap / "model.safetensors"))
+    return str(snap / "model.safetensors")
+
+
+@pytest.mark.parametrize("name,dense,kwargs", [
+    ("tpc_deit_tiny_patch16_224", "deit_tiny_patch16_224", {}),
+    ("tpc_deit_tiny_patch16_224", "deit_tiny_patch16_224", {"controller": "attention", "paused_keys": True}),
+    ("idlevit_deit_tiny_patch16_224", "deit_tiny_patch16_224", {"keep_rate": 0.5}),
+])
+def test_pretrained_true_loads_the_dense_weights_from_an_offline_hub_cache(tmp_path, name, dense, kwargs):
+    cfg = timm.models.get_pretrained_cfg(dense)
+    torch.manual_seed(3)
+    weights = timm.create_model(dense).state_dict()
+    path = _hub_cache(tmp_path, cfg.hf_hub_id, weights)
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", HUB_SCRIPT, name, path, json.dumps(kwargs)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["same"] and got["loaded"] == got["cached"]  # every backbone tensor is the cached one
+    assert got["hub_id"] == cfg.hf_hub_id and got["arch"] == name
+    if "controller" not in kwargs and name.startswith("tpc_"):
+        assert got["added"] == ["controller", "stabilizers"]  # freshly initialised, not in the dense weights
+
+
+def test_pretrained_without_weights_anywhere_is_a_clear_error(tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", "import tpcvit, timm; timm.create_model('tpc_lvvit_s', "
+                          "pretrained=True)"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0 and "tpcvit.load_backbone" in out.stderr

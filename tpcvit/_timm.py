@@ -1,0 +1,34 @@
+"""The one place tpcvit reaches into timm's ViT beyond its public API, so several timm 1.0.x releases work.
+
+Supported: timm >= 1.0.17 (the first release whose ``Block.forward`` takes ``attn_mask``); CI runs the model tests
+on 1.0.17 and on the pinned release. What differs across them: the optional output norm ``Attention.norm``
+(scale_norm) and the output ``gate`` exist only in some releases, ``Attention.attn_dim`` not in the oldest;
+``VisionTransformer._pos_embed`` (position embedding + prefix tokens) is a private method every 1.0.x release has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+_IDENTITY = nn.Identity()
+
+
+def attention_dim(attn: nn.Module) -> int:
+    """Width of the concatenated heads of a timm ``Attention``."""
+    return getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+
+
+def attention_out_norm(attn: nn.Module) -> nn.Module:
+    """The norm timm applies to the head outputs before ``proj`` (``scale_norm``; identity where absent)."""
+    return getattr(attn, "norm", _IDENTITY)
+
+
+def attention_gate(attn: nn.Module) -> nn.Module | None:
+    """The attention output gate of newer timm releases (``None``: no gate)."""
+    return getattr(attn, "gate", None)
+
+
+def add_pos_embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Position embedding and prefix tokens (class / distillation / register) of a timm ViT."""
+    return model._pos_embed(x)
