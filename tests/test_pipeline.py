@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from tpcvit.config import ConfigError, load_config
@@ -259,8 +260,12 @@ def test_pipeline_end_to_end_writes_table_metrics_and_plot(tmp_path):
                "train.batch_size=32", "pipeline.dense_epochs=1", "pipeline.tpc_epochs=1", "pipeline.bench_rounds=1",
                "pipeline.bench_batch_sizes=[1,16]", "pipeline.budget_keeps=[0.5]")
     assert "| tpc adaptive |" in out.stdout and "| tpc budget 50% |" in out.stdout
+    assert "| dense + 1 epochs |" in out.stdout  # the dense model with TPC's extra epochs: same total training
     result = json.loads((tmp_path / "p" / "results.json").read_text())
-    assert set(result["eval"]) == {"dense", "tpc adaptive", "tpc budget 50%"}
+    assert set(result["eval"]) == {"dense", "dense + 1 epochs", "tpc adaptive", "tpc budget 50%"}
+    extra = yaml.safe_load((tmp_path / "p" / "dense_extra" / "config.yaml").read_text())
+    tpc = yaml.safe_load((tmp_path / "p" / "tpc" / "config.yaml").read_text())
+    assert extra["train"] == tpc["train"] and extra["distill"] == tpc["distill"] and extra["data"] == tpc["data"]
     assert result["eval"]["tpc budget 50%"]["gmacs"] < result["eval"]["dense"]["gmacs"]
     assert {r["batch"] for r in result["speed"]} == {1, 16}
     png = (tmp_path / "p" / "results.png").read_bytes()

@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
         "tpc_lr": 2.0e-4,
         "distill": True,
         "budget_keeps": [],  # extra TPC rows in budget mode at these keep ratios
+        "dense_extra": True,  # also fine-tune the dense model with TPC's recipe: the same total epochs as TPC
         "bench_batch_sizes": [1, 64],
         "bench_rounds": 5,
     },

@@ -18,7 +18,7 @@ from .propagation import set_mode
 
 
 def stage_configs(cfg: dict) -> tuple[dict, dict, str]:
-    """Configs of the dense stage and the TPC stage, and the dense model's name."""
+    """Configs of the dense stage and the TPC stage, and the dense model's name (see :func:`dense_extra_config`)."""
     p = cfg["pipeline"]
     out = Path(cfg["output"])
     dense_name = p["dense_model"] or cfg["model"]["name"].removeprefix("tpc_")
@@ -36,6 +36,15 @@ def stage_configs(cfg: dict) -> tuple[dict, dict, str]:
     return dense, tpc, dense_name
 
 
+def dense_extra_config(cfg: dict, tpc: dict, dense_name: str) -> dict:
+    """The dense model fine-tuned with exactly the TPC stage's recipe (epochs, lr, distillation, data): the row that
+    shows what the extra epochs alone are worth, so TPC is never credited for training longer."""
+    extra = copy.deepcopy(tpc)
+    extra.update(output=str(Path(cfg["output"]) / "dense_extra"), name=f"{cfg['name']}-dense-extra")
+    extra["model"]["name"] = dense_name
+    return extra
+
+
 def run_pipeline(cfg: dict, progress: bool = True) -> dict:
     info = init_distributed()
     out = Path(cfg["output"])
@@ -48,6 +57,10 @@ def run_pipeline(cfg: dict, progress: bool = True) -> dict:
     log(f"[2/4] TPC {cfg['model']['name']}: fine-tune {tpc_cfg['train']['epochs']} epochs from the dense model"
         f"{' with distillation' if tpc_cfg['distill']['teacher'] else ''}")
     fit(tpc_cfg, resume=(out / "tpc" / "last.json").exists(), progress=progress)
+    extra_cfg = dense_extra_config(cfg, tpc_cfg, dense_name) if cfg["pipeline"]["dense_extra"] else None
+    if extra_cfg is not None:
+        log(f"[2b/4] dense + the same {tpc_cfg['train']['epochs']} epochs (TPC's recipe, no token reduction)")
+        fit(extra_cfg, resume=(out / "dense_extra" / "last.json").exists(), progress=progress, model_name=dense_name)
 
     log("[3/4] evaluate both on the validation set")
     device = info.device
@@ -59,6 +72,10 @@ def run_pipeline(cfg: dict, progress: bool = True) -> dict:
     tpc = build_model(tpc_cfg, n_cls, init=str(out / "tpc" / "best.safetensors")).to(device)
     variants = {"dense": (dense, None)}
     evals = {"dense": evaluate(dense, val_loader, device, info, progress=progress, desc="eval dense")}
+    if extra_cfg is not None:  # same architecture as dense: its speed is dense's, not timed again
+        extra = build_model(extra_cfg, n_cls, name=dense_name, init=str(out / "dense_extra" / "best.safetensors"))
+        evals[f"dense + {tpc_cfg['train']['epochs']} epochs"] = evaluate(
+            extra.to(device), val_loader, device, info, progress=progress, desc="eval dense + epochs")
     set_mode(tpc, "adaptive")
     evals["tpc adaptive"] = evaluate(tpc, val_loader, device, info, progress=progress, desc="eval tpc")
     variants["tpc adaptive"] = (tpc, None)
@@ -115,7 +132,7 @@ def results_table(evals: dict, rows) -> str:
         cells = [name, f"{e['top1']:.2f}", f"{e['top5']:.2f}", f"{e['gmacs']:.4f}",
                  f"{100 * e['gmacs'] / dense_gmacs:.0f}%", f"{keep:.2f}"]
         for b in batches:
-            r = speed[(name, b)]
+            r = speed.get((name, b), speed[("dense", b)])  # dense + epochs: the dense architecture
             cells += [f"{r.img_per_s:.0f}", f"{r.speedup:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
