@@ -217,8 +217,6 @@ def test_bad_inputs_give_clear_errors(images):
         timm.create_model("tpc_deit_tiny_patch16_224", **{**SMALL, "start_layer": 4})
     with pytest.raises(ValueError, match="unknown TPC option"):
         timm.create_model("tpc_deit_tiny_patch16_224", **SMALL, tpc_cfg={"keep_ratio": 0.5})
-    with pytest.raises(RuntimeError, match="no weights are downloaded"):
-        timm.create_model("tpc_deit_tiny_patch16_224", pretrained=True)
     with pytest.raises(TypeError, match="not a TPC model"):
         tpcvit.set_mode(torch.nn.Linear(2, 2), "dense")
 
@@ -246,3 +244,14 @@ def test_paused_keys_variant_masked_equals_fast_and_counts_kv_of_paused_tokens(i
         _, tb = model.forward_with_trace(images)
     assert tpcvit.vit_gmacs_from_trace(model, tb).mean().item() == pytest.approx(
         tpcvit.count_gmacs(model, images), rel=0.01)
+
+
+def test_pretrained_weights_missing_offline_is_one_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from tpcvit.checkpoint import CheckpointError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache, offline
+    with pytest.raises(CheckpointError, match=r"deit_tiny_patch16_224 \(timm/deit_tiny_patch16_224.fb_in1k\).*"
+                                              "pretrained_cfg_overlay"):
+        timm.create_model("tpc_deit_tiny_patch16_224", pretrained=True)

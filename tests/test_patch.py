@@ -93,6 +93,22 @@ def test_learned_controller_adds_heads_that_fine_tune(x):
     assert all(p.grad is not None for p in model.controller.parameters())
 
 
+def test_hybrid_controller_starts_as_the_training_free_one_and_learns(x):
+    free = tpcvit.patch(_model("deit_small_patch16_224"), keep=0.4, start_layer=1)
+    hybrid = tpcvit.patch(_model("deit_small_patch16_224"), keep=0.4, start_layer=1, controller="hybrid",
+                          stabilizer=False)
+    with torch.no_grad():
+        a, ta = free.forward_with_trace(x)
+        b, tb = hybrid.forward_with_trace(x)
+    assert torch.equal(ta.active, tb.active)
+    torch.testing.assert_close(a, b)
+    hybrid.train()
+    logits, trace = hybrid(x, return_trace=True)
+    (logits.logsumexp(-1).mean() + hybrid.reduction_loss(trace, {"alpha_budget": 1.0, "alpha_dist": 0.1})["total"]
+     ).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in hybrid.controller.parameters())
+
+
 def test_unsupported_models_get_a_clear_error():
     with pytest.raises(TypeError, match="tpc_swin"):
         tpcvit.patch(timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=2, embed_dim=24,

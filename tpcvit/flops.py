@@ -98,10 +98,11 @@ def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
     m = unwrap(model)
     dim, n = m.embed_dim, trace.active.shape[2]
     controlled = 0 if m.tpc_mode == "dense" else len(m.blocks) - m.tpc_cfg.start_layer
-    if m.tpc_cfg.controller == "attention":  # the class query against every key, in each controlled block + seed
-        extra = (controlled + 1 if controlled else 0) * (n + m.num_prefix_tokens) * dim
-    else:
-        extra = controlled * (n * dim * 2 + dim * 2)  # controller heads: token + context linears
+    extra = 0.0
+    if m.tpc_cfg.reads_attention:  # the class query against every key, in each controlled block + the seed block
+        extra += (controlled + 1 if controlled else 0) * (n + m.num_prefix_tokens) * dim
+    if m.tpc_cfg.controller != "attention":
+        extra += controlled * (n * dim * 2 + dim * 2)  # controller heads: token + context linears
     extra += len(m.stabilizers) * n * dim * 9  # depthwise 3x3
     keys = m.tpc_cfg.paused_keys and m.tpc_mode != "dense"
     return vit_gmacs_from_counts(m, trace.active_counts(), extra, paused_keys=keys)

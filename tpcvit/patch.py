@@ -10,7 +10,8 @@ export work on it as on a ``tpc_*`` model. The default controller is training-fr
 new parameters): each controlled block computes the tokens the class token attends to most; paused tokens stay
 visible as keys, so their attention is known in every block and a paused token whose attention rises is restarted.
 ``controller="learned"`` adds TPC's controller heads and stabilizer instead (zero-initialised stabilizer: the model
-is unchanged until it is fine-tuned with ``tpcvit train``).
+is unchanged until it is fine-tuned with ``tpcvit train``); ``controller="hybrid"`` adds heads initialised to zero on
+top of the attention logits, so fine-tuning starts from the training-free controller's decisions.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def patch(
     check_patchable(model)
     depth = len(model.blocks)
     start = max(1, depth // 4) if start_layer is None else int(start_layer)
-    options = {"stabilizer": controller == "learned", **tpc_options}
+    options = {"stabilizer": controller != "attention", **tpc_options}
     cfg = TPCConfig(start_layer=start, target_keep=keep if keep is not None else 0.5, paused_keys=True,
                     controller=controller, **options)
     param = next(model.parameters())
@@ -110,8 +111,8 @@ def patch(
 def calibrate_threshold(model: nn.Module, images: torch.Tensor, keep: float, iters: int = 20) -> float:
     """Bisect the training-free controller's attention threshold so that, on ``images``, the mean share of active
     patch tokens in the controlled blocks is ``keep`` (adaptive mode)."""
-    if model.tpc_cfg.controller != "attention":
-        raise ValueError("only the training-free controller has an attention threshold to calibrate")
+    if not model.tpc_cfg.reads_attention:
+        raise ValueError("only the attention (training-free or hybrid) controller has a threshold to calibrate")
     was_training = model.training
     set_mode(model.eval(), "adaptive")
     lo, hi = -6.0, 6.0  # log relative attention: e^-6 .. e^6 times uniform

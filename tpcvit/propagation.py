@@ -43,16 +43,22 @@ class TPCConfig:
     paused_keys: bool = False
     # "learned": a linear head per block (fine-tuned). "attention": training-free, no parameters: decisions from the
     # class token's attention to every token (paused tokens stay keys, so their attention is known every block).
+    # "hybrid": attention logits + a learned head initialised to zero: starts as the training-free controller,
+    # fine-tuning learns a correction.
     controller: str = "learned"
     attention_threshold: float = 0.0  # log relative attention at which a token pauses / restarts (0 = uniform)
     attention_sharpness: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.controller not in ("learned", "attention"):
-            raise ValueError(f"controller must be 'learned' or 'attention', got {self.controller!r}")
-        if self.controller == "attention" and not self.paused_keys:
-            raise ValueError("controller='attention' reads the class token's attention to paused tokens: it needs "
-                             "paused_keys=True")
+        if self.controller not in ("learned", "attention", "hybrid"):
+            raise ValueError(f"controller must be 'learned', 'attention' or 'hybrid', got {self.controller!r}")
+        if self.reads_attention and not self.paused_keys:
+            raise ValueError(f"controller={self.controller!r} reads the class token's attention to paused tokens: it "
+                             "needs paused_keys=True")
+
+    @property
+    def reads_attention(self) -> bool:
+        return self.controller in ("attention", "hybrid")
         if not 0.0 < self.target_keep <= 1.0:
             raise ValueError(f"target_keep must be in (0, 1], got {self.target_keep}")
         if not 0.0 < self.threshold < 1.0:

@@ -88,7 +88,7 @@ class TPCSwinTransformer(TPCHooks, SwinTransformer):
         depth = len(self.block_list)
         if cfg.start_layer >= depth:
             raise ValueError(f"start_layer={cfg.start_layer} must be < depth={depth}")
-        if cfg.controller != "learned":
+        if cfg.controller != "learned":  # attention / hybrid read a class token Swin does not have
             raise ValueError("Swin's TPC has the learned controller only (its windows have no class token to read "
                              "attention from): drop controller=")
         self.tpc_cfg = cfg

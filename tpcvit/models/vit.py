@@ -135,12 +135,17 @@ class TPCViTMixin(TPCHooks):
             raise ValueError("TPC models need a fixed token grid: create them without dynamic_img_size=True")
         if cfg.start_layer >= depth:
             raise ValueError(f"start_layer={cfg.start_layer} must be < depth={depth}")
-        if cfg.controller == "attention" and cfg.start_layer < 1:
-            raise ValueError("controller='attention' reads the previous block's class attention: start_layer >= 1")
+        if cfg.reads_attention and cfg.start_layer < 1:
+            raise ValueError(f"controller={cfg.controller!r} reads the previous block's class attention: "
+                             "start_layer >= 1")
         self.tpc_cfg = cfg
-        heads = range(cfg.start_layer, depth) if cfg.controller == "learned" else ()  # training-free: no parameters
+        heads = range(cfg.start_layer, depth) if cfg.controller != "attention" else ()  # training-free: none
         self.controller = nn.ModuleList(
             ControllerHead(self.embed_dim, cfg.pause_bias_init, cfg.restart_bias_init) for _ in heads)
+        if cfg.controller == "hybrid":  # a zero correction: the model starts as the training-free controller
+            for head in self.controller:
+                for param in head.parameters():
+                    nn.init.zeros_(param)
         self.stabilizers = nn.ModuleDict(
             {str(i): TokenGridStabilizer(self.embed_dim) for i in cfg.stabilized_blocks(depth)}
         )
@@ -175,7 +180,7 @@ class TPCViTMixin(TPCHooks):
                            sample=self.training and not fast, forced_active=forced_active,
                            force_pause=self.tpc_force_pause, force_restart=self.tpc_force_restart,
                            record=with_trace)
-        attention = cfg.controller == "attention" and mode != "dense"
+        attention = cfg.reads_attention and mode != "dense"
         score = None  # training-free controller: relative class attention of every token, from the last block
         for i, blk in enumerate(self.blocks):
             stab = self.stabilizers[str(i)] if str(i) in self.stabilizers else None
@@ -188,10 +193,10 @@ class TPCViTMixin(TPCHooks):
                     x = blk(x)
                 prop.dense_block()
                 continue
+            logits = self.controller[i - cfg.start_layer](x, P) if len(self.controller) else None
             if attention:
-                logits = C.attention_logits(score[:, P:], cfg.attention_threshold, cfg.attention_sharpness)
-            else:
-                logits = self.controller[i - cfg.start_layer](x, P)
+                free = C.attention_logits(score[:, P:], cfg.attention_threshold, cfg.attention_sharpness)
+                logits = free if logits is None else free + logits
             states, active = prop.step(i, logits)
             seen: dict[str, torch.Tensor] = {}
 
@@ -315,7 +320,18 @@ def load_pretrained_dense(model: nn.Module, variant: str, dense_name: str | None
                            "with tpcvit.load_backbone(model, PATH)")
     base = next(c for c in type(model).__mro__ if c.__module__.startswith("timm."))
     accepted = inspect.signature(base.__init__).parameters
-    dense = timm.create_model(dense_name, pretrained=True, **{k: v for k, v in kwargs.items() if k in accepted}, **pre)
+    from ..checkpoint import CheckpointError
+
+    try:
+        dense = timm.create_model(dense_name, pretrained=True, **{k: v for k, v in kwargs.items() if k in accepted},
+                                  **pre)
+    except (OSError, RuntimeError, ValueError) as err:  # hub unreachable, not cached, bad file
+        hub = timm.models.get_pretrained_cfg(dense_name)
+        where = getattr(hub, "hf_hub_id", None) or dense_name
+        first = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"{variant}: could not load the pretrained weights of {dense_name} ({where}): {first}. "
+                              "Allow the download once (it is then cached), put the weights in the Hugging Face "
+                              "cache, or pass pretrained_cfg_overlay=dict(file='weights.safetensors')") from None
     load_backbone(model, dense.state_dict())
     model.pretrained_cfg = model.default_cfg = {**dense.pretrained_cfg, "architecture": variant}
 
