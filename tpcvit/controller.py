@@ -1,6 +1,6 @@
 """Token propagation controller: pure tensor functions, no model knowledge.
 
-Notation (per image, per patch token k, per block l; METHOD.md section 2):
+Notation (per image, per patch token k, per block l; docs/METHOD.md section 2):
 
 * ``s[k, l]`` in {0, 1}: token k is *active* (computed by block l) or *paused* (skips block l).
 * ``p[k, l]``: pause probability, P(active at l-1 -> paused at l).

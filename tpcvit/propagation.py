@@ -37,7 +37,7 @@ class TPCConfig:
     restart_bias_init: float = -1.0
     prior_spread: float = 0.2  # keep prior: linear from target+spread to target-spread
     restart_prior: float = 0.1  # prior restart rate of paused tokens (0 disables that KL term)
-    # False (METHOD.md): paused tokens are masked out of attention. True: they stay visible as keys/values with
+    # False (docs/METHOD.md default): paused tokens are masked out of attention. True: visible as keys/values with
     # their frozen features (k/v projections for them, ~2/12 of a token's block cost) and skip only their own
     # query, attention output and MLP; information in paused tokens keeps reaching the class token.
     paused_keys: bool = False
@@ -282,12 +282,12 @@ class TPCHooks:
         return self.tpc_parameters()
 
     def reduction_loss(self, trace: TokenTrace, train_cfg: dict) -> dict[str, torch.Tensor]:
-        """METHOD.md's controller losses, weighted by ``train.alpha_budget`` / ``train.alpha_dist``."""
+        """docs/METHOD.md's controller losses, weighted by ``train.alpha_budget`` / ``train.alpha_dist``."""
         return tpc_loss(trace, self.tpc_cfg, train_cfg["alpha_budget"], train_cfg["alpha_dist"])
 
 
 def tpc_loss(trace: TokenTrace, cfg: TPCConfig, alpha_budget: float, alpha_dist: float) -> dict[str, torch.Tensor]:
-    """Controller losses of METHOD.md section 3 for one trace: ``{"budget": ..., "dist": ..., "total": ...}``.
+    """Controller losses of docs/METHOD.md section 3 for one trace: ``{"budget": ..., "dist": ..., "total": ...}``.
 
     The caller adds ``total`` to the task loss. Both terms use only the controlled blocks.
     """

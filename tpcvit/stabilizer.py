@@ -1,4 +1,4 @@
-"""Model stabilizer: cheap local image structure on the token grid (METHOD.md section 4).
+"""Model stabilizer: cheap local image structure on the token grid (docs/METHOD.md section 4).
 
 A depthwise 3x3 convolution over the patch-token grid, added residually (positional-encoding-generator
 style). Placed before the early blocks (up to and including the controller's start block), it lets each token
