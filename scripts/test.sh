@@ -15,3 +15,5 @@ $OLD/bin/python -m pip install -q --disable-pip-version-check --root-user-action
 $OLD/bin/python -c "import timm; assert timm.__version__ == '1.0.17', timm.__version__"
 $OLD/bin/python -m pytest -p no:cacheprovider tests/test_models.py tests/test_peers.py tests/test_families.py \
   tests/test_flops_checkpoint.py tests/test_controller.py tests/test_patch.py
+# The GPU script must not rot: without a GPU it dry-runs (CUDA tests skipped, benchmark on CPU at tiny sizes).
+bash scripts/gpu_check.sh

@@ -197,8 +197,11 @@ def run_compare(
     with_data: bool = True,
     device: str = "cpu",
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """Evaluate and time every spec on one backbone; ``with_data=False`` = speed/GMACs on random images only."""
+    """Evaluate and time every spec on one backbone; ``with_data=False`` = speed/GMACs on random images only.
+
+    Knobs are matched and accuracy measured in float32; ``dtype`` is what the models run in for the timing."""
     from .engine import build_data, evaluate, init_distributed
 
     parsed = [parse_spec(s) for s in specs]
@@ -251,9 +254,12 @@ def run_compare(
         point["gmacs_ratio"] = point["gmacs"] / (dense_gmacs or gmacs)
         points[spec.label] = point
         variants[spec.label] = (model.eval(), None)
+    if dtype != torch.float32:
+        variants = {k: (m.to(dtype), keep) for k, (m, keep) in variants.items()}
     rows = speed_table(variants, {k: p["gmacs"] for k, p in points.items()}, lambda b: pool[:b], batch_sizes, dev,
-                       torch.float32, rounds, baseline="dense", progress=progress)
+                       dtype, rounds, baseline="dense", progress=progress)
     return {"config": cfg, "specs": labels, "weights": weights, "machine": machine_info(dev), "points": points,
+            "dtype": str(dtype).removeprefix("torch."),
             "speed": [r.__dict__ for r in rows], "batch_sizes": batch_sizes, "rounds": rounds,
             "data": with_data}
 
@@ -303,7 +309,8 @@ def write_compare(result: dict, out: str | os.PathLike) -> list[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     m = result["machine"]
-    md = (f"Machine: {m['cpu']}, {m['threads']} threads, {m['device']}, fp32; batch sizes {result['batch_sizes']}, "
+    md = (f"Machine: {m['cpu']}, {m['threads']} threads, {m['device']}, {result.get('dtype', 'float32')}; "
+          f"batch sizes {result['batch_sizes']}, "
           f"{result['rounds']} interleaved rounds, medians.\n\nCommand: `{result.get('command', '')}`\n\n"
           f"{compare_markdown(result)}\n")
     atomic_write(out.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(result, indent=2)))

@@ -1,0 +1,69 @@
+"""GPU benchmark: DeiT-S and DeiT-B, bf16 and fp32, batch 1 and 256, TPC vs dense vs every peer at matched GMACs.
+
+    python benchmarks/gpu_bench.py --out benchmarks/results/gpu_h100        # on a GPU (scripts/gpu_check.sh)
+    python benchmarks/gpu_bench.py --dry-run --out /tmp/gpu_dry             # CPU, tiny sizes: CI keeps it working
+
+Random weights (speed only; accuracy comes from the evidence runs): knobs bisected to each GMACs target on random
+images in fp32, then every variant timed in one interleaved loop per (model, dtype), medians, synchronised, the GPU
+named in the JSON. Writes ``<out>_<model>_<dtype>.{json,md,png}`` and prints one summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import tpcvit  # noqa: F401  (registers the models; import before timm)
+from tpcvit.compare import compare_markdown, run_compare, write_compare
+from tpcvit.config import load_config
+
+METHODS = ("tpc", "tpc-free", "tome", "evit", "idlevit", "dynamicvit", "avit")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "deit_base_patch16_224"])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25], help="GMACs fractions of dense")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", required=True, help="output prefix")
+    p.add_argument("--dry-run", action="store_true", help="CPU, a 4-block 32 px model, batch 1 and 4, one round, "
+                   "budget 0.5")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    extra: list[str] = []
+    if args.dry_run:
+        args.device, args.batch_sizes, args.rounds, args.budgets = "cpu", [1, 4], 1, [0.5]
+        args.models, args.dtypes = ["deit_small_patch16_224"], ["float32", "bfloat16"]
+        extra = ["model.kwargs={img_size: 32, patch_size: 8, depth: 4, embed_dim: 64, num_heads: 2}"]
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: run with --dry-run (CPU) or on a GPU machine", file=sys.stderr)
+        return 2
+    specs = ["dense"] + [f"{m}@{b:g}" for b in args.budgets for m in args.methods]
+    summary = []
+    for name in args.models:
+        for dtype_name in args.dtypes:
+            cfg = load_config(None, [f"model.name={name}", *extra])
+            result = run_compare(cfg, specs, {}, args.batch_sizes, args.rounds, calib_images=4, with_data=False,
+                                 device=args.device, progress=False, dtype=getattr(torch, dtype_name))
+            result["command"] = "python benchmarks/gpu_bench.py " + " ".join(sys.argv[1:])
+            out = Path(f"{args.out}_{name}_{dtype_name}")
+            write_compare(result, out)
+            summary.append(f"## {name}, {dtype_name}, {result['machine'].get('gpu', result['machine']['cpu'])}\n\n"
+                           f"{compare_markdown(result)}\n")
+            print(summary[-1], flush=True)
+    Path(f"{args.out}_summary.md").write_text("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The CUDA tier (scripts/gpu_check.sh runs it on a GPU; without one these tests are skipped, nothing else is)."""
+
+import os
+
+import pytest
+import timm
+import torch
+from conftest import small_tpc
+
+import tpcvit
+from tpcvit import set_mode
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture
+def cuda_images():
+    torch.manual_seed(1)
+    return torch.randn(6, 3, 32, 32, device="cuda")
+
+
+@pytest.mark.parametrize("paused_keys", [False, True])
+def test_masked_equals_fast_on_cuda_and_matches_cpu(paused_keys, cuda_images):
+    model = small_tpc(paused_keys=paused_keys).eval()
+    with torch.no_grad():
+        cpu, t_cpu = model.forward_with_trace(cuda_images.cpu(), path="fast")
+        model.cuda()
+        fast, t_fast = model.forward_with_trace(cuda_images, path="fast")
+        masked, t_masked = model.forward_with_trace(cuda_images, path="masked", forced_active=t_fast.active)
+    assert torch.equal(t_fast.active.cpu(), t_cpu.active)
+    torch.testing.assert_close(fast, masked, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(fast.cpu(), cpu, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "budget"])
+def test_modes_and_bf16_autocast_on_cuda(mode, cuda_images):
+    model = set_mode(small_tpc().cuda().eval(), mode, 0.5 if mode == "budget" else None)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, trace = model.forward_with_trace(cuda_images)
+    assert torch.isfinite(logits.float()).all() and trace.active.is_cuda
+    if mode == "budget":
+        assert (trace.active[:, model.tpc_cfg.start_layer:].sum(-1) == 8).all()  # 16 tokens, keep 0.5
+
+
+def test_patched_timm_vit_and_peers_on_cuda(cuda_images):
+    for name in ("deit_small_patch16_224", "idlevit_deit_small_patch16_224", "dynamicvit_deit_small_patch16_224"):
+        model = timm.create_model(name, img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2).cuda().eval()
+        if not name.startswith(("idlevit", "dynamicvit")):
+            tpcvit.patch(model, keep=0.5)
+        with torch.no_grad():
+            assert torch.isfinite(model(cuda_images)).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP with NCCL needs 2 GPUs")
+def test_ddp_init_with_nccl(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    code = ("import tpcvit, torch, torch.distributed as dist; from tpcvit.engine import init_distributed; "
+            "i = init_distributed(); t = torch.ones(1, device=i.device); dist.all_reduce(t); "
+            "assert dist.get_backend() == 'nccl' and t.item() == 2; print('ok')")
+    script = tmp_path / "ddp.py"
+    script.write_text(code)
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
