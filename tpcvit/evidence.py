@@ -38,7 +38,7 @@ from .patch import patch
 from .pipeline import take_batches
 from .stats import mean_std, paired_difference
 
-# evidence method -> (model-name prefix, model.tpc overrides); peers read their options from model.peer.<method>
+# TPC variants -> their model.tpc overrides; peers read their options from model.peer.<method>
 TPC_VARIANTS = {"tpc": {}, "tpc-norestart": {"restart": False}, "tpc-nosmooth": {"smoothing": False},
                 "tpc-nostab": {"stabilizer": False}}
 PEERS = ("idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome")
@@ -255,13 +255,6 @@ class Evidence:
         """Wall seconds of every run in the ledger (training + evaluation, summed over sessions), 2-core CPU."""
         per = {p.stem: _read_json(p, {}).get("seconds", 0.0) for p in sorted(self.ledger.glob("*.json"))}
         return {"per_run": per, "total": sum(per.values())}
-
-
-def json_config(run: Path) -> dict:
-    """The config a run was trained with (its ``config.yaml``)."""
-    import yaml
-
-    return yaml.safe_load((run / "config.yaml").read_text())
 
 
 def flatness(curve: list[dict], max_gain: float) -> dict:
