@@ -117,10 +117,6 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
                           extras={"halt_mass": torch.stack(masses, dim=1), "remainder": remainders})
         return self.norm(x), trace
 
-    def forward_with_trace(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
-        """``path`` forces ``"fast"`` (gather) or ``"masked"`` regardless of train/eval."""
-        feats, trace = self._run(x, path)
-        return self.forward_head(feats), trace
 
     def reduction_parameters(self) -> list[nn.Parameter]:
         return list(self.halting.parameters()) if self.halt_gate == "linear" else []

@@ -59,7 +59,9 @@ class PeerMixin:
             raise ValueError(f"{self.method} budget must be in [{lo}, {hi}], got {value}")
         self.budget = float(value)
 
-    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, PeerTrace]:
+    def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
+        """Features and trace. ``path`` forces ``"fast"`` (gather) or ``"masked"`` regardless of train/eval, for
+        methods that have both (static-shape methods without a masked path ignore it)."""
         raise NotImplementedError
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
@@ -72,8 +74,9 @@ class PeerMixin:
             return self.forward_with_trace(x)
         return self.forward_head(self.forward_features(x, attn_mask, is_causal))
 
-    def forward_with_trace(self, x: torch.Tensor) -> tuple[torch.Tensor, PeerTrace]:
-        feats, trace = self._run(x)
+    def forward_with_trace(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
+        """Logits and the trace; ``path`` forces ``"fast"`` or ``"masked"`` (see :meth:`_run`)."""
+        feats, trace = self._run(x, path)
         return self.forward_head(feats), trace
 
     def reduction_parameters(self) -> list[nn.Parameter]:

@@ -107,10 +107,6 @@ class DynamicViTVisionTransformer(PeerMixin, VisionTransformer):
         extras = {"kept_share": torch.stack(ratios, dim=1) if ratios else x.new_zeros(b, 0)}
         return self.norm(x), PeerTrace(keep=active.float().mean(dim=2), active=active, extras=extras)
 
-    def forward_with_trace(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
-        """``path`` forces ``"fast"`` (drop tokens) or ``"masked"`` regardless of train/eval."""
-        feats, trace = self._run(x, path)
-        return self.forward_head(feats), trace
 
     def reduction_parameters(self) -> list[nn.Parameter]:
         return list(self.predictors.parameters())

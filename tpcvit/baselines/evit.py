@@ -63,7 +63,7 @@ class EViTVisionTransformer(PeerMixin, VisionTransformer):
         x = torch.cat([x[:, :p], keep_topk_fuse(x[:, p:], cls_attn, keep, self.fuse_token)], dim=1)
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
-    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, PeerTrace]:
+    def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
         x = embed_tokens(self, x)
         n, p = self.patch_embed.num_patches, self.num_prefix_tokens
         keep = []

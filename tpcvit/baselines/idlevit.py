@@ -109,10 +109,6 @@ class IdleViTVisionTransformer(PeerMixin, VisionTransformer):
         cut = torch.stack(cuts).mean() if cuts else x.new_zeros(())
         return self.norm(x), PeerTrace(keep=active.float().mean(dim=2), active=active, extras={"token_cut": cut})
 
-    def forward_with_trace(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
-        """``path`` forces ``"fast"`` (gather) or ``"masked"`` regardless of train/eval."""
-        feats, trace = self._run(x, path)
-        return self.forward_head(feats), trace
 
     def reduction_loss(self, trace: PeerTrace, train_cfg: dict) -> dict[str, torch.Tensor]:
         cut = trace.extras["token_cut"]

@@ -98,7 +98,7 @@ class ToMeVisionTransformer(PeerMixin, VisionTransformer):
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, size
 
-    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, PeerTrace]:
+    def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
         x = embed_tokens(self, x)
         b, t, _ = x.shape
         n, p = self.patch_embed.num_patches, self.num_prefix_tokens
