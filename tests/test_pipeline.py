@@ -436,6 +436,12 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     assert not (out / "ft").exists() and not (out / "dense").exists()  # nothing re-trained
     third = json.loads((tmp_path / "evidence_tiny.json").read_text())
     assert [r["top1"] for r in third["runs"]] == [r["top1"] for r in runs]
+    # a changed fine-tune recipe never reuses a run made with the old one
+    _cli(*[a for a in args if not a.startswith("evidence.methods")], "evidence.methods=[tpc]", "evidence.seeds=[0]",
+         "evidence.finetune_lr=1e-4", timeout=900)
+    assert (out / "ft" / "tpc" / "seed0" / "last.safetensors").exists()  # trained again
+    record = json.loads((tmp_path / "evidence_tiny_runs" / "tpc_seed0.json").read_text())
+    assert record["recipe"]["finetune_lr"] == 1e-4
 
 
 def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path):

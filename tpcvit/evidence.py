@@ -135,11 +135,20 @@ class Evidence:
         fit(c, resume=(self.dense_dir / "last.json").exists(), progress=self.progress, model_name=c["model"]["name"])
         _add_seconds(self.dense_dir, "train_s", time.time() - t0)
 
+    def dense_recipe(self) -> dict:
+        return dense_recipe(self.cfg)
+
+    def finetune_recipe(self) -> dict:
+        return finetune_recipe(self.cfg)
+
     def dense_record(self) -> dict:
         """The dense backbone's validation curve, top-1 and GMACs (from the ledger, else trained and evaluated)."""
         path = self.ledger / "dense_backbone.json"
         if path.exists():
-            return json.loads(path.read_text())
+            record = json.loads(path.read_text())
+            if record.get("recipe") == self.dense_recipe():
+                return record
+            self.log(f"{path}: made with another dense recipe; training the backbone anew")
         self.ensure_dense()
         t0 = time.time()
         model = build_model(method_config(self.cfg, "dense"), self.num_classes, name=model_name(self.cfg, "dense"),
@@ -150,7 +159,8 @@ class Evidence:
         curve = [json.loads(ln) for ln in lines if ln.strip()]
         seconds = _read_json(self.dense_dir / "timing.json", {}).get("train_s", 0.0) + time.time() - t0
         record = {"top1": point["top1"], "top5": point["top5"], "gmacs": point["gmacs"],
-                  "curve": [e["top1"] for e in curve], "seconds": seconds, **flatness(curve, self.ev["flat_gain"])}
+                  "curve": [e["top1"] for e in curve], "seconds": seconds, **flatness(curve, self.ev["flat_gain"]),
+                  "recipe": self.dense_recipe()}
         _write_json(path, record)
         return record
 
@@ -188,6 +198,8 @@ class Evidence:
         budgets = [1.0] if method == "dense" else self.ev["budgets"]
         path = self.ledger / f"{method}_seed{seed}.json" if seed is not None else self.ledger / f"{method}.json"
         record = _read_json(path, {"evals": {}})
+        if record.get("recipe") != self.finetune_recipe():  # from another dense model or recipe: not reusable
+            record = {"evals": {}, "recipe": self.finetune_recipe()}
         todo = [b for b in budgets if f"{b:g}" not in record["evals"]]
         if todo:
             self.ensure_dense()
@@ -255,6 +267,23 @@ class Evidence:
         """Wall seconds of every run in the ledger (training + evaluation, summed over sessions), 2-core CPU."""
         per = {p.stem: _read_json(p, {}).get("seconds", 0.0) for p in sorted(self.ledger.glob("*.json"))}
         return {"per_run": per, "total": sum(per.values())}
+
+
+def dense_recipe(cfg: dict) -> dict:
+    """What defines the dense backbone: a ledger made with another recipe is not reused."""
+    c = method_config(cfg, "dense")
+    data = {k: c["data"][k] for k in ("kind", "train_limit", "aug", "mixup", "cutmix", "label_smoothing")}
+    train = {k: v for k, v in c["train"].items() if k not in ("log_every_steps", "ckpt_every_steps",
+                                                               "halt_after_steps")}
+    return {"model": c["model"]["name"], "kwargs": c["model"]["kwargs"], "data": data, "train": train,
+            "seed": c["seed"]}
+
+
+def finetune_recipe(cfg: dict) -> dict:
+    """What every fine-tune of a setting shares, including the dense backbone it starts from."""
+    ev = cfg["evidence"]
+    return {"dense": dense_recipe(cfg), **{k: v for k, v in ev.items() if k.startswith("finetune")},
+            "train_budget": ev["train_budget"], "tpc": cfg["model"]["tpc"], "peer": cfg["model"]["peer"]}
 
 
 def flatness(curve: list[dict], max_gain: float) -> dict:
