@@ -149,17 +149,20 @@ def _merge(base: dict, update: dict, prefix: str = "") -> None:
     valid = _flatten(DEFAULTS)
     for k, v in update.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            if key in FREE_FORM or any(key.startswith(f + ".") for f in FREE_FORM):
-                _update(base[k], v)  # model.tpc.target_keep=0.25 changes that key, keeps the rest of model.tpc
-            else:
-                _merge(base[k], v, key + ".")
+        if isinstance(v, dict) and key not in FREE_FORM and isinstance(base.get(k), dict):
+            _merge(base[k], v, key + ".")
             continue
         if key not in valid and not any(key.startswith(f + ".") for f in FREE_FORM):
             close = difflib.get_close_matches(key, list(valid), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
         base[k] = copy.deepcopy(v)
+
+
+def _nested(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    _set(out, dotted, value)
+    return out
 
 
 def _update(base: dict, update: dict) -> None:
@@ -204,9 +207,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         _merge(cfg, loaded)
     for text in overrides or []:
         key, value = parse_override(text)
+        inside = next((f for f in FREE_FORM if key.startswith(f + ".")), None)
+        if inside is not None:  # model.tpc.target_keep=0.25: that key only, the rest of model.tpc stays
+            section = cfg
+            for part in inside.split("."):
+                section = section.setdefault(part, {})
+            _update(section, _nested(key[len(inside) + 1:], value))
+            continue
         update: dict = {}
         _set(update, key, value)
-        _merge(cfg, update)
+        _merge(cfg, update)  # a whole section (model.tpc={...}) replaces it
     validate(cfg)
     return cfg
 

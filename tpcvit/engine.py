@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .baselines.common import PEER_METHODS, PEER_PREFIXES
-from .checkpoint import CheckpointError, atomic_write, load_backbone, save_weights, unwrap
+from .checkpoint import CheckpointError, OutputError, atomic_write, ensure_writable, load_backbone, save_weights, unwrap
 from .config import ConfigError, dump_config
 from .data import (
     AugmentConfig,
@@ -467,6 +467,8 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
     total_steps = steps_per_epoch * t["epochs"]
     warmup = int(t["warmup_epochs"] * steps_per_epoch)
 
+    if info.main:
+        ensure_writable(out)  # before any compute
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     best = -1.0
     if resume:
@@ -478,7 +480,7 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
         best = meta["best_top1"]
     elif info.main:
         if (out / "last.json").exists():
-            raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or choose another output")
+            raise OutputError(f"{out} already holds a run: pass --resume to continue it or choose another output")
         for stale in ("steps.jsonl", "metrics.jsonl"):  # a run that died before its first checkpoint: start over
             (out / stale).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)

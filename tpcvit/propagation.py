@@ -50,15 +50,6 @@ class TPCConfig:
     attention_sharpness: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.controller not in ("learned", "attention", "hybrid"):
-            raise ValueError(f"controller must be 'learned', 'attention' or 'hybrid', got {self.controller!r}")
-        if self.reads_attention and not self.paused_keys:
-            raise ValueError(f"controller={self.controller!r} reads the class token's attention to paused tokens: it "
-                             "needs paused_keys=True")
-
-    @property
-    def reads_attention(self) -> bool:
-        return self.controller in ("attention", "hybrid")
         if not 0.0 < self.target_keep <= 1.0:
             raise ValueError(f"target_keep must be in (0, 1], got {self.target_keep}")
         if not 0.0 < self.threshold < 1.0:
@@ -67,6 +58,16 @@ class TPCConfig:
             raise ValueError(f"start_layer must be >= 0, got {self.start_layer}")
         if self.stabilizer_layers is not None:
             self.stabilizer_layers = tuple(int(i) for i in self.stabilizer_layers)
+        if self.controller not in ("learned", "attention", "hybrid"):
+            raise ValueError(f"controller must be 'learned', 'attention' or 'hybrid', got {self.controller!r}")
+        if self.reads_attention and not self.paused_keys:
+            raise ValueError(f"controller={self.controller!r} reads the class token's attention to paused tokens: it "
+                             "needs paused_keys=True")
+
+    @property
+    def reads_attention(self) -> bool:
+        """The attention (training-free) and hybrid controllers read the class token's attention."""
+        return self.controller in ("attention", "hybrid")
 
     @classmethod
     def pop_from(cls, kwargs: dict) -> TPCConfig:
