@@ -431,7 +431,10 @@ def plot_evidence(result: dict, path: Path) -> Path:
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(budgets)), [f"{float(b):.0%} GMACs" for b in budgets])
     ax.set(ylabel="top-1 difference (pt), 95% CI", title="paired differences over seeds")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:  # fewer than 2 seeds: no interval to draw yet
+        ax.text(0.5, 0.5, "intervals need >= 2 seeds", ha="center", transform=ax.transAxes, color="grey")
     fig.tight_layout()
     return save_figure(fig, path)
 
