@@ -382,6 +382,18 @@ def _os_message(err: OSError) -> str:
     return f"{err.strerror or _one_line(err)}{where}"
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the command; under torchrun, tear the process group down cleanly at the end (left to interpreter exit,
+    gloo's threads can abort a rank: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    try:
+        return args.func(args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. The project's own errors, the OS/IO errors a user can cause (disk full, permissions) and
     Ctrl-C become one line and exit code 2 (130 for Ctrl-C); anything else is a bug and keeps its traceback."""
@@ -390,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prefix = f"tpcvit {args.command}"
     try:
-        return args.func(args)
+        return _run_command(args)
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted; finished checkpoints are kept (tpcvit train ... --resume continues)",
               file=sys.stderr)
