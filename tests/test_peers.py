@@ -1,6 +1,8 @@
 """Peers in the one harness (ToMe, EViT, A-ViT, IdleViT, DynamicViT): build, run, train, honour their budget knob,
 and agree with dense."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -14,6 +16,7 @@ from tpcvit.baselines.idlevit import token_cut_loss
 from tpcvit.baselines.tome import bipartite_plan, merge_schedule, merge_weighted
 from tpcvit.compare import match_gmacs, pareto_front, parse_spec
 from tpcvit.config import ConfigError
+from tpcvit.flops import measured_gmacs
 
 PEERS = sorted(n for m in PEER_METHODS for n in timm.list_models(f"{m}_*"))
 BUDGET = {"tome": {"tome_r": 8.0}, "evit": {"keep_rate": 0.5}, "avit": {}, "idlevit": {"keep_rate": 0.4},
@@ -87,7 +90,8 @@ def test_budget_knob_matches_a_gmacs_target_within_5_percent(name, target, grid_
     dense = count_gmacs(_dense_twin(model) if not name.startswith("tpc_") else set_mode(model, "dense"), grid_images)
     knob, got = match_gmacs(model.eval(), grid_images, target * dense)
     assert abs(got / dense - target) <= 0.05 * target, (knob, got / dense)
-    assert count_gmacs(model, grid_images) == pytest.approx(got)  # the knob stays set
+    assert measured_gmacs(model, grid_images) == pytest.approx(got)  # the knob stays set
+    assert count_gmacs(model, grid_images) == pytest.approx(got, rel=0.01)  # the counted work agrees
 
 
 def test_avit_fast_path_equals_masked_path_and_never_restarts(grid_images):
@@ -124,6 +128,19 @@ def test_peer_gmacs_in_the_trace_agree_with_the_flop_counter(grid_images):
         with torch.no_grad():
             _, trace = model.forward_with_trace(grid_images)
         assert model.gmacs_per_image(trace).mean().item() == pytest.approx(count_gmacs(model, grid_images), rel=0.01)
+
+
+def test_measured_gmacs_of_adaptive_models_is_the_per_image_count(grid_images):
+    """The fast (one traced batch) GMACs of adaptive models == counting each image alone, within 1%."""
+    avit = _peer("avit_deit_small_patch16_224", halt_threshold=0.6).eval()
+    tpc = set_mode(small_tpc(**{k: v for k, v in GRID.items() if k != "num_classes"}, num_classes=5), "adaptive")
+    for model in (avit, tpc):
+        fast = measured_gmacs(model, grid_images)
+        counted = count_gmacs(model, grid_images)  # per image: adaptive
+        dense = count_gmacs(_dense_twin(model) if model is avit else set_mode(copy.deepcopy(model), "dense"),
+                            grid_images)
+        assert fast < 0.97 * dense  # some tokens skipped: the comparison means something
+        assert fast == pytest.approx(counted, rel=0.01)
 
 
 def test_tome_merging_conserves_token_mass_and_removes_r_tokens():

@@ -27,7 +27,7 @@ from .baselines.common import PEER_METHODS, PEER_PREFIXES
 from .bench import machine_info, speed_table
 from .checkpoint import atomic_write
 from .config import ConfigError
-from .flops import count_gmacs
+from .flops import count_gmacs, measured_gmacs
 from .models.vit import image_geometry
 from .pipeline import take_batches
 from .propagation import set_mode, tpc_modules
@@ -96,7 +96,7 @@ def set_knob(model: nn.Module, value: float) -> None:
 
 
 def match_gmacs(model: nn.Module, images: torch.Tensor, target_gmacs: float, iters: int = 18) -> tuple[float, float]:
-    """Bisect the knob until ``count_gmacs(model, images)`` is closest to ``target_gmacs``.
+    """Bisect the knob until ``measured_gmacs(model, images)`` is closest to ``target_gmacs``.
 
     Returns ``(knob, measured_gmacs)``. The measured GMACs are a monotone step function of the knob; the best
     point seen is kept (for adaptive methods on untrained weights the steps can be coarse: check the result).
@@ -106,7 +106,7 @@ def match_gmacs(model: nn.Module, images: torch.Tensor, target_gmacs: float, ite
     for _ in range(iters):
         mid = (lo + hi) / 2
         set_knob(model, mid)
-        g = count_gmacs(model, images)
+        g = measured_gmacs(model, images)
         best = min(best, (abs(g - target_gmacs), mid, g))
         if (g < target_gmacs) == raises:
             lo = mid
