@@ -5,7 +5,7 @@ import timm
 import torch
 
 import tpcvit
-from tpcvit import count_gmacs, set_mode
+from tpcvit import count_gmacs, override_probs, set_mode
 from tpcvit.models.lvvit import token_labeling_loss
 
 SWIN_SMALL = dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
@@ -20,8 +20,8 @@ def _assert_controller_off_is_dense(model, dense):
         set_mode(model, "dense")
         assert torch.equal(model(x), dense(x))
         set_mode(model, "adaptive")
-        model.tpc_force_pause = 0.0
-        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-6)
+        with override_probs(model, pause=0.0):
+            torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name,params,gmacs", [("lvvit_s", 26.2, 6.6), ("lvvit_m", 55.8, 12.7)])
@@ -64,8 +64,7 @@ def test_lvvit_masked_equals_fast_and_counts_its_stem_and_aux_head():
 def test_token_labeling_objective_trains_both_heads():
     torch.manual_seed(0)
     model = timm.create_model("lvvit_s", **LVVIT_SMALL).train()
-    model.return_dense = True
-    cls_logits, aux = model(torch.randn(2, 3, 64, 64))
+    cls_logits, aux = model(torch.randn(2, 3, 64, 64), token_logits=True)
     assert cls_logits.shape == (2, 5) and aux.shape == (2, 16, 5)
     token_targets = torch.softmax(torch.randn(2, 16, 5), dim=-1)
     token_labeling_loss(cls_logits, aux, torch.tensor([1, 3]), token_targets).backward()

@@ -6,6 +6,7 @@ import torch
 from conftest import SMALL, small_tpc
 
 import tpcvit
+from tpcvit.runtime import current_policy
 
 TPC_MODELS = timm.list_models("tpc_*")
 
@@ -106,8 +107,7 @@ def test_packed_adaptive_equals_padded_and_masked(images):
     model = small_tpc().eval()
     with torch.no_grad():
         packed, tp = model.forward_with_trace(images)
-        model.tpc_packed = False
-        padded, tq = model.forward_with_trace(images)
+        padded, tq = model.forward_with_trace(images, policy=current_policy(model).replace(packed=False))
         masked, tm = model.forward_with_trace(images, path="masked")
     assert torch.equal(tp.active, tq.active) and torch.equal(tp.active, tm.active)
     assert not tp.active.all()

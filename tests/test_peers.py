@@ -14,9 +14,11 @@ from tpcvit.baselines.common import PEER_METHODS
 from tpcvit.baselines.evit import keep_topk_fuse
 from tpcvit.baselines.idlevit import token_cut_loss
 from tpcvit.baselines.tome import bipartite_plan, merge_schedule, merge_weighted
-from tpcvit.compare import match_gmacs, pareto_front, parse_spec
+from tpcvit.budget import match_gmacs
+from tpcvit.compare import parse_spec
 from tpcvit.config import ConfigError
 from tpcvit.flops import measured_gmacs
+from tpcvit.reporting import pareto_front
 
 PEERS = sorted(n for m in PEER_METHODS for n in timm.list_models(f"{m}_*"))
 BUDGET = {"tome": {"tome_r": 8.0}, "evit": {"keep_rate": 0.5}, "avit": {}, "idlevit": {"keep_rate": 0.4},

@@ -14,13 +14,15 @@ from .checkpoint import CheckpointError, load_backbone, save_weights  # noqa: E4
 from .flops import count_gmacs, vit_gmacs_from_trace  # noqa: E402
 from .models import TPCVisionTransformer, TPCVisionTransformerDistilled  # noqa: E402
 from .patch import calibrate_threshold, patch  # noqa: E402
-from .propagation import MODES, TokenTrace, TPCConfig, override_probs, set_mode, tpc_loss  # noqa: E402
+from .policy import MODES, ExecutionPolicy  # noqa: E402
+from .propagation import TokenTrace, TPCConfig, tpc_loss  # noqa: E402
+from .runtime import override_probs, set_mode, set_policy  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MODES", "CheckpointError", "TPCConfig", "TPCVisionTransformer", "TPCVisionTransformerDistilled", "TokenTrace",
-    "baselines", "calibrate_threshold", "controller", "count_gmacs", "load_backbone", "override_probs", "patch",
-    "save_weights", "set_mode",
-    "tpc_loss", "vit_gmacs_from_trace",
+    "MODES", "CheckpointError", "ExecutionPolicy", "TPCConfig", "TPCVisionTransformer",
+    "TPCVisionTransformerDistilled", "TokenTrace", "baselines", "calibrate_threshold", "controller", "count_gmacs",
+    "load_backbone", "override_probs", "patch", "save_weights", "set_mode", "set_policy", "tpc_loss",
+    "vit_gmacs_from_trace",
 ]

@@ -12,7 +12,8 @@ import numpy as np
 from .analysis import decision_noise_over
 from .checkpoint import atomic_write
 from .engine import build_data, build_model, fit, init_distributed
-from .models.vit import image_geometry
+from .models import dense_name, image_geometry
+from .reporting import markdown_table
 
 VARIANTS = {
     "tpc full": {},
@@ -40,7 +41,7 @@ def run_ablation(cfg: dict, dense: str, seeds: list[int], progress: bool = True)
             c["model"]["tpc"] = {**c["model"]["tpc"], **overrides}
             c["model"]["init"] = dense
             c["distill"]["teacher"] = dense  # distilled from the dense model, as in the main recipe
-            c["distill"]["teacher_model"] = c["distill"]["teacher_model"] or cfg["model"]["name"].removeprefix("tpc_")
+            c["distill"]["teacher_model"] = c["distill"]["teacher_model"] or dense_name(cfg["model"]["name"])
             c["output"] = str(out / f"{_slug(name)}_seed{seed}")
             if progress and info.main:
                 print(f"== {name}, seed {seed}", flush=True)
@@ -86,13 +87,10 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
 def ablation_markdown(table: dict[str, dict]) -> str:
     head = ["variant", "top-1 (mean ± std over seeds)", "worst seed", "MMACs/img", "top-1 spread over last epochs",
             "isolated decisions", "flips per block", "keep std over images"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in table.items():
-        lines.append(f"| {name} | {r['top1_mean']:.2f} ± {r['top1_std_seeds']:.2f} | {r['top1_worst']:.2f} | "
-                     f"{1e3 * r['gmacs']:.2f} | "
-                     f"{r['top1_spread_epochs']:.2f} | {100 * r['isolated']:.2f}% | {r['flip_rate']:.3f} | "
-                     f"{r['keep_std_images']:.3f} |")
-    return "\n".join(lines)
+    return markdown_table(head, [
+        [name, f"{r['top1_mean']:.2f} ± {r['top1_std_seeds']:.2f}", f"{r['top1_worst']:.2f}", f"{1e3 * r['gmacs']:.2f}",
+         f"{r['top1_spread_epochs']:.2f}", f"{100 * r['isolated']:.2f}%", f"{r['flip_rate']:.3f}",
+         f"{r['keep_std_images']:.3f}"] for name, r in table.items()])
 
 
 def plot_ablation(table: dict[str, dict], path: Path) -> Path:
@@ -101,7 +99,7 @@ def plot_ablation(table: dict[str, dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .viz import save_figure
+    from .reporting import save_figure
 
     names = list(table)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))

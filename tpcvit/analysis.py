@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write, unwrap
 from .engine import count_blocks
-from .propagation import TokenTrace, override_probs
+from .propagation import TokenTrace
+from .runtime import override_probs
 
 
 def restart_matrix(active: torch.Tensor) -> torch.Tensor:

@@ -189,12 +189,12 @@ def speed_rows(samples: dict[str, list[float]], gmacs: dict[str, float], batch: 
 def rows_to_markdown(rows: list[SpeedRow]) -> str:
     header = ["variant", "keep", "batch", "dtype", "img/s", "latency ms", "GMACs", "speed-up", "FLOPs ratio",
               "speed-up/FLOPs"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        keep = "-" if r.keep is None else f"{r.keep:.0%}"
-        lines.append(f"| {r.variant} | {keep} | {r.batch} | {r.dtype} | {r.img_per_s_text} | {r.latency_ms:.1f} | "
-                     f"{r.gmacs:.2f} | {r.speedup:.2f}x | {r.flops_ratio:.2f}x | {r.speedup_per_flops:.2f} |")
-    return "\n".join(lines)
+    from .reporting import markdown_table
+
+    return markdown_table(header, [
+        [r.variant, "-" if r.keep is None else f"{r.keep:.0%}", r.batch, r.dtype, r.img_per_s_text,
+         f"{r.latency_ms:.1f}", f"{r.gmacs:.2f}", f"{r.speedup:.2f}x", f"{r.flops_ratio:.2f}x",
+         f"{r.speedup_per_flops:.2f}"] for r in rows])
 
 
 def write_results(path: str | os.PathLike, rows: list[SpeedRow], meta: dict) -> Path:
@@ -224,13 +224,12 @@ def bench_tpc_speed(
     import timm
 
     from .flops import count_gmacs
-    from .models.vit import image_geometry
-    from .propagation import set_mode
+    from .models import dense_name, image_geometry
+    from .runtime import set_mode
 
     dev, dt = torch.device(device), getattr(torch, dtype)
     tpc = timm.create_model(model_name, **model_kwargs).eval()
-    dense_name = model_name.removeprefix("tpc_")
-    dense = timm.create_model(dense_name, **model_kwargs).eval()
+    dense = timm.create_model(dense_name(model_name), **model_kwargs).eval()
     size = image_geometry(tpc)
     variants: dict[str, tuple[nn.Module, float | None]] = {"dense": (dense, None)}
     for keep in keeps:

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .layers.geometry import unwrap
+
 
 def added_prefixes(model: nn.Module) -> tuple[str, ...]:
     """State-dict prefixes of the modules a token-reduction method adds to its backbone (its ``added_modules``:
@@ -76,15 +78,6 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save ``model``'s state dict as safetensors, atomically."""
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(state, tmp))
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP / compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -113,8 +113,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from .engine import build_data, build_model, evaluate, init_distributed
-    from .models.vit import image_geometry
-    from .propagation import set_mode, tpc_modules
+    from .models import image_geometry
+    from .runtime import set_mode, tpc_modules
 
     cfg = _load(args)
     info = init_distributed()
@@ -133,7 +133,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _trained_model(cfg: dict, checkpoint: str):
     """Model and validation loader for analysis commands (class count from the training data)."""
     from .engine import build_data, build_model, init_distributed
-    from .models.vit import image_geometry
+    from .models import image_geometry
 
     info = init_distributed()
     probe = build_model(cfg, 1)
@@ -145,7 +145,7 @@ def _trained_model(cfg: dict, checkpoint: str):
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze, write_analysis
-    from .propagation import set_mode
+    from .runtime import set_mode
 
     cfg = _load(args)
     ensure_writable(args.output or "runs/analysis")
@@ -170,9 +170,9 @@ def _cmd_viz(args: argparse.Namespace) -> int:
 
     from .data import AugmentConfig, build_transform, eval_view, list_images, load_image
     from .engine import build_model
-    from .models.vit import image_geometry
-    from .propagation import set_mode
-    from .viz import save_figure, token_map_figure
+    from .models import image_geometry
+    from .reporting import save_figure, token_map_figure
+    from .runtime import set_mode
 
     cfg = _load(args)
     out = ensure_writable(args.output or "runs/viz")

@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .baselines.common import PEER_METHODS, PEER_PREFIXES
 from .bench import machine_info, speed_table
+from .budget import match_gmacs, set_knob
 from .checkpoint import atomic_write
 from .config import ConfigError
-from .flops import count_gmacs, measured_gmacs
-from .models.vit import image_geometry
-from .pipeline import take_batches
-from .propagation import set_mode, tpc_modules
+from .data import take_batches
+from .flops import count_gmacs
+from .models import PEER_METHODS, dense_name, image_geometry
+from .reporting import markdown_table
+from .runtime import set_mode
 
 MODEL_PREFIX = {"dense": "", "tpc-adaptive": "tpc_", "tpc": "tpc_", "tpc-keys-adaptive": "tpc_", "tpc-keys": "tpc_",
                 "tome-ft": "tome_", "tpc-free": "", **{m: f"{m}_" for m in PEER_METHODS}}
@@ -78,53 +79,8 @@ def parse_spec(text: str) -> Spec:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the single budget knob of every method
-# ----------------------------------------------------------------------------------------------------------
-def knob_bounds(model: nn.Module) -> tuple[float, float, bool]:
-    """``(lo, hi, raises_compute)`` of the model's budget knob."""
-    if tpc_modules(model):
-        return 1.0 / model.patch_embed.num_patches, 1.0, True
-    lo, hi = model.budget_bounds
-    return lo, hi, model.budget_raises_compute
-
-
-def set_knob(model: nn.Module, value: float) -> None:
-    if tpc_modules(model):
-        set_mode(model, "budget", value)
-    else:
-        model.set_budget(value)
-
-
-def match_gmacs(model: nn.Module, images: torch.Tensor, target_gmacs: float, iters: int = 18) -> tuple[float, float]:
-    """Bisect the knob until ``measured_gmacs(model, images)`` is closest to ``target_gmacs``.
-
-    Returns ``(knob, measured_gmacs)``. The measured GMACs are a monotone step function of the knob; the best
-    point seen is kept (for adaptive methods on untrained weights the steps can be coarse: check the result).
-    """
-    lo, hi, raises = knob_bounds(model)
-    best = (float("inf"), hi, 0.0)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        set_knob(model, mid)
-        g = measured_gmacs(model, images)
-        best = min(best, (abs(g - target_gmacs), mid, g))
-        if (g < target_gmacs) == raises:
-            lo = mid
-        else:
-            hi = mid
-    set_knob(model, best[1])
-    return best[1], best[2]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the harness
 # ----------------------------------------------------------------------------------------------------------
-def backbone_name(name: str) -> str:
-    for prefix in ("tpc_", *PEER_PREFIXES):
-        name = name.removeprefix(prefix)
-    return name
-
-
 def missing_weights(method: str) -> str:
     return f"{method} needs its own weights: --weights {method}=PATH, the checkpoint of {NEEDS_WEIGHTS[method]}"
 
@@ -169,7 +125,7 @@ def build_variant(cfg: dict, spec: Spec, num_classes: int, weights: dict[str, st
     """The model for ``spec``: its own fine-tuned weights if given (``weights[method]``), else the dense ones."""
     from .engine import build_model
 
-    name = MODEL_PREFIX[spec.method] + backbone_name(cfg["model"]["name"])
+    name = MODEL_PREFIX[spec.method] + dense_name(cfg["model"]["name"])
     if spec.method in NEEDS_WEIGHTS and spec.method not in weights:
         raise ConfigError(missing_weights(spec.method))
     fallback = weights.get(spec.method.removesuffix("-adaptive")) if spec.method.endswith("-adaptive") else None
@@ -276,7 +232,7 @@ def compare_markdown(result: dict) -> str:
     for b in batches:
         head += [f"img/s (b={b})", f"speed-up (b={b})"]
     head.append(f"speed-up/FLOPs (b={batches[-1]})")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for label, p in result["points"].items():
         knob = "-" if p["knob"] is None else f"{p['knob']:.3g}"
         target = "-" if p["target"] is None else f"{p['target']:.0%}"
@@ -287,24 +243,13 @@ def compare_markdown(result: dict) -> str:
             r = speed[(label, b)]
             cells += [r.img_per_s_text, f"{r.speedup:.2f}x"]
         cells.append(f"{speed[(label, batches[-1])].speedup_per_flops:.2f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def pareto_front(points: list[tuple[float, float]], higher_x_better: bool) -> list[tuple[float, float]]:
-    """Points not dominated by any other (higher y better; x = cost if not ``higher_x_better``), sorted by x."""
-    ordered = sorted(points, key=lambda p: p[0], reverse=higher_x_better)
-    front, best = [], float("-inf")
-    for x, y in ordered:
-        if y > best:
-            front.append((x, y))
-            best = y
-    return sorted(front)
+        table.append(cells)
+    return markdown_table(head, table)
 
 
 def write_compare(result: dict, out: str | os.PathLike) -> list[Path]:
     """``<out>.json``, ``<out>.md`` and ``<out>.png`` (Pareto plots), all written atomically."""
-    from .viz import plot_compare
+    from .reporting import plot_compare
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -468,3 +468,13 @@ def _manager():
 
         _MANAGER = multiprocessing.Manager()
     return _MANAGER
+
+
+def take_batches(loader, n: int):
+    """The first batches of ``loader`` until at least ``n`` images were yielded (calibration, timing pools)."""
+    got = 0
+    for x, y in loader:
+        yield x, y
+        got += len(x)
+        if got >= n:
+            return

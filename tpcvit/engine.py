@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .baselines.common import PEER_METHODS, PEER_PREFIXES
+from .baselines.common import PEER_METHODS
 from .checkpoint import CheckpointError, OutputError, atomic_write, ensure_writable, load_backbone, save_weights, unwrap
 from .config import ConfigError, dump_config
 from .data import (
@@ -41,9 +41,9 @@ from .data import (
     load_token_labels,
 )
 from .flops import count_gmacs
+from .models import dense_name, image_geometry, reducer_method
 from .models.lvvit import token_labeling_loss
-from .models.vit import image_geometry
-from .propagation import set_mode, tpc_modules
+from .runtime import set_mode, tpc_modules
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,12 +120,13 @@ def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str 
 
     name = name or cfg["model"]["name"]
     kwargs = dict(cfg["model"]["kwargs"], num_classes=num_classes)
-    if name.startswith("tpc_"):
+    method = reducer_method(name)
+    if method == "tpc":
         kwargs.update(cfg["model"]["tpc"])
-    elif name.startswith(PEER_PREFIXES):
+    elif method is not None:
         peer = cfg["model"]["peer"]
         if set(peer) & set(PEER_METHODS):  # per-method sections: {evit: {keep_rate: 0.5}, avit: {...}}
-            peer = peer.get(name.split("_", 1)[0], {})
+            peer = peer.get(method, {})
         kwargs.update(peer)
     try:
         model = timm.create_model(name, **kwargs)
@@ -191,7 +192,7 @@ def build_teacher(cfg: dict, num_classes: int, device: torch.device) -> nn.Modul
     path = cfg["distill"]["teacher"]
     if not path:
         return None
-    name = cfg["distill"]["teacher_model"] or cfg["model"]["name"].removeprefix("tpc_")
+    name = cfg["distill"]["teacher_model"] or dense_name(cfg["model"]["name"])
     teacher = build_model(cfg, num_classes, name=name, init=path).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -452,7 +453,7 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
         set_mode(model, "adaptive")
     teacher = build_teacher(cfg, num_classes, device)
     token_labels = bool(cfg["data"]["token_labels"])
-    if token_labels and not hasattr(model, "return_dense"):
+    if token_labels and not hasattr(model, "forward_head_tokens"):
         raise ConfigError(f"data.token_labels need a model with a token-labelling head (lvvit_*, tpc_lvvit_*), "
                           f"not {cfg['model']['name']}")
     if token_labels and teacher is not None:
@@ -508,17 +509,17 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
             if token_labels:
                 targets, token_targets = targets
                 token_targets = token_targets.to(device)
-                model.return_dense = True
             images, targets = images.to(device), targets.to(device)
             labels = targets
             if mixup is not None:
                 images, labels = mixup(images, targets)
             with autocast(t["amp"], device):
+                head = {"token_logits": True} if token_labels else {}  # (class, per-token) logits to train on
                 if is_tpc:
-                    outputs, trace = forward(images, return_trace=True)
+                    outputs, trace = forward(images, return_trace=True, **head)
                     reg = unwrap(model).reduction_loss(trace, t)
                 else:
-                    outputs, reg = forward(images), None
+                    outputs, reg = forward(images, **head), None
                 if token_labels:
                     loss = token_labeling_loss(*outputs, labels, token_targets, cfg["data"]["token_label_weight"])
                 else:
@@ -552,8 +553,6 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
             if t["halt_after_steps"] and gstep >= t["halt_after_steps"]:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like kill -9, mid-epoch
         train_time = time.perf_counter() - t0
-        if token_labels:
-            model.return_dense = False
         metrics = evaluate(model, val_loader, device, info, t["amp"], progress, desc=f"eval {epoch + 1}")
         position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": (epoch + 1) * steps_per_epoch}
         summary = {"global_step": position["global_step"], "epoch": epoch + 1, **metrics,

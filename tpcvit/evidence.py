@@ -31,13 +31,13 @@ import numpy as np
 import torch
 
 from .bench import machine_info
+from .budget import match_gmacs
 from .checkpoint import atomic_write
-from .compare import backbone_name, match_gmacs
 from .config import ConfigError
+from .data import take_batches
 from .engine import build_data, build_model, evaluate, fit, init_distributed
-from .models.vit import image_geometry
+from .models import dense_name, image_geometry
 from .patch import patch
-from .pipeline import take_batches
 from .stats import mean_std, paired_difference
 
 # TPC variants -> their model.tpc overrides; peers read their options from model.peer.<method>
@@ -51,7 +51,7 @@ KNOB_KWARG = {"idlevit": "keep_rate", "dynamicvit": "keep_rate", "evit": "keep_r
 
 
 def model_name(cfg: dict, method: str) -> str:
-    base = backbone_name(cfg["model"]["name"])
+    base = dense_name(cfg["model"]["name"])
     if method in ("dense", "tpc-free"):
         return base
     if method in TPC_VARIANTS:
@@ -434,7 +434,7 @@ def plot_evidence(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .viz import save_figure
+    from .reporting import save_figure
 
     s = result["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))

@@ -18,8 +18,8 @@ import torch.nn as nn
 from .bench import SpeedRow, speed_rows, time_interleaved
 from .checkpoint import atomic_write, read_state_dict, unwrap
 from .flops import count_gmacs
-from .models.vit import image_geometry
-from .propagation import set_mode, tpc_modules
+from .models import image_geometry
+from .runtime import set_mode, tpc_modules
 
 EXPORT_MODES = ("dense", "budget")
 

@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .propagation import TokenTrace, tpc_modules
+from .layers import image_geometry, unwrap
+from .policy import ExecutionPolicy
+from .propagation import TokenTrace
 
 aten = torch.ops.aten
 
@@ -36,9 +38,9 @@ def count_flops(fn, *args) -> int:
 
 
 def _is_adaptive(model: nn.Module) -> bool:
-    """Cost differs per image: adaptive TPC, or a peer with per-image decisions (A-ViT)."""
-    return any(m.tpc_mode == "adaptive" for m in tpc_modules(model)) or any(
-        getattr(m, "per_image_compute", False) for m in model.modules())
+    """Cost differs per image: adaptive TPC, or a peer with per-image decisions (A-ViT): the reducer protocol's
+    ``adaptive``."""
+    return any(getattr(m, "adaptive", False) for m in model.modules())
 
 
 @torch.no_grad()
@@ -69,8 +71,6 @@ def measured_gmacs(model: nn.Module, x: torch.Tensor) -> float:
     Why: bisecting a budget (``compare.match_gmacs``) counts ~18 times; per-image counting made an A-ViT
     evaluation take 20 minutes on 256 calibration images.
     """
-    from .checkpoint import unwrap
-
     inner = unwrap(model)
     traced = hasattr(inner, "forward_with_trace") and hasattr(inner, "gmacs_per_image")
     if not (traced and _is_adaptive(inner)):
@@ -95,8 +95,6 @@ def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: fl
                           paused_keys: bool = False) -> torch.Tensor:
     """GMACs per image ``[B]`` of a timm ViT whose block ``l`` computes ``counts[:, l]`` patch tokens (plus the
     prefix tokens): patch embedding, blocks, classifier head(s), plus ``extra_macs`` per image."""
-    from .checkpoint import unwrap
-
     m = unwrap(model)
     dim = m.embed_dim
     n = m.patch_embed.num_patches
@@ -117,16 +115,47 @@ def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: fl
 
 def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
     """GMACs per image ``[B]`` of a TPC ViT's fast path, from the active counts in ``trace``."""
-    from .checkpoint import unwrap
-
     m = unwrap(model)
     dim, n = m.embed_dim, trace.active.shape[2]
-    controlled = 0 if m.tpc_mode == "dense" else len(m.blocks) - m.tpc_cfg.start_layer
+    dense = m.tpc_policy.mode == "dense"
+    controlled = 0 if dense else len(m.blocks) - m.tpc_cfg.start_layer
     extra = 0.0
     if m.tpc_cfg.reads_attention:  # the class query against every key, in each controlled block + the seed block
         extra += (controlled + 1 if controlled else 0) * (n + m.num_prefix_tokens) * dim
     if m.tpc_cfg.controller != "attention":
         extra += controlled * (n * dim * 2 + dim * 2)  # controller heads: token + context linears
     extra += len(m.stabilizers) * n * dim * 9  # depthwise 3x3
-    keys = m.tpc_cfg.paused_keys and m.tpc_mode != "dense"
+    keys = m.tpc_cfg.paused_keys and not dense
     return vit_gmacs_from_counts(m, trace.active_counts(), extra, paused_keys=keys)
+
+
+def swin_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
+    """GMACs per image ``[B]`` of a TPC Swin: dense GMACs (FLOP counter, cached) minus the output projection +
+    LayerNorm + MLP work of each paused token, plus the controller heads."""
+    m = unwrap(model)
+    device = trace.active.device
+    if not hasattr(m, "_dense_gmacs"):
+        dense = ExecutionPolicy(mode="dense")
+        probe = torch.zeros(1, *image_geometry(m), device=device)
+        was_training = m.training
+        m.eval()
+        try:
+            with torch.no_grad():
+                flops = count_flops(lambda t: m.forward_head(m._propagate(t, dense, with_trace=False)[0]), probe)
+        finally:
+            m.train(was_training)
+        m._dense_gmacs = flops / 2 / 1e9
+    blocks = m.block_list
+    saved = torch.zeros(trace.active.shape[0], dtype=torch.float64, device=device)
+    g = 0
+    for t in trace.stages:
+        for j in range(t.active.shape[1]):
+            blk = blocks[g]
+            per_token = blk.mlp.fc1.in_features * blk.mlp.fc1.out_features * 2 + blk.attn.proj.in_features ** 2
+            saved += (~t.active[:, j]).sum(dim=1).double() * per_token
+            g += 1
+    controlled = 0.0
+    if m.tpc_policy.mode != "dense":  # controller heads: 2 logits from each token of every controlled block
+        tokens = [t.active.shape[2] for t in trace.stages for _ in range(t.active.shape[1])]
+        controlled = sum(blocks[i].dim * 2 * tokens[i] for i in range(m.tpc_cfg.start_layer, len(blocks)))
+    return m._dense_gmacs - saved / 1e9 + controlled / 1e9

@@ -12,16 +12,19 @@ import torch
 from .bench import machine_info, speed_table
 from .checkpoint import atomic_write
 from .config import dump_config
+from .data import take_batches
 from .engine import build_data, build_model, evaluate, fit, init_distributed
-from .models.vit import image_geometry
-from .propagation import set_mode
+from .models import dense_name as dense_model_name
+from .models import image_geometry
+from .reporting import markdown_table
+from .runtime import set_mode
 
 
 def stage_configs(cfg: dict) -> tuple[dict, dict, str]:
     """Configs of the dense stage and the TPC stage, and the dense model's name (see :func:`dense_extra_config`)."""
     p = cfg["pipeline"]
     out = Path(cfg["output"])
-    dense_name = p["dense_model"] or cfg["model"]["name"].removeprefix("tpc_")
+    dense_name = p["dense_model"] or dense_model_name(cfg["model"]["name"])
     dense = copy.deepcopy(cfg)
     dense.update(output=str(out / "dense"), name=f"{cfg['name']}-dense")
     dense["train"].update(epochs=p["dense_epochs"], lr=p["dense_lr"])
@@ -102,20 +105,11 @@ def run_pipeline(cfg: dict, progress: bool = True) -> dict:
         atomic_write(out / "results.md", lambda p: Path(p).write_text(
             f"{cfg['name']}: {machine_info(device)['cpu']}, {torch.get_num_threads()} threads, fp32\n\n{table}\n"))
         atomic_write(out / "config.yaml", lambda p: Path(p).write_text(dump_config(cfg)))
-        from .viz import plot_pipeline
+        from .reporting import plot_pipeline
 
         plot_pipeline(result, out / "results.png")
         print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
     return result
-
-
-def take_batches(loader, n: int):
-    got = 0
-    for x, y in loader:
-        yield x, y
-        got += len(x)
-        if got >= n:
-            return
 
 
 def results_table(evals: dict, rows) -> str:
@@ -126,7 +120,7 @@ def results_table(evals: dict, rows) -> str:
     head = ["model", "top-1", "top-5", "GMACs/img", "GMACs vs dense", "mean keep"]
     for b in batches:
         head += [f"img/s (b={b})", f"speed-up (b={b})"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for name, e in evals.items():
         keep = sum(e["keep_per_block"]) / max(len(e["keep_per_block"]), 1)
         cells = [name, f"{e['top1']:.2f}", f"{e['top5']:.2f}", f"{e['gmacs']:.4f}",
@@ -134,5 +128,5 @@ def results_table(evals: dict, rows) -> str:
         for b in batches:
             r = speed.get((name, b), speed[("dense", b)])  # dense + epochs: the dense architecture
             cells += [f"{r.img_per_s:.0f}", f"{r.speedup:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return markdown_table(head, table)

@@ -1,22 +1,20 @@
-"""Backbone-agnostic TPC runtime: configuration, controller heads, per-forward decisions, trace and loss.
+"""TPC's per-forward state: configuration, the block-by-block decisions, the trace and the controller losses.
 
-A backbone adapter (``tpcvit/models/*.py``) owns the blocks; for every block from ``start_layer`` on it asks a
-:class:`Propagation` for the token states, then runs the block either on the masked full sequence (training) or
-on the gathered active tokens (inference). The math lives in :mod:`tpcvit.controller`.
+The runtime (:mod:`tpcvit.runtime`) asks a :class:`Propagation` for the token states of every controlled block and
+runs the block either on the masked full sequence (training) or on the gathered active tokens (inference). The
+math lives in :mod:`tpcvit.controller`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from . import controller as C
+from .policy import MODES, ExecutionPolicy
 
-MODES = ("dense", "adaptive", "budget")
+__all__ = ["MODES", "Decision", "Propagation", "TPCConfig", "TokenTrace", "tpc_loss"]
 
 
 @dataclass
@@ -94,29 +92,6 @@ class TPCConfig:
         return layers
 
 
-class ControllerHead(nn.Module):
-    """Per-block pause/restart logits from a token's own features and the class token's (global context).
-
-    ``logits[b, k] = W_tok LN(x[b, k]) + W_ctx LN(x[b, cls]) + bias``. The context term changes every block,
-    which is what lets a paused token (whose own features are frozen) be restarted later.
-    """
-
-    def __init__(self, dim: int, pause_bias: float, restart_bias: float) -> None:
-        super().__init__()
-        self.token = nn.Linear(dim, 2)
-        self.context = nn.Linear(dim, 2, bias=False)
-        nn.init.trunc_normal_(self.token.weight, std=0.02)
-        nn.init.trunc_normal_(self.context.weight, std=0.02)
-        with torch.no_grad():
-            self.token.bias.copy_(torch.tensor([pause_bias, restart_bias]))
-
-    def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
-        normed = F.layer_norm(x, (x.shape[-1],))
-        # context: the class token; models without one (Swin) use the mean token
-        context = normed[:, :1] if num_prefix else normed.mean(dim=1, keepdim=True)
-        return self.token(normed[:, num_prefix:]) + self.context(context)
-
-
 @dataclass
 class TokenTrace:
     """What happened to every patch token in one forward pass.
@@ -162,21 +137,29 @@ class TokenTrace:
         return self.active.sum(dim=2)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One controlled block's decision: ``states`` straight-through float ``[B, N]`` (keep their gradient),
+    ``active`` their bool value, ``index`` ``[B, k]`` the kept patch indices in budget-mode inference (else
+    ``None``: the selection is computed from ``active``)."""
+
+    states: torch.Tensor
+    active: torch.Tensor
+    index: torch.Tensor | None = None
+
+
 @dataclass
 class Propagation:
     """The decisions of one forward pass, block by block (state machine over :mod:`tpcvit.controller`)."""
 
     cfg: TPCConfig
-    mode: str
-    keep: float | None
+    policy: ExecutionPolicy
     batch: int
     num_patches: int
     grid: tuple[int, int]
     device: torch.device
     sample: bool  # Gumbel noise (masked training path); False = deterministic threshold
-    forced_active: torch.Tensor | None = None
-    force_pause: float | None = None
-    force_restart: float | None = None
+    forced_active: torch.Tensor | None = None  # [B, blocks, N]: decisions given by the caller
     record: bool = True  # False: plain forward(), nobody reads the trace; skip its bookkeeping (batch-1 speed)
     _records: dict = field(default_factory=lambda: {k: [] for k in (
         "active", "pause", "restart", "pause_raw", "restart_raw", "a", "states")})
@@ -186,13 +169,18 @@ class Propagation:
         self.a = torch.ones(self.batch, self.num_patches, device=self.device)
         self.prev_probs: torch.Tensor | None = None
         self.lean = not self.sample and not torch.is_grad_enabled()
-        self.topk_index: torch.Tensor | None = None  # budget mode, lean path: the kept patch indices
+        self.force_pause = self.policy.force_pause
+        self.force_restart = self.policy.force_restart
         if self.cfg.restart is False and self.force_restart is None:
             self.force_restart = 0.0
 
     @property
+    def mode(self) -> str:
+        return self.policy.mode
+
+    @property
     def budget_k(self) -> int:
-        keep = self.cfg.target_keep if self.keep is None else self.keep
+        keep = self.cfg.target_keep if self.policy.keep is None else self.policy.keep
         return max(1, min(self.num_patches, round(keep * self.num_patches)))
 
     def dense_block(self) -> None:
@@ -203,11 +191,8 @@ class Propagation:
         zeros = torch.zeros_like(ones)
         self._append(ones.bool(), zeros, zeros, zeros, zeros, ones, None)
 
-    def step(self, block: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decide the states of block ``block`` from the controller ``logits`` ``[B, N, 2]``.
-
-        Returns ``(states, active)``: straight-through float states and their bool value.
-        """
+    def step(self, block: int, logits: torch.Tensor) -> Decision:
+        """Decide the states of block ``block`` (of this stage) from the controller ``logits`` ``[B, N, 2]``."""
         raw = C.transition_probs(logits)
         probs = raw
         if self.cfg.smoothing:
@@ -220,15 +205,15 @@ class Propagation:
         if self.force_restart is not None:
             restart = torch.full_like(restart, self.force_restart)
 
-        self.topk_index = None
+        index = None
         if self.forced_active is not None:
             states = self.forced_active[:, block].to(pause.dtype)
         elif self.lean:  # inference: hard decisions only, no straight-through bookkeeping
             prev = self.state > 0.5
             if self.mode == "budget":
                 score = C.keep_score(self.state, pause, restart)
-                self.topk_index = score.topk(self.budget_k, dim=-1, sorted=False).indices
-                active = torch.zeros_like(prev).scatter_(-1, self.topk_index, True)
+                index = score.topk(self.budget_k, dim=-1, sorted=False).indices
+                active = torch.zeros_like(prev).scatter_(-1, index, True)
             else:
                 thr = self.cfg.threshold
                 active = torch.where(prev, pause <= thr, restart > thr)
@@ -242,11 +227,10 @@ class Propagation:
             states = C.active_recursion(self.state, pause_ev, restart_ev)
         self.state = states
         active = states.detach() > 0.5
-        if not self.record:
-            return states, active
-        self.a = C.active_recursion(self.a, pause, restart)
-        self._append(active, pause, restart, raw[..., 0], raw[..., 1], self.a, None if self.lean else states)
-        return states, active
+        if self.record:
+            self.a = C.active_recursion(self.a, pause, restart)
+            self._append(active, pause, restart, raw[..., 0], raw[..., 1], self.a, None if self.lean else states)
+        return Decision(states, active, index)
 
     def _append(self, active, pause, restart, pause_raw, restart_raw, a, states) -> None:
         rec = self._records
@@ -269,24 +253,6 @@ class Propagation:
                           num_prefix=num_prefix, grid=self.grid)
 
 
-class TPCHooks:
-    """What the engine and the harness call on every TPC model (ViT, LV-ViT, Swin); expects ``controller``,
-    ``stabilizers`` and ``tpc_cfg``."""
-
-    added_modules: tuple[str, ...] = ("controller", "stabilizers")  # not in dense weights (load_backbone)
-
-    def tpc_parameters(self) -> list[nn.Parameter]:
-        """Parameters TPC adds to the backbone (controller heads and stabilizers)."""
-        return list(self.controller.parameters()) + list(self.stabilizers.parameters())
-
-    def reduction_parameters(self) -> list[nn.Parameter]:
-        return self.tpc_parameters()
-
-    def reduction_loss(self, trace: TokenTrace, train_cfg: dict) -> dict[str, torch.Tensor]:
-        """docs/METHOD.md's controller losses, weighted by ``train.alpha_budget`` / ``train.alpha_dist``."""
-        return tpc_loss(trace, self.tpc_cfg, train_cfg["alpha_budget"], train_cfg["alpha_dist"])
-
-
 def tpc_loss(trace: TokenTrace, cfg: TPCConfig, alpha_budget: float, alpha_dist: float) -> dict[str, torch.Tensor]:
     """Controller losses of docs/METHOD.md section 3 for one trace: ``{"budget": ..., "dist": ..., "total": ...}``.
 
@@ -300,50 +266,3 @@ def tpc_loss(trace: TokenTrace, cfg: TPCConfig, alpha_budget: float, alpha_dist:
     dist = C.distribution_loss(trace.active_prob[:, s:], trace.restart_prob[:, s:], cfg.target_keep,
                                cfg.restart_prior, cfg.prior_spread)
     return {"budget": budget, "dist": dist, "total": alpha_budget * budget + alpha_dist * dist}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# user-facing switches
-# ----------------------------------------------------------------------------------------------------------
-def tpc_modules(model: nn.Module) -> list[nn.Module]:
-    """Every TPC model inside ``model`` (also through DDP / wrappers)."""
-    return [m for m in model.modules() if hasattr(m, "tpc_cfg")]
-
-
-def set_mode(model: nn.Module, mode: str, keep: float | None = None) -> nn.Module:
-    """Choose how a TPC model propagates tokens.
-
-    ``"dense"``: controller off, every token in every block (the backbone). ``"adaptive"``: learned per-image
-    decisions. ``"budget"``: exactly ``round(keep * N)`` active patch tokens per controlled block (``keep``
-    defaults to the model's ``target_keep``). ``model.eval()`` then uses the gather/scatter path,
-    ``model.train()`` the masked path.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if keep is not None and not 0.0 < float(keep) <= 1.0:
-        raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
-    if keep is not None and mode != "budget":
-        raise ValueError(f"keep only applies to mode='budget' (got mode={mode!r})")
-    targets = tpc_modules(model)
-    if not targets:
-        raise TypeError(f"{type(model).__name__} is not a TPC model (create one with timm.create_model('tpc_...'))")
-    for m in targets:
-        m.tpc_mode, m.tpc_keep = mode, keep
-    return model
-
-
-@contextlib.contextmanager
-def override_probs(model: nn.Module, pause: float | None = None, restart: float | None = None):
-    """Within the block, replace the pause and/or restart probabilities by constants (analysis, tests).
-
-    ``override_probs(model, restart=0.0)`` makes every pause permanent; ``pause=0.0`` never pauses.
-    """
-    targets = tpc_modules(model)
-    saved = [(m.tpc_force_pause, m.tpc_force_restart) for m in targets]
-    for m in targets:
-        m.tpc_force_pause, m.tpc_force_restart = pause, restart
-    try:
-        yield model
-    finally:
-        for m, (p, r) in zip(targets, saved):
-            m.tpc_force_pause, m.tpc_force_restart = p, r

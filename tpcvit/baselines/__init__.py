@@ -5,12 +5,12 @@
 """
 
 from .avit import AViTVisionTransformer
-from .common import PEER_METHODS, PEER_PREFIXES, PeerMixin, PeerTrace, peer_modules
+from .common import PEER_METHODS, PeerMixin, PeerTrace, peer_modules
 from .dynamicvit import DynamicViTVisionTransformer
 from .evit import EViTVisionTransformer
 from .idlevit import IdleViTVisionTransformer
 from .tome import ToMeVisionTransformer
 
-__all__ = ["PEER_METHODS", "PEER_PREFIXES", "AViTVisionTransformer", "DynamicViTVisionTransformer",
+__all__ = ["PEER_METHODS", "AViTVisionTransformer", "DynamicViTVisionTransformer",
            "EViTVisionTransformer", "IdleViTVisionTransformer", "PeerMixin", "PeerTrace", "ToMeVisionTransformer",
            "peer_modules"]

@@ -24,11 +24,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..models.vit import (
-    embed_tokens,
-    packed_block,
-    supports_packing,
-)
+from ..layers import embed_tokens, packed_block, supports_packing
 from ..tokens import masked_update, run_on_selection, select_active
 from .common import PeerMixin, PeerTrace, create_peer
 
@@ -59,7 +55,7 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
     """timm ``VisionTransformer`` with per-token adaptive halting (no restart)."""
 
     method = "avit"
-    per_image_compute = True
+    adaptive = True
     added_modules = ("halting",)
 
     def __init__(self, *args, halt_threshold: float = 0.99, target_depth: float = 0.5, prior_std: float = 1.0,
@@ -76,7 +72,6 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
         self.halting = nn.Linear(self.embed_dim, 1)
         nn.init.zeros_(self.halting.weight)
         nn.init.constant_(self.halting.bias, math.log(0.5 / depth) - math.log(1 - 0.5 / depth))  # sum h ~ 0.5
-        self.avit_packed = True
         self._init_peer(halt_threshold)
 
     def _halt_scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +96,7 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
 
             if not fast:
                 x = masked_update(run, x, running.to(x.dtype), p)
-            elif self.avit_packed and b > 1 and supports_packing(blk):
+            elif b > 1 and supports_packing(blk):
                 x = packed_block(blk, x, running, p)
             else:
                 x = run_on_selection(run, x, select_active(running, p, x.dtype))

@@ -15,13 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .._timm import attention_dim, attention_out_norm
+from ..layers import image_geometry
+from ..models._builder import DEIT_SIZES, PEER_METHODS, build_reducer
 
-# every peer method, by the prefix of its registered model names (``<method>_deit_<size>_patch16_224``)
-PEER_METHODS = ("tome", "evit", "avit", "idlevit", "dynamicvit")
-PEER_PREFIXES = tuple(f"{m}_" for m in PEER_METHODS)
+__all__ = ["PEER_METHODS", "PeerMixin", "PeerTrace", "create_peer", "peer_modules", "reduction_blocks"]
 
 
 @dataclass
@@ -46,7 +44,7 @@ class PeerMixin:
     method: str = ""
     budget_bounds: tuple[float, float] = (0.0, 1.0)
     budget_raises_compute: bool = True
-    per_image_compute: bool = False  # adaptive: cost differs per image, count image by image
+    adaptive: bool = False  # cost differs per image (A-ViT): counted image by image
     added_modules: tuple[str, ...] = ()  # modules the method adds to the backbone (absent from dense weights)
 
     def _init_peer(self, budget: float) -> None:
@@ -90,7 +88,6 @@ class PeerMixin:
     def gmacs_per_image(self, trace: PeerTrace) -> torch.Tensor:
         """Static-shape methods cost the same for every image: count once per budget with the FLOP counter."""
         from ..flops import count_gmacs
-        from ..models.vit import image_geometry
 
         key = (self.budget,)
         if key not in self._gmacs_cache:
@@ -104,50 +101,8 @@ def peer_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, PeerMixin)]
 
 
-def attention_parts(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v ``[B, H, T, Dh]`` of a timm ``Attention`` (q/k norms applied)."""
-    b, t, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
-
-
-def attention_output(attn: nn.Module, o: torch.Tensor) -> torch.Tensor:
-    """``[B, H, T, Dh]`` head outputs -> projected ``[B, T, D]``."""
-    b, _, t, _ = o.shape
-    return attn.proj_drop(attn.proj(attention_out_norm(attn)(o.transpose(1, 2).reshape(b, t, attention_dim(attn)))))
-
-
-def attend(blk: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = None,
-           need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A timm pre-norm ``Block`` on ``x`` ``[B, T, D]`` that also returns what selection methods read.
-
-    Returns ``(x_out, cls_attn, weights)``: ``cls_attn`` ``[B, T]`` is the class token's attention over the keys
-    (mean over heads; masked keys get 0); ``weights`` ``[B, H, T, T]`` the whole map with ``need_weights``
-    (else ``None``: the output then comes from fused attention and only the class row is computed explicitly,
-    one query, so inference stays cheap). ``key_bias`` ``[B, 1, 1, T]`` is an additive key mask.
-    """
-    attn = blk.attn
-    q, k, v = attention_parts(attn, blk.norm1(x))
-    if need_weights:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        weights = (logits if key_bias is None else logits + key_bias).softmax(dim=-1)
-        o = attn.attn_drop(weights) @ v
-        cls_attn = weights[:, :, 0].mean(dim=1)
-    else:
-        weights = None
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
-        cls_logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-        cls_attn = (cls_logits if key_bias is None else cls_logits + key_bias).softmax(dim=-1)[:, :, 0].mean(dim=1)
-    x = x + blk.drop_path1(blk.ls1(attention_output(attn, o)))
-    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, cls_attn, weights
-
-
 def create_peer(cls: type, size: str, pretrained: bool, kwargs: dict) -> nn.Module:
     """A peer model on a DeiT size (``tiny``/``small``/``base``), named ``<method>_deit_<size>_patch16_224``."""
-    from ..models.vit import DEIT_SIZES, build_reducer
-
     name = f"{cls.method}_deit_{size}_patch16_224"
     return build_reducer(cls, name, pretrained, {**DEIT_SIZES[size], **kwargs}, f"deit_{size}_patch16_224")
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..models.vit import embed_tokens
+from ..layers import embed_tokens
 from ..tokens import masked_update
 from .common import PeerMixin, PeerTrace, create_peer, reduction_blocks
 

@@ -17,8 +17,8 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..models.vit import embed_tokens
-from .common import PeerMixin, PeerTrace, attention_output, attention_parts, create_peer, reduction_blocks
+from ..layers import attention_output, attention_parts, embed_tokens
+from .common import PeerMixin, PeerTrace, create_peer, reduction_blocks
 
 
 def keep_topk_fuse(x: torch.Tensor, score: torch.Tensor, k: int, fuse: bool = True) -> torch.Tensor:

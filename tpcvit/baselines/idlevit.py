@@ -24,9 +24,9 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..models.vit import embed_tokens
+from ..layers import attend, embed_tokens
 from ..tokens import masked_update, run_on_selection, select_topk
-from .common import PeerMixin, PeerTrace, attend, create_peer, reduction_blocks
+from .common import PeerMixin, PeerTrace, create_peer, reduction_blocks
 
 
 def token_cut_loss(weights: torch.Tensor, visible: torch.Tensor, selected: torch.Tensor, num_prefix: int,

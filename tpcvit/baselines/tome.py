@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..models.vit import embed_tokens
-from .common import PeerMixin, PeerTrace, attention_output, attention_parts, create_peer
+from ..layers import attention_output, attention_parts, embed_tokens
+from .common import PeerMixin, PeerTrace, create_peer
 
 
 @dataclass

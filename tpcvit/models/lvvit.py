@@ -6,9 +6,9 @@ LV-ViT is not in timm. What makes it LV-ViT rather than DeiT:
 - residual scaling: each branch output is divided by ``skip_lam`` (2.0) before the residual add;
 - no qkv bias, MLP ratio 3;
 - a token-labelling auxiliary head on every patch token; at inference the prediction is
-  ``head(cls) + 0.5 * max_k aux_head(token_k)`` (as in the official release); in training ``forward_head`` can
-  return both so a dense per-token target ("token labels") can supervise the aux head
-  (:func:`token_labeling_loss`).
+  ``head(cls) + 0.5 * max_k aux_head(token_k)`` (as in the official release); in training
+  ``model(x, token_logits=True)`` returns both (:meth:`LVViT.forward_head_tokens`) so a dense per-token target
+  ("token labels") can supervise the aux head (:func:`token_labeling_loss`).
 
 State-dict keys follow the official release (``patch_embed.conv1/bn1/.../proj``, ``blocks.*``, ``head``,
 ``aux_head``), so its checkpoints load with :func:`tpcvit.load_backbone`. The blocks are timm ``Block``s whose
@@ -26,7 +26,8 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..propagation import TPCConfig
-from .vit import TPCViTMixin, build_reducer
+from ._builder import build_reducer
+from .vit import TPCViT
 
 
 class ConvStem(nn.Module):
@@ -88,20 +89,25 @@ class LVViT(VisionTransformer):
             blk.ls1, blk.ls2 = FixedScale(1.0 / skip_lam), FixedScale(1.0 / skip_lam)
         self.aux_weight = aux_weight
         self.aux_head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
-        self.return_dense = False  # True: forward_head returns (class logits, per-token aux logits)
 
     def reset_classifier(self, num_classes: int, global_pool=None) -> None:
         super().reset_classifier(num_classes, global_pool)
         self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
+    def forward_head_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits ``[B, C]`` and per-token aux logits ``[B, N, C]`` (what token labelling trains)."""
+        return self.head(self.head_drop(x[:, 0])), self.aux_head(x[:, self.num_prefix_tokens:])
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         if pre_logits:
             return super().forward_head(x, pre_logits=True)
-        cls_logits = self.head(self.head_drop(x[:, 0]))
-        aux = self.aux_head(x[:, self.num_prefix_tokens:])
-        if self.return_dense:
-            return cls_logits, aux
+        cls_logits, aux = self.forward_head_tokens(x)
         return cls_logits + self.aux_weight * aux.max(dim=1).values
+
+    def forward(self, x: torch.Tensor, attn_mask=None, token_logits: bool = False):
+        """timm's forward; ``token_logits=True`` returns ``(class logits, per-token aux logits)`` (training)."""
+        feats = self.forward_features(x) if attn_mask is None else self.forward_features(x, attn_mask=attn_mask)
+        return self.forward_head_tokens(feats) if token_logits else self.forward_head(feats)
 
 
 def token_labeling_loss(cls_logits: torch.Tensor, aux_logits: torch.Tensor, targets: torch.Tensor,
@@ -122,7 +128,7 @@ def token_labeling_loss(cls_logits: torch.Tensor, aux_logits: torch.Tensor, targ
     return soft_ce(cls_logits, targets) + aux_weight * soft_ce(aux_logits, token_targets)
 
 
-class TPCLVViT(TPCViTMixin, LVViT):
+class TPCLVViT(TPCViT, LVViT):
     """LV-ViT with token propagation control (paused tokens keep their last features for the aux head too)."""
 
     def __init__(self, *args, tpc_cfg: TPCConfig | None = None, **kwargs) -> None:

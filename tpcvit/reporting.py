@@ -1,4 +1,6 @@
-"""Plots people would rather look at than read (matplotlib, headless)."""
+"""The one place results are turned into tables and plots (Markdown, matplotlib headless, atomic files).
+
+Imports nothing from the harness modules (compare, pipeline, evidence, ablation): they import from here."""
 
 from __future__ import annotations
 
@@ -11,6 +13,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .checkpoint import atomic_write  # noqa: E402
+
+
+def markdown_table(head: list[str], rows: list[list]) -> str:
+    """A GitHub Markdown table (cells converted with ``str``)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]], higher_x_better: bool) -> list[tuple[float, float]]:
+    """Points not dominated by any other (higher y better; x = cost if not ``higher_x_better``), sorted by x."""
+    ordered = sorted(points, key=lambda p: p[0], reverse=higher_x_better)
+    front, best = [], float("-inf")
+    for x, y in ordered:
+        if y > best:
+            front.append((x, y))
+            best = y
+    return sorted(front)
 
 
 def plot_pipeline(result: dict, path: str | os.PathLike) -> Path:
@@ -47,8 +67,6 @@ def plot_compare(result: dict, path: str | os.PathLike) -> Path:
 
     Without accuracy (speed-only runs): throughput vs GMACs.
     """
-    from .compare import pareto_front
-
     points = result["points"]
     big = max(result["batch_sizes"])
     speed = {r["variant"]: r["img_per_s"] for r in result["speed"] if r["batch"] == big}

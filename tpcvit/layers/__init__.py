@@ -1,0 +1,12 @@
+"""Reusable parts of every token-reduction model (timm's ``layers/`` idea): block executors that run a timm block
+on a token selection, attention parts, the controller head, the stabilizer, image geometry checks."""
+
+from .geometry import check_images, embed_tokens, image_geometry, unwrap
+from .heads import ControllerHead
+from .stabilizer import TokenGridStabilizer
+from .swin_block import sparse_swin_block, upsample_tokens, window_attention_heads
+from .vit_block import attend, attention_output, attention_parts, context_block, packed_block, supports_packing
+
+__all__ = ["ControllerHead", "TokenGridStabilizer", "attend", "attention_output", "attention_parts",
+           "check_images", "context_block", "embed_tokens", "image_geometry", "packed_block", "sparse_swin_block",
+           "supports_packing", "unwrap", "upsample_tokens", "window_attention_heads"]

@@ -1,0 +1,54 @@
+"""How one forward pass of a token-reduction model is executed: an explicit, immutable policy.
+
+Every switch that changes what a forward pass computes lives in one :class:`ExecutionPolicy` value, passed down
+the forward (``model.forward_with_trace(x, policy=...)``) instead of being spread over mutable model attributes.
+``tpcvit.set_mode`` remains as a convenience: it stores one policy on the model, which plain ``model(x)`` uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+MODES = ("dense", "adaptive", "budget")
+PATHS = (None, "fast", "masked")
+
+
+@dataclass(frozen=True)
+class ExecutionPolicy:
+    """``mode``: ``"dense"`` (every token, the backbone), ``"adaptive"`` (per-image decisions) or ``"budget"``
+    (exactly ``round(keep * N)`` active patch tokens per controlled block; ``keep`` defaults to the model's
+    ``target_keep``). ``force_pause`` / ``force_restart``: constant probabilities replacing the controller's
+    (analysis: ``force_restart=0`` makes every pause permanent). ``path``: ``"fast"`` (gather/scatter, real
+    savings) or ``"masked"`` (full sequence with masks, the training form); ``None`` follows train/eval.
+    ``packed``: adaptive batches run the per-token layers on packed tokens (no padding) where the block allows.
+    """
+
+    mode: str = "adaptive"
+    keep: float | None = None
+    force_pause: float | None = None
+    force_restart: float | None = None
+    path: str | None = None
+    packed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.keep is not None and not 0.0 < float(self.keep) <= 1.0:
+            raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep}")
+        if self.keep is not None and self.mode != "budget":
+            raise ValueError(f"keep only applies to mode='budget' (got mode={self.mode!r})")
+        if self.path not in PATHS:
+            raise ValueError(f"path must be None, 'fast' or 'masked', got {self.path!r}")
+        for name in ("force_pause", "force_restart"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {value}")
+
+    def replace(self, **changes) -> ExecutionPolicy:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def is_fast(self, training: bool) -> bool:
+        """Gather/scatter execution: by default at eval, forced either way by ``path``."""
+        return (not training) if self.path is None else self.path == "fast"

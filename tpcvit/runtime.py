@@ -1,0 +1,270 @@
+"""The one TPC runtime every backbone shares (ViT/DeiT, LV-ViT, Swin, and models given TPC by ``tpcvit.patch``).
+
+:class:`TPCRuntime` owns what is the same for every family: building the controller heads and stabilizers, the
+block-by-block :class:`~tpcvit.propagation.Propagation`, the training-free attention signal, the choice of the
+execution path from an explicit :class:`~tpcvit.policy.ExecutionPolicy`, and timm's forward trio
+(``forward_features`` / ``forward`` / ``forward_with_trace``). A family adapter supplies only its geometry and
+"run this block on this selection" (:meth:`TPCRuntime._tpc_run_block`): see ``tpcvit/models/vit.py`` (one stage,
+prefix tokens) and ``tpcvit/models/swin.py`` (four stages, windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import controller as C
+from .layers import ControllerHead, TokenGridStabilizer
+from .policy import ExecutionPolicy
+from .propagation import Decision, Propagation, TokenTrace, TPCConfig, tpc_loss
+
+
+@dataclass(frozen=True)
+class BlockStep:
+    """Everything a family needs to run one controlled block: the decision and how to execute it."""
+
+    decision: Decision
+    fast: bool  # gather/scatter (True) or the masked full sequence (False)
+    policy: ExecutionPolicy
+    forced: bool  # decisions given by the caller (``forced_active``), not by the controller
+    budget_k: int  # active patch tokens per image in budget mode
+    attention: bool  # the attention controller needs this block's class attention back
+
+    @property
+    def budget_selection(self) -> bool:
+        """Every image keeps exactly ``budget_k`` tokens: a static-shape selection."""
+        return self.policy.mode == "budget" and not self.forced
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A run of blocks on one token grid; ``enter`` (e.g. Swin's patch merging) runs before the first block."""
+
+    blocks: list[nn.Module]
+    enter: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+class TPCRuntime:
+    """Token propagation control on a timm backbone. Families call :meth:`_init_tpc` at the end of ``__init__``
+    and implement the ``_tpc_*`` geometry hooks and :meth:`_tpc_run_block`."""
+
+    added_modules: tuple[str, ...] = ("controller", "stabilizers")  # not in dense weights (load_backbone)
+
+    # -- what a family supplies ----------------------------------------------------------------------------
+    def _tpc_stages(self) -> list[Stage]:
+        raise NotImplementedError
+
+    def _tpc_block_dims(self) -> list[int]:
+        """Token width at every block (controller heads and stabilizers are built for it)."""
+        raise NotImplementedError
+
+    def _tpc_embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tpc_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], int]:
+        """``x`` as ``[B, T, D]`` tokens, its patch grid and number of prefix tokens."""
+        raise NotImplementedError
+
+    def _tpc_restore(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_tpc_tokens` (``[B, T, D]`` back to the family's layout)."""
+        return tokens
+
+    def _tpc_dense_block(self, blk: nn.Module, x: torch.Tensor, seed_attention: bool):
+        """A block computing every token; ``seed_attention``: also return the class attention (see ViT)."""
+        return blk(x), None
+
+    def _tpc_run_block(self, blk: nn.Module, x: torch.Tensor, step: BlockStep):
+        """Run a controlled block on the decided selection: ``(x, class attention or None)``."""
+        raise NotImplementedError
+
+    def _tpc_finish(self, x: torch.Tensor, props: list[Propagation], with_trace: bool):
+        """Final features and the trace (``None`` when ``with_trace`` is False)."""
+        raise NotImplementedError
+
+    def _tpc_check_forced(self, forced_active, batch: int) -> list[torch.Tensor] | None:
+        """Caller-forced decisions, one ``[B, blocks, N]`` tensor per stage (clear error on a wrong shape)."""
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------------------------
+    def _init_tpc(self, cfg: TPCConfig) -> None:
+        dims = self._tpc_block_dims()
+        depth = len(dims)
+        if getattr(self, "dynamic_img_size", False):
+            raise ValueError("TPC models need a fixed token grid: create them without dynamic_img_size=True")
+        if cfg.start_layer >= depth:
+            raise ValueError(f"start_layer={cfg.start_layer} must be < depth={depth}")
+        if cfg.reads_attention and cfg.start_layer < 1:
+            raise ValueError(f"controller={cfg.controller!r} reads the previous block's class attention: "
+                             "start_layer >= 1")
+        self.tpc_cfg = cfg
+        heads = range(cfg.start_layer, depth) if cfg.controller != "attention" else ()  # training-free: none
+        self.controller = nn.ModuleList(ControllerHead(dims[i], cfg.pause_bias_init, cfg.restart_bias_init)
+                                        for i in heads)
+        if cfg.controller == "hybrid":  # a zero correction: the model starts as the training-free controller
+            for head in self.controller:
+                for param in head.parameters():
+                    nn.init.zeros_(param)
+        self.stabilizers = nn.ModuleDict({str(i): TokenGridStabilizer(dims[i]) for i in cfg.stabilized_blocks(depth)})
+        self.tpc_policy = ExecutionPolicy()
+
+    def _propagate(self, x: torch.Tensor, policy: ExecutionPolicy | None = None, forced_active=None,
+                   with_trace: bool = True) -> tuple[torch.Tensor, TokenTrace | None]:
+        """Run every block under ``policy`` (default: the model's stored one); features and trace."""
+        policy = self.tpc_policy if policy is None else policy
+        cfg = self.tpc_cfg
+        fast = policy.is_fast(self.training)
+        x = self._tpc_embed(x)
+        forced = self._tpc_check_forced(forced_active, x.shape[0])
+        attention = cfg.reads_attention and policy.mode != "dense"
+        score = None  # training-free controller: relative class attention of every token, from the last block
+        props, g = [], 0
+        for s, stage in enumerate(self._tpc_stages()):
+            if stage.enter is not None:
+                x = stage.enter(x)
+            tokens, grid, prefix = self._tpc_tokens(x)
+            prop = Propagation(cfg, policy, tokens.shape[0], grid[0] * grid[1], grid, x.device,
+                               sample=self.training and not fast, forced_active=None if forced is None else forced[s],
+                               record=with_trace)
+            for j, blk in enumerate(stage.blocks):
+                if str(g) in self.stabilizers:
+                    x = self._tpc_restore(self.stabilizers[str(g)](self._tpc_tokens(x)[0], prefix, grid), x)
+                if policy.mode == "dense" or g < cfg.start_layer:
+                    x, seeded = self._tpc_dense_block(blk, x, attention and g == cfg.start_layer - 1)
+                    score = seeded if seeded is not None else score
+                    prop.dense_block()
+                else:
+                    tokens = self._tpc_tokens(x)[0]
+                    logits = self.controller[g - cfg.start_layer](tokens, prefix) if len(self.controller) else None
+                    if attention:
+                        free = C.attention_logits(score[:, prefix:], cfg.attention_threshold, cfg.attention_sharpness)
+                        logits = free if logits is None else free + logits
+                    step = BlockStep(prop.step(j, logits), fast, policy, forced is not None, prop.budget_k, attention)
+                    x, score = self._tpc_run_block(blk, x, step)
+                g += 1
+            props.append(prop)
+        return self._tpc_finish(x, props, with_trace)
+
+    # -- timm's forward trio -------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("TPC models make their own attention masks; attn_mask/is_causal unsupported")
+        return self._propagate(x, with_trace=False)[0]
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, return_trace: bool = False,
+                token_logits: bool = False):
+        """timm's forward; ``return_trace=True`` gives ``(logits, trace)`` (use it through DDP wrappers);
+        ``token_logits=True``: the outputs of :meth:`forward_head_tokens` (models with a token-labelling head)."""
+        if return_trace:
+            return self.forward_with_trace(x, token_logits=token_logits)
+        return self._tpc_head(self.forward_features(x, attn_mask, is_causal), token_logits)
+
+    def _tpc_head(self, feats: torch.Tensor, token_logits: bool):
+        if not token_logits:
+            return self.forward_head(feats)
+        if not hasattr(self, "forward_head_tokens"):
+            raise ValueError(f"{type(self).__name__} has no token-labelling head: token_logits=True needs an LV-ViT")
+        return self.forward_head_tokens(feats)
+
+    def forward_with_trace(self, x: torch.Tensor, forced_active=None, path: str | None = None,
+                           policy: ExecutionPolicy | None = None,
+                           token_logits: bool = False) -> tuple[torch.Tensor, TokenTrace]:
+        """Logits and a :class:`TokenTrace` of which tokens were active/paused/restarted in every block.
+
+        ``policy``: how to execute this pass (default: the model's, see ``tpcvit.set_mode``); ``path`` is a
+        shortcut for ``policy.replace(path=...)`` (``"fast"`` gather/scatter, ``"masked"``). ``forced_active``
+        replaces the controller's decisions (fixed-decision comparisons): ``[B, depth, N]`` bool for a ViT, one
+        ``[B, H_l*W_l]`` tensor per block for Swin.
+        """
+        policy = self.tpc_policy if policy is None else policy
+        if path is not None:
+            policy = policy.replace(path=path)
+        feats, trace = self._propagate(x, policy, forced_active)
+        return self._tpc_head(feats, token_logits), trace
+
+    # -- reducer protocol ----------------------------------------------------------------------------------
+    method = "tpc"
+    budget_raises_compute = True
+
+    @property
+    def budget_bounds(self) -> tuple[float, float]:
+        """The keep ratio of budget mode: from one patch token to all."""
+        return 1.0 / self.patch_embed.num_patches, 1.0
+
+    def set_budget(self, value: float) -> None:
+        """Budget mode with ``keep = value`` (the harness's knob)."""
+        self.tpc_policy = self.tpc_policy.replace(mode="budget", keep=float(value))
+
+    @property
+    def adaptive(self) -> bool:
+        """Cost differs per image (adaptive decisions)."""
+        return self.tpc_policy.mode == "adaptive"
+
+    def tpc_parameters(self) -> list[nn.Parameter]:
+        """Parameters TPC adds to the backbone (controller heads and stabilizers)."""
+        return list(self.controller.parameters()) + list(self.stabilizers.parameters())
+
+    def reduction_parameters(self) -> list[nn.Parameter]:
+        return self.tpc_parameters()
+
+    def reduction_loss(self, trace: TokenTrace, train_cfg: dict) -> dict[str, torch.Tensor]:
+        """docs/METHOD.md's controller losses, weighted by ``train.alpha_budget`` / ``train.alpha_dist``."""
+        return tpc_loss(trace, self.tpc_cfg, train_cfg["alpha_budget"], train_cfg["alpha_dist"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# user-facing switches
+# ----------------------------------------------------------------------------------------------------------
+def tpc_modules(model: nn.Module) -> list[nn.Module]:
+    """Every TPC model inside ``model`` (also through DDP / wrappers)."""
+    return [m for m in model.modules() if isinstance(m, TPCRuntime)]
+
+
+def set_policy(model: nn.Module, policy: ExecutionPolicy) -> nn.Module:
+    """Store ``policy`` on every TPC model inside ``model`` (what plain ``model(x)`` then uses)."""
+    targets = tpc_modules(model)
+    if not targets:
+        raise TypeError(f"{type(model).__name__} is not a TPC model (create one with timm.create_model('tpc_...'))")
+    for m in targets:
+        m.tpc_policy = policy
+    return model
+
+
+def set_mode(model: nn.Module, mode: str, keep: float | None = None) -> nn.Module:
+    """Choose how a TPC model propagates tokens (stores ``ExecutionPolicy(mode, keep)``, other fields kept).
+
+    ``"dense"``: controller off, every token in every block (the backbone). ``"adaptive"``: learned per-image
+    decisions. ``"budget"``: exactly ``round(keep * N)`` active patch tokens per controlled block (``keep``
+    defaults to the model's ``target_keep``). ``model.eval()`` then uses the gather/scatter path,
+    ``model.train()`` the masked path.
+    """
+    targets = tpc_modules(model)
+    if not targets:
+        raise TypeError(f"{type(model).__name__} is not a TPC model (create one with timm.create_model('tpc_...'))")
+    policy = targets[0].tpc_policy.replace(mode=mode, keep=keep)
+    return set_policy(model, policy)
+
+
+def current_policy(model: nn.Module) -> ExecutionPolicy:
+    """The policy stored on (the first TPC model inside) ``model``."""
+    targets = tpc_modules(model)
+    if not targets:
+        raise TypeError(f"{type(model).__name__} is not a TPC model")
+    return targets[0].tpc_policy
+
+
+@contextlib.contextmanager
+def override_probs(model: nn.Module, pause: float | None = None, restart: float | None = None):
+    """Within the block, replace the pause and/or restart probabilities by constants (analysis, tests).
+
+    ``override_probs(model, restart=0.0)`` makes every pause permanent; ``pause=0.0`` never pauses.
+    """
+    saved = current_policy(model)
+    set_policy(model, saved.replace(force_pause=pause, force_restart=restart))
+    try:
+        yield model
+    finally:
+        set_policy(model, saved)
