@@ -16,5 +16,7 @@ $OLD/bin/python -m pip install -q --disable-pip-version-check --root-user-action
 $OLD/bin/python -c "import tpcvit, timm; assert timm.__version__ == '1.0.17', timm.__version__"
 $OLD/bin/python -m pytest -p no:cacheprovider tests/test_models.py tests/test_peers.py tests/test_families.py \
   tests/test_flops_checkpoint.py tests/test_controller.py tests/test_patch.py
-# The whole suite last: its summary line ("N passed, M skipped") closes the output.
-$PY -m pytest tests
+# The unit tier first (seconds: fails fast on a broken core), then the slow pipeline tier; together the whole
+# suite. The last summary line ("N passed, M skipped") closes the output.
+$PY -m pytest -m "not slow" tests
+$PY -m pytest -m slow tests

@@ -13,6 +13,16 @@ import timm  # noqa: E402,I001
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# whole modules of the slow tier (subprocess CLI runs, training on real data, ONNX export); elsewhere single slow
+# tests carry @pytest.mark.slow. `pytest -m "not slow"` is the unit tier to run while editing (< 60 s).
+SLOW_MODULES = ("test_pipeline.py", "test_robustness.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_classes=5)
 
 

@@ -58,6 +58,7 @@ def test_analyze_reports_the_value_of_restarts_and_writes_outputs(images, tmp_pa
     assert Image.open(files[1]).format == "PNG"
 
 
+@pytest.mark.slow  # subprocess / ONNX / hub cache: the pipeline tier
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="needs dataset-fashion-mnist (.ci/run installs it)")
 def test_viz_writes_a_png_grid_for_a_real_image(tmp_path):
     real = read_idx(Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz")[0]

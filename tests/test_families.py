@@ -108,7 +108,7 @@ def test_swin_paused_tokens_keep_their_features_through_a_block():
     x = torch.randn(2, 16, 16, 32)
     active = torch.rand(2, 256) > 0.5
     with torch.no_grad():
-        out = tpcvit.models.swin.sparse_swin_block(blk, x, active)
+        out = tpcvit.layers.sparse_swin_block(blk, x, active)
         full = blk(x)
     keep = active.view(2, 16, 16)
     assert torch.equal(out[~keep], x[~keep])
@@ -137,3 +137,69 @@ def test_swin_trains_every_controller_parameter():
     missing = [n for n, p in model.named_parameters() if n.startswith(("controller", "stabilizers")) and
                (p.grad is None or p.grad.abs().sum() == 0)]
     assert not missing, missing
+
+
+def _lvvit(**kw):
+    torch.manual_seed(0)
+    return timm.create_model("tpc_lvvit_s", **{**LVVIT_SMALL, "pause_bias_init": 0.0, "restart_bias_init": 0.0,
+                                              **kw}).eval()
+
+
+def test_lvvit_masked_equals_fast_with_forced_decisions():
+    model = _lvvit()
+    x = torch.randn(3, 3, 64, 64)
+    torch.manual_seed(4)
+    forced = torch.rand(3, 4, 16) > 0.5
+    forced[:, 0] = True  # block 0 is before start_layer: always dense
+    with torch.no_grad():
+        fast, tf = model.forward_with_trace(x, forced_active=forced, path="fast")
+        masked, tm = model.forward_with_trace(x, forced_active=forced, path="masked")
+    assert torch.equal(tf.active, forced) and torch.equal(tm.active, forced)
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+
+
+def test_lvvit_packed_equals_padded_in_adaptive_batches():
+    model = _lvvit()
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        packed, tp = model.forward_with_trace(x)
+        padded, tq = model.forward_with_trace(x, policy=tpcvit.ExecutionPolicy(packed=False))
+    assert torch.equal(tp.active, tq.active)
+    counts = tp.active[:, 1:].sum(dim=2)
+    assert (counts != counts[:1]).any()  # images keep different numbers of tokens: padding is really needed
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "budget"])
+@pytest.mark.parametrize("family", ["lvvit", "swin"])
+def test_an_image_alone_gets_what_it_gets_in_a_batch(family, mode):
+    """Fast path: an image's logits and decisions do not depend on the other images of its batch."""
+    model = _lvvit() if family == "lvvit" else _swin(pause_bias_init=0.0, restart_bias_init=0.0).eval()
+    set_mode(model, mode, 0.5 if mode == "budget" else None)
+    torch.manual_seed(5)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        batch, tb = model.forward_with_trace(x)
+        for i in range(4):
+            alone, ta = model.forward_with_trace(x[i:i + 1])
+            torch.testing.assert_close(alone, batch[i:i + 1], rtol=1e-4, atol=1e-5)
+            assert torch.equal(ta.active, tb.active[i:i + 1])
+    assert not tb.active.all()
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "budget"])
+def test_eval_with_gradients_decides_like_inference_and_trains_the_controller(mode):
+    """Propagation.step's non-lean eval branch (grad enabled, no Gumbel noise): the same decisions and logits as
+    inference, with straight-through states that carry gradient to the controller heads."""
+    model = _lvvit()
+    set_mode(model, mode, 0.5 if mode == "budget" else None)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref, t_ref = model.forward_with_trace(x)
+    out, trace = model.forward_with_trace(x)  # grad enabled, eval mode
+    assert torch.equal(trace.active, t_ref.active) and not trace.active.all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert trace.states.requires_grad and trace.states.shape[1] == 3
+    loss = model.reduction_loss(trace, {"alpha_budget": 1.0, "alpha_dist": 1.0})["total"]
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.controller.parameters())

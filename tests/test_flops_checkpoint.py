@@ -91,6 +91,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["w.bin"]
 
 
+@pytest.mark.slow  # subprocess / ONNX / hub cache: the pipeline tier
 def test_import_guard_makes_timm_importable_in_a_fresh_process():
     code = ("import tpcvit, timm, torchvision; from tpcvit import _compat; "
             "m = timm.create_model('tpc_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=2); "

@@ -126,6 +126,7 @@ def test_unsupported_models_get_a_clear_error():
         tpcvit.patch(_model("deit_small_patch16_224"), mode="adaptive")
 
 
+@pytest.mark.slow  # subprocess / ONNX / hub cache: the pipeline tier
 def test_patched_model_exports_to_onnx_in_budget_mode(tmp_path, x):
     pytest.importorskip("onnxruntime")
     from tpcvit.export import export_onnx
@@ -170,6 +171,7 @@ def _hub_cache(root, repo: str, state: dict) -> str:
     ("tpc_deit_tiny_patch16_224", "deit_tiny_patch16_224", {"controller": "attention", "paused_keys": True}),
     ("idlevit_deit_tiny_patch16_224", "deit_tiny_patch16_224", {"keep_rate": 0.5}),
 ])
+@pytest.mark.slow  # subprocess / ONNX / hub cache: the pipeline tier
 def test_pretrained_true_loads_the_dense_weights_from_an_offline_hub_cache(tmp_path, name, dense, kwargs):
     cfg = timm.models.get_pretrained_cfg(dense)
     torch.manual_seed(3)
@@ -188,6 +190,7 @@ def test_pretrained_true_loads_the_dense_weights_from_an_offline_hub_cache(tmp_p
         assert got["added"] == ["controller", "stabilizers"]  # freshly initialised, not in the dense weights
 
 
+@pytest.mark.slow  # subprocess / ONNX / hub cache: the pipeline tier
 def test_pretrained_without_weights_anywhere_is_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", "import tpcvit, timm; timm.create_model('tpc_lvvit_s', "

@@ -61,6 +61,27 @@ def test_two_epochs_on_a_few_hundred_real_images_learn(tmp_path, model):
     assert all(set(e) >= {"loss", "top1", "top5", "keep_per_block", "gmacs"} for e in epochs)
 
 
+def test_eval_and_analyze_report_on_a_trained_tpc_model(tmp_path):
+    """The success paths of ``tpcvit eval`` and ``tpcvit analyze``: the metrics training reported for the same
+    weights, and the restart analysis files; neither reads the training images (none exist here)."""
+    run, data = tmp_path / "run", tmp_path / "data"
+    common = ["model.name=tpc_deit_tiny_patch16_224", *TINY, "data.val_limit=200"]
+    summary = _summary(_cli("train", "-o", str(run), "--quiet", *common, "data.train_limit=300", "train.epochs=1",
+                            "train.batch_size=16"))
+    data.mkdir()  # an idx folder holding only the test split: proof that evaluation never opens the training set
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (data / name).symlink_to(Path(FASHION_MNIST_DIR) / name)
+    local = [*common, "data.kind=idx", f"data.path={data}"]
+    metrics = json.loads(_cli("eval", "--quiet", "--checkpoint", str(run / "last.safetensors"), *local)
+                         .stdout.strip().splitlines()[-1])
+    assert metrics["images"] == 200 and metrics["top1"] == pytest.approx(summary["top1"])
+    assert metrics["gmacs"] == pytest.approx(summary["gmacs"]) and 0 < min(metrics["keep_per_block"])
+    out = _cli("analyze", "--quiet", "--checkpoint", str(run / "last.safetensors"), "-o", str(tmp_path / "an"), *local)
+    assert "restart rate" in out.stdout and (tmp_path / "an" / "analysis.png").exists()
+    result = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert result["images"] == 200 and result["depth"] == 3
+
+
 def test_resume_after_kill_9_continues_exactly(tmp_path):
     common = ["--quiet", "model.name=tpc_deit_tiny_patch16_224", *TINY, "data.train_limit=320", "data.val_limit=64",
               "train.epochs=2", "train.batch_size=32", "train.ckpt_every_steps=3", "train.log_every_steps=1"]

@@ -11,9 +11,9 @@ import numpy as np
 
 from .analysis import decision_noise_over
 from .checkpoint import atomic_write
-from .engine import build_data, build_model, fit, init_distributed
-from .models import dense_name, image_geometry
-from .reporting import markdown_table
+from .engine import build_model, build_val_data, config_geometry, fit, init_distributed
+from .models import dense_name
+from .reporting import markdown_table, plot_ablation
 
 VARIANTS = {
     "tpc full": {},
@@ -31,9 +31,8 @@ def run_ablation(cfg: dict, dense: str, seeds: list[int], progress: bool = True)
     info = init_distributed()
     out = Path(cfg["output"])
     runs: dict[str, list[dict]] = {}
-    probe = build_model(cfg, 1)
-    in_chans, img_size = image_geometry(probe)[:2]
-    train_ds, _, _, _, val_loader = build_data(cfg, in_chans, img_size, info)
+    in_chans, img_size, _ = config_geometry(cfg)
+    val_ds, val_loader = build_val_data(cfg, in_chans, img_size, info)
     for name, overrides in VARIANTS.items():
         for seed in seeds:
             c = copy.deepcopy(cfg)
@@ -47,7 +46,7 @@ def run_ablation(cfg: dict, dense: str, seeds: list[int], progress: bool = True)
                 print(f"== {name}, seed {seed}", flush=True)
             fit(c, resume=(Path(c["output"]) / "last.json").exists(), progress=progress)
             epochs = [json.loads(ln) for ln in (Path(c["output"]) / "metrics.jsonl").read_text().splitlines()]
-            model = build_model(c, train_ds.num_classes, init=str(Path(c["output"]) / "last.safetensors"))
+            model = build_model(c, val_ds.num_classes, init=str(Path(c["output"]) / "last.safetensors"))
             noise = decision_noise_over(model.to(info.device), val_loader, info.device)
             runs.setdefault(name, []).append({
                 "seed": seed, "top1": epochs[-1]["top1"], "gmacs": epochs[-1]["gmacs"],
@@ -91,31 +90,3 @@ def ablation_markdown(table: dict[str, dict]) -> str:
         [name, f"{r['top1_mean']:.2f} ± {r['top1_std_seeds']:.2f}", f"{r['top1_worst']:.2f}", f"{1e3 * r['gmacs']:.2f}",
          f"{r['top1_spread_epochs']:.2f}", f"{100 * r['isolated']:.2f}%", f"{r['flip_rate']:.3f}",
          f"{r['keep_std_images']:.3f}"] for name, r in table.items()])
-
-
-def plot_ablation(table: dict[str, dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .reporting import save_figure
-
-    names = list(table)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    x = np.arange(len(names))
-    axes[0].bar(x, [table[n]["top1_mean"] for n in names], yerr=[table[n]["top1_std_seeds"] for n in names],
-                capsize=4, color="#4c72b0", alpha=0.8)
-    for i, n in enumerate(names):  # every seed, so a collapsed run is seen rather than averaged away
-        seeds = table[n]["top1_per_seed"]
-        axes[0].scatter(np.full(len(seeds), i), seeds, color="black", s=14, zorder=3)
-    lo = min(min(table[n]["top1_per_seed"]) for n in names)
-    axes[0].set(ylim=(lo - 2, None), ylabel="top-1 (%)", title="accuracy (bars: mean ± std; dots: seeds)")
-    axes[1].bar(x, [table[n]["top1_spread_epochs"] for n in names], color="#dd8452")
-    axes[1].set(ylabel="std of top-1 over last epochs", title="training fluctuation (stabilizer)")
-    axes[2].bar(x, [100 * table[n]["isolated"] for n in names], color="#55a868")
-    axes[2].set(ylabel="% isolated decisions", title="decision noise (smoothing)")
-    for ax in axes:
-        ax.set_xticks(x, names, rotation=20, fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)

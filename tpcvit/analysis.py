@@ -115,44 +115,12 @@ def analyze(model: nn.Module, loader, device: torch.device, progress: bool = Tru
 
 def write_analysis(result: dict, out: str | os.PathLike) -> list[Path]:
     """``analysis.json`` and ``analysis.png`` (shares per block, restart matrix, probability histograms)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .reporting import plot_analysis
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "analysis.json", lambda t: Path(t).write_text(json.dumps(result, indent=2)))
-    depth = result["depth"]
-    blocks = np.arange(depth)
-    s = result["shares"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax = axes[0]
-    ax.bar(blocks, s["active_not_restarted"], label="active", color="#4c9a2a")
-    ax.bar(blocks, s["restarted"], bottom=s["active_not_restarted"], label="restarted", color="#d62728")
-    ax.bar(blocks, s["paused"], bottom=s["active"], label="paused", color="#b0b0b0")
-    ax.set(xlabel="block", ylabel="share of patch tokens", title="token states per block", ylim=(0, 1))
-    ax.legend(fontsize=8)
-    m = np.asarray(result["restart_matrix"], dtype=float)
-    ax = axes[1]
-    im = ax.imshow(m, cmap="viridis", aspect="auto")
-    ax.set(xlabel="restarted at block (last column: never)", ylabel="paused at block",
-           title=f"where pauses end (restart rate {result['restart_rate']:.0%})")
-    fig.colorbar(im, ax=ax)
-    ax = axes[2]
-    centers = np.convolve(result["hist_edges"], [0.5, 0.5], mode="valid")
-    for name, color in (("pause", "#1f77b4"), ("restart", "#d62728")):
-        h = np.asarray(result[f"{name}_hist"]).sum(axis=0)
-        if h.sum():
-            ax.plot(centers, h / h.sum(), color=color, label=f"{name} probability")
-    ax.set(xlabel="probability", ylabel="share", title="controller probabilities (smoothed)")
-    ax.legend(fontsize=8)
-    fig.suptitle(f"top-1 with restarts {result['top1_learned']:.2f}% vs every pause permanent "
-                 f"{result['top1_no_restart']:.2f}%")
-    fig.tight_layout()
-    atomic_write(out / "analysis.png", lambda t: fig.savefig(t, dpi=110, format="png"))
-    plt.close(fig)
-    return [out / "analysis.json", out / "analysis.png"]
+    return [out / "analysis.json", plot_analysis(result, out / "analysis.png")]
 
 
 def decision_noise(trace: TokenTrace) -> dict:

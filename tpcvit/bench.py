@@ -243,7 +243,7 @@ def bench_tpc_speed(
         m.to(dev, dt)
     rows = speed_table(variants, gmacs, lambda b: torch.randn(b, *size), list(batch_sizes), dev, dt, rounds,
                        baseline="dense", compile=compile)
-    meta = {"model": model_name, "dense": dense_name, "machine": machine_info(dev), "rounds": rounds,
+    meta = {"model": model_name, "dense": dense_name(model_name), "machine": machine_info(dev), "rounds": rounds,
             "mode": "budget", "compiled": compile,
             "note": "random weights (speed only); medians over interleaved rounds"}
     return rows, meta

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .errors import TpcvitError
 from .layers.geometry import unwrap
 
 
@@ -20,11 +21,11 @@ def added_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{name}." for name in getattr(model, "added_modules", ()))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TpcvitError):
     """A checkpoint that cannot be used for this model (message says why and how to fix it)."""
 
 
-class OutputError(ValueError):
+class OutputError(TpcvitError):
     """An output location that cannot be written (checked before any compute)."""
 
 

@@ -112,16 +112,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .engine import build_data, build_model, evaluate, init_distributed
-    from .models import image_geometry
+    from .engine import build_eval, evaluate
     from .runtime import set_mode, tpc_modules
 
     cfg = _load(args)
-    info = init_distributed()
-    probe = build_model(cfg, 1)
-    in_chans, img_size = image_geometry(probe)[:2]
-    train_ds, _, _, _, val_loader = build_data(cfg, in_chans, img_size, info)
-    model = build_model(cfg, train_ds.num_classes, init=args.checkpoint).to(info.device)
+    model, val_loader, info, _ = build_eval(cfg, args.checkpoint)
     if tpc_modules(model):
         set_mode(model, cfg["eval"]["mode"], cfg["eval"]["keep"])
     metrics = evaluate(model, val_loader, info.device, info, progress=not args.quiet)
@@ -130,27 +125,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trained_model(cfg: dict, checkpoint: str):
-    """Model and validation loader for analysis commands (class count from the training data)."""
-    from .engine import build_data, build_model, init_distributed
-    from .models import image_geometry
-
-    info = init_distributed()
-    probe = build_model(cfg, 1)
-    in_chans, img_size = image_geometry(probe)[:2]
-    train_ds, _, _, _, val_loader = build_data(cfg, in_chans, img_size, info)
-    model = build_model(cfg, train_ds.num_classes, init=checkpoint).to(info.device).eval()
-    return model, val_loader, info, train_ds
-
-
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze, write_analysis
+    from .engine import build_eval
     from .runtime import set_mode
 
     cfg = _load(args)
     ensure_writable(args.output or "runs/analysis")
-    model, val_loader, info, _ = _trained_model(cfg, args.checkpoint)
-    set_mode(model, "adaptive")
+    model, val_loader, info, _ = build_eval(cfg, args.checkpoint)
+    set_mode(model.eval(), "adaptive")
     result = analyze(model, val_loader, info.device, progress=not args.quiet)
     files = write_analysis(result, args.output or "runs/analysis")
     s = result["shares"]
@@ -169,7 +152,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     import torch
 
     from .data import AugmentConfig, build_transform, eval_view, list_images, load_image
-    from .engine import build_model
+    from .engine import build_eval, build_model
     from .models import image_geometry
     from .reporting import save_figure, token_map_figure
     from .runtime import set_mode
@@ -180,8 +163,8 @@ def _cmd_viz(args: argparse.Namespace) -> int:
         model = build_model(cfg, args.num_classes, init=args.checkpoint).eval()
         classes = None
     else:
-        model, _, _, train_ds = _trained_model(cfg, args.checkpoint)
-        model, classes = model.cpu(), getattr(train_ds, "classes", None)
+        model, _, _, val_ds = build_eval(cfg, args.checkpoint)
+        model, classes = model.cpu().eval(), getattr(val_ds, "classes", None)
     set_mode(model, "adaptive")
     in_chans, size = image_geometry(model)[:2]
     d = cfg["data"]
@@ -322,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(v)
     v.add_argument("--checkpoint", required=True)
     v.add_argument("--images", nargs="+", required=True, help="image files or folders")
-    v.add_argument("--num-classes", type=int, default=0, help="skip reading the training data for the class count")
+    v.add_argument("--num-classes", type=int, default=0, help="class count of the checkpoint (no data read at all)")
     v.set_defaults(func=_cmd_viz)
 
     ab = sub.add_parser("ablate", help="TPC vs no restart / no smoothing / no stabilizer, several seeds")
@@ -399,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C become one line and exit code 2 (130 for Ctrl-C); anything else is a bug and keeps its traceback."""
     from safetensors import SafetensorError
 
+    from .errors import TpcvitError
+
     args = build_parser().parse_args(argv)
     prefix = f"tpcvit {args.command}"
     try:
@@ -410,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:  # training diverged (its message names the step and the fix)
         print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:  # ConfigError, DataError, CheckpointError, ExportError, ...
+    except (TpcvitError, FileNotFoundError) as err:  # ConfigError, DataError, CheckpointError, ExportError, ...
         print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -158,7 +158,7 @@ def run_compare(
     """Evaluate and time every spec on one backbone; ``with_data=False`` = speed/GMACs on random images only.
 
     Knobs are matched and accuracy measured in float32; ``dtype`` is what the models run in for the timing."""
-    from .engine import build_data, evaluate, init_distributed
+    from .engine import build_val_data, evaluate, init_distributed
 
     parsed = [parse_spec(s) for s in specs]
     if not any(s.method == "dense" for s in parsed):
@@ -174,8 +174,8 @@ def run_compare(
     probe = build_variant(cfg, Spec("dense"), 1, {})
     size = image_geometry(probe)
     if with_data:
-        train_ds, _, _, _, val_loader = build_data(cfg, size[0], size[1], info)
-        num_classes = train_ds.num_classes
+        val_ds, val_loader = build_val_data(cfg, size[0], size[1], info)
+        num_classes = val_ds.num_classes
         pool = torch.cat([x for x, _ in take_batches(val_loader, max(calib_images, *batch_sizes))])
     else:
         val_loader, num_classes = None, cfg["model"]["kwargs"].get("num_classes", 1000)

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .errors import TpcvitError
+
 DEFAULTS: dict[str, Any] = {
     "name": "experiment",
     "output": "runs/experiment",
@@ -123,7 +125,7 @@ LIMITS = ("data.train_limit", "data.val_limit", "evidence.finetune_train_limit")
 FREE_FORM = ("model.kwargs", "model.tpc", "model.peer")  # validated by the model itself
 
 
-class ConfigError(ValueError):
+class ConfigError(TpcvitError):
     """A bad configuration value (the message names the key and the fix)."""
 
 

@@ -114,6 +114,10 @@ def reducers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "reduction_loss") and hasattr(m, "gmacs_per_image")]
 
 
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300]
+
+
 def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str | None = None) -> nn.Module:
     """timm model from ``cfg["model"]`` (TPC options only for ``tpc_*`` models), optionally initialised."""
     import timm
@@ -134,8 +138,8 @@ def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str 
         if "Unknown model" in str(err):
             raise ConfigError(f"unknown model {name!r}: see timm.list_models('tpc_*')") from err
         raise
-    except TypeError as err:
-        raise ConfigError(f"bad model.kwargs / model.tpc for {name}: {err}") from err
+    except (TypeError, ValueError) as err:  # unknown or out-of-range model options
+        raise ConfigError(f"bad model.kwargs / model.tpc / model.peer for {name}: {_first_line(err)}") from err
     if init:
         load_backbone(model, init)
     return model
@@ -204,16 +208,16 @@ def build_optimizer(model: nn.Module, cfg: dict):
     from timm.optim import create_optimizer_v2
 
     t = cfg["train"]
-    tpc_ids = {id(p) for m in reducers(model) for p in m.reduction_parameters()}
+    added_ids = {id(p) for m in reducers(model) for p in m.reduction_parameters()}
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token"))
-        groups.setdefault((id(p) in tpc_ids, no_decay), []).append(p)
+        groups.setdefault((id(p) in added_ids, no_decay), []).append(p)
     param_groups = [{"params": ps, "weight_decay": 0.0 if nd else t["weight_decay"],
-                     "lr_scale": t["controller_lr_scale"] if is_tpc else 1.0}
-                    for (is_tpc, nd), ps in groups.items()]
+                     "lr_scale": t["controller_lr_scale"] if added else 1.0}
+                    for (added, nd), ps in groups.items()]
     return create_optimizer_v2(param_groups, opt=t["opt"], lr=t["lr"], weight_decay=t["weight_decay"])
 
 
@@ -243,14 +247,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo | No
     info = info or DistInfo(device=device)
     model.eval()
     inner = unwrap(model)
-    is_tpc = bool(reducers(inner))
+    is_reducer = bool(reducers(inner))
     depth = count_blocks(inner)
     sums = torch.zeros(5 + depth, dtype=torch.float64)  # n, top1, top5, loss, gmacs, keep per block
     dense_gmacs = None
     for images, targets in tqdm(loader, desc=desc, disable=not (progress and info.main), leave=False):
         images, targets = images.to(device), targets.to(device)
         with autocast(amp, device):
-            if is_tpc:
+            if is_reducer:
                 logits, trace = inner.forward_with_trace(images)
             else:
                 logits, trace = inner(images), None
@@ -399,56 +403,93 @@ def _append_jsonl(path: Path, record: dict, info: DistInfo) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # fit
 # ----------------------------------------------------------------------------------------------------------
-def build_data(cfg: dict, in_chans: int, img_size: int, info: DistInfo, model_cfg: dict | None = None):
+def config_geometry(cfg: dict, name: str | None = None) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of the images the configured model takes (from a throwaway instance)."""
+    return image_geometry(build_model(cfg, 1, name=name))
+
+
+def build_val_data(cfg: dict, in_chans: int, img_size: int, info: DistInfo):
+    """The validation dataset and loader only (evaluation, analysis, calibration): the training images are never
+    read; a folder dataset's class map comes from the names of ``train/``'s class folders."""
+    d = cfg["data"]
+    aug = AugmentConfig(**{**d["aug"], "scale": tuple(d["aug"]["scale"])})
+    val_tf = build_transform(img_size, in_chans, False, aug, d["mean"], d["std"])
+    val_split = "val" if d["kind"] == "folder" else "test"
+    val_ds = build_dataset(d["kind"], d["path"], val_split, val_tf, d["val_limit"], d["skip_corrupt"])
+    val_sampler = ResumableSampler(len(val_ds), False, 0, info.rank, info.world, pad=False)
+    return val_ds, build_loader(val_ds, cfg["eval"]["batch_size"], val_sampler, d["workers"], drop_last=False)
+
+
+def build_eval(cfg: dict, checkpoint: str | None = None, name: str | None = None, info: DistInfo | None = None):
+    """``(model, val_loader, info, val_ds)`` for evaluating/analysing a trained model, without the training set
+    (class count from the validation data, which shares the training class map)."""
+    info = info or init_distributed()
+    c, h, _ = config_geometry(cfg, name)
+    val_ds, val_loader = build_val_data(cfg, c, h, info)
+    model = build_model(cfg, val_ds.num_classes, name=name, init=checkpoint).to(info.device)
+    return model, val_loader, info, val_ds
+
+
+def build_data(cfg: dict, in_chans: int, img_size: int, info: DistInfo):
     """Train/val datasets, samplers and loaders for a model taking ``in_chans`` x ``img_size``^2 images."""
     d = cfg["data"]
     aug = AugmentConfig(**{**d["aug"], "scale": tuple(d["aug"]["scale"])})
     train_tf = build_transform(img_size, in_chans, True, aug, d["mean"], d["std"])
-    val_tf = build_transform(img_size, in_chans, False, aug, d["mean"], d["std"])
     train_ds = build_dataset(d["kind"], d["path"], "train", train_tf, d["train_limit"], d["skip_corrupt"])
     if d["token_labels"]:
         train_ds = WithTokenLabels(train_ds, load_token_labels(d["token_labels"], len(train_ds), train_ds.num_classes))
     if d["workers"] > 0:  # augmentation independent of which worker draws a sample: exact resume with workers
         train_ds = SeedPerSample(train_ds, cfg["seed"])
-    val_split = "val" if d["kind"] == "folder" else "test"
-    val_ds = build_dataset(d["kind"], d["path"], val_split, val_tf, d["val_limit"], d["skip_corrupt"])
+    val_ds, val_loader = build_val_data(cfg, in_chans, img_size, info)
     bs = cfg["train"]["batch_size"]
     if len(train_ds) < bs * info.world:
         raise DataError(f"only {len(train_ds)} training images for batch size {bs} x {info.world} processes: "
                         "lower train.batch_size or add data")
     train_sampler = ResumableSampler(len(train_ds), True, cfg["seed"], info.rank, info.world, drop_last=True)
-    val_sampler = ResumableSampler(len(val_ds), False, 0, info.rank, info.world, pad=False)
     train_loader = build_loader(train_ds, bs, train_sampler, d["workers"], drop_last=True)
-    val_loader = build_loader(val_ds, cfg["eval"]["batch_size"], val_sampler, d["workers"], drop_last=False)
     return train_ds, val_ds, train_sampler, train_loader, val_loader
 
 
-def _model_geometry(model: nn.Module) -> tuple[int, int]:
-    m = unwrap(model)
-    return image_geometry(m)[:2]
+@dataclass
+class Training:
+    """Everything one training run holds between steps (built by :func:`_prepare_training`)."""
+
+    cfg: dict
+    out: Path
+    info: DistInfo
+    model: nn.Module
+    forward: nn.Module  # what the batches go through: the model, its DDP wrapper, or torch.compile of it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    mixup: object | None
+    train_ds: object
+    val_ds: object
+    train_sampler: ResumableSampler
+    train_loader: object
+    val_loader: object
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    is_reducer: bool  # TPC or a peer method: trains with its trace and its own loss
+    token_labels: bool
+    distilled_student: bool
+    position: dict
+    best: float
 
 
-def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str | None = None,
-        init: str | None = None) -> dict:
-    """Train ``cfg`` (dense or TPC) and evaluate every epoch; returns the final summary.
-
-    Writes ``config.yaml``, ``metrics.jsonl`` (per epoch), ``steps.jsonl`` (per logged step), ``best.safetensors``,
-    ``last.safetensors`` and resumable checkpoints under ``cfg["output"]``.
-    """
+def _prepare_training(cfg: dict, resume: bool, model_name: str | None, init: str | None) -> Training:
+    """Build model, data, optimizer and loss (failing on bad input before anything is written), then resume or
+    start the output folder."""
     info = init_distributed()
     device = info.device
     out = Path(cfg["output"])
     t = cfg["train"]
     seed_everything(cfg["seed"] + info.rank)
-
-    # build everything (and fail on bad input) before writing anything
-    probe = build_model(cfg, num_classes=1, name=model_name)
-    in_chans, img_size = _model_geometry(probe)
-    del probe
+    in_chans, img_size, _ = config_geometry(cfg, model_name)
     train_ds, val_ds, train_sampler, train_loader, val_loader = build_data(cfg, in_chans, img_size, info)
     num_classes = train_ds.num_classes
     model = build_model(cfg, num_classes, name=model_name, init=init or cfg["model"]["init"]).to(device)
-    is_tpc = bool(reducers(model))  # TPC or a peer method: trains with its trace and its own loss
     if tpc_modules(model):
         set_mode(model, "adaptive")
     teacher = build_teacher(cfg, num_classes, device)
@@ -465,8 +506,6 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if t["amp"] == "fp16" else None
     steps_per_epoch = len(train_sampler) // t["batch_size"]
-    total_steps = steps_per_epoch * t["epochs"]
-    warmup = int(t["warmup_epochs"] * steps_per_epoch)
 
     if info.main:
         ensure_writable(out)  # before any compute
@@ -491,89 +530,131 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
     if info.world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     forward = torch.compile(train_model) if t["compile"] else train_model
+    return Training(cfg, out, info, model, forward, optimizer, scaler, criterion, mixup, train_ds, val_ds,
+                    train_sampler, train_loader, val_loader, steps_per_epoch, steps_per_epoch * t["epochs"],
+                    int(t["warmup_epochs"] * steps_per_epoch), bool(reducers(model)), token_labels, distilled_student,
+                    position, best)
+
+
+def _train_step(run: Training, images: torch.Tensor, targets, step: int) -> dict:
+    """One optimisation step at global ``step``; returns its log record (and the trace's keep ratio)."""
+    t, device = run.cfg["train"], run.info.device
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr_at(step, run.total_steps, run.warmup, t["lr"], t["min_lr"]) * g.get("lr_scale", 1.0)
+    token_targets = None
+    if run.token_labels:
+        targets, token_targets = targets
+        token_targets = token_targets.to(device)
+    images, targets = images.to(device), targets.to(device)
+    labels = targets
+    if run.mixup is not None:
+        images, labels = run.mixup(images, targets)
+    with autocast(t["amp"], device):
+        head = {"token_logits": True} if run.token_labels else {}  # (class, per-token) logits to train on
+        if run.is_reducer:
+            outputs, trace = run.forward(images, return_trace=True, **head)
+            reg = unwrap(run.model).reduction_loss(trace, t)
+        else:
+            outputs, reg = run.forward(images, **head), None
+        if run.token_labels:
+            loss = token_labeling_loss(*outputs, labels, token_targets, run.cfg["data"]["token_label_weight"])
+        else:
+            loss = run.criterion(images, outputs, labels)
+        total = loss + reg["total"] if reg else loss
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"loss is {total.item()} at step {step}: lower train.lr or enable clip_grad")
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler:
+        run.scaler.scale(total).backward()
+        run.scaler.unscale_(run.optimizer)
+    else:
+        total.backward()
+    if t["clip_grad"]:
+        nn.utils.clip_grad_norm_(run.model.parameters(), t["clip_grad"])
+    (run.scaler.step(run.optimizer), run.scaler.update()) if run.scaler else run.optimizer.step()
+    rec = {"global_step": step + 1, "epoch": step // run.steps_per_epoch, "loss": round(loss.item(), 6),
+           "lr": run.optimizer.param_groups[0]["lr"]}
+    if reg:
+        inner = unwrap(run.model)
+        start = inner.tpc_cfg.start_layer if hasattr(inner, "tpc_cfg") else 0
+        rec.update({k: round(v.item(), 6) for k, v in reg.items() if k != "total"},
+                   keep=round(trace.keep_ratio()[start:].mean().item(), 4))
+    return rec
+
+
+def _train_epoch(run: Training, epoch: int, progress: bool) -> tuple[int, float]:
+    """The steps of ``epoch`` (from where a resumed run stopped); returns images seen and seconds."""
+    t, info = run.cfg["train"], run.info
+    start = run.position["step_in_epoch"] if epoch == run.position["epoch"] else 0
+    run.train_sampler.set_epoch(epoch, start * t["batch_size"])
+    if isinstance(run.train_ds, SeedPerSample):
+        run.train_ds.set_epoch(epoch)
+    run.model.train()
+    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=not (progress and info.main),
+               initial=start, total=run.steps_per_epoch, leave=False)
+    t0, seen = time.perf_counter(), 0
+    for i, (images, targets) in enumerate(bar, start=start):
+        rec = _train_step(run, images, targets, epoch * run.steps_per_epoch + i)
+        seen += len(images)
+        gstep = rec["global_step"]
+        if gstep % t["log_every_steps"] == 0:
+            _append_jsonl(run.out / "steps.jsonl", rec, info)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", **({"keep": rec["keep"]} if "keep" in rec else {}))
+        run.position = {"epoch": epoch, "step_in_epoch": i + 1, "global_step": gstep}
+        if t["ckpt_every_steps"] and gstep % t["ckpt_every_steps"] == 0 and i + 1 < run.steps_per_epoch:
+            save_checkpoint(run.out, run.model, run.optimizer, run.scaler, run.position, run.best, info)
+        _after_step(run.cfg, gstep)
+    return seen, time.perf_counter() - t0
+
+
+def _after_step(cfg: dict, gstep: int) -> None:
+    """``train.halt_after_steps`` (tests of exact resume): die like ``kill -9`` after that many steps."""
+    halt = cfg["train"]["halt_after_steps"]
+    if halt and gstep >= halt:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _end_epoch(run: Training, epoch: int, seen: int, seconds: float, progress: bool) -> dict:
+    """Evaluate, log, keep the best weights and checkpoint at the end of ``epoch``."""
+    info = run.info
+    metrics = evaluate(run.model, run.val_loader, info.device, info, run.cfg["train"]["amp"], progress,
+                       desc=f"eval {epoch + 1}")
+    run.position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": (epoch + 1) * run.steps_per_epoch}
+    summary = {"global_step": run.position["global_step"], "epoch": epoch + 1, **metrics,
+               "train_img_per_s": round(seen * info.world / max(seconds, 1e-9), 2)}
+    _append_jsonl(run.out / "metrics.jsonl", summary, info)
+    if metrics["top1"] > run.best:
+        run.best = metrics["top1"]
+        if info.main:
+            save_weights(run.model, run.out / "best.safetensors")
+    save_checkpoint(run.out, run.model, run.optimizer, run.scaler, run.position, run.best, info)
+    if info.main and progress:
+        keep = f" keep {np.mean(metrics['keep_per_block']):.2f}" if run.is_reducer else ""
+        print(f"epoch {epoch + 1}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
+              f"GMACs {metrics['gmacs']:.4f}{keep}", flush=True)
+    return summary
+
+
+def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str | None = None,
+        init: str | None = None) -> dict:
+    """Train ``cfg`` (dense, TPC or a peer) and evaluate every epoch; returns the final summary.
+
+    Writes ``config.yaml``, ``metrics.jsonl`` (per epoch), ``steps.jsonl`` (per logged step), ``best.safetensors``,
+    ``last.safetensors`` and resumable checkpoints under ``cfg["output"]``.
+    """
+    run = _prepare_training(cfg, resume, model_name, init)
     summary: dict = {}
-    for epoch in range(position["epoch"], t["epochs"]):
-        start = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        train_sampler.set_epoch(epoch, start * t["batch_size"])
-        if isinstance(train_ds, SeedPerSample):
-            train_ds.set_epoch(epoch)
-        model.train()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=not (progress and info.main),
-                   initial=start, total=steps_per_epoch, leave=False)
-        t0, seen = time.perf_counter(), 0
-        for i, (images, targets) in enumerate(bar, start=start):
-            step = epoch * steps_per_epoch + i
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps, warmup, t["lr"], t["min_lr"]) * g.get("lr_scale", 1.0)
-            token_targets = None
-            if token_labels:
-                targets, token_targets = targets
-                token_targets = token_targets.to(device)
-            images, targets = images.to(device), targets.to(device)
-            labels = targets
-            if mixup is not None:
-                images, labels = mixup(images, targets)
-            with autocast(t["amp"], device):
-                head = {"token_logits": True} if token_labels else {}  # (class, per-token) logits to train on
-                if is_tpc:
-                    outputs, trace = forward(images, return_trace=True, **head)
-                    reg = unwrap(model).reduction_loss(trace, t)
-                else:
-                    outputs, reg = forward(images, **head), None
-                if token_labels:
-                    loss = token_labeling_loss(*outputs, labels, token_targets, cfg["data"]["token_label_weight"])
-                else:
-                    loss = criterion(images, outputs, labels)
-                total = loss + reg["total"] if reg else loss
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"loss is {total.item()} at step {step}: lower train.lr or enable clip_grad")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler:
-                scaler.scale(total).backward()
-                scaler.unscale_(optimizer)
-            else:
-                total.backward()
-            if t["clip_grad"]:
-                nn.utils.clip_grad_norm_(model.parameters(), t["clip_grad"])
-            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
-            seen += len(images)
-            gstep = step + 1
-            rec = {"global_step": gstep, "epoch": epoch, "loss": round(loss.item(), 6),
-                   "lr": optimizer.param_groups[0]["lr"]}
-            if reg:
-                start = unwrap(model).tpc_cfg.start_layer if hasattr(unwrap(model), "tpc_cfg") else 0
-                rec.update({k: round(v.item(), 6) for k, v in reg.items() if k != "total"},
-                           keep=round(trace.keep_ratio()[start:].mean().item(), 4))
-            if gstep % t["log_every_steps"] == 0:
-                _append_jsonl(out / "steps.jsonl", rec, info)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", **({"keep": rec["keep"]} if reg else {}))
-            position = {"epoch": epoch, "step_in_epoch": i + 1, "global_step": gstep}
-            if t["ckpt_every_steps"] and gstep % t["ckpt_every_steps"] == 0 and i + 1 < steps_per_epoch:
-                save_checkpoint(out, model, optimizer, scaler, position, best, info)
-            if t["halt_after_steps"] and gstep >= t["halt_after_steps"]:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like kill -9, mid-epoch
-        train_time = time.perf_counter() - t0
-        metrics = evaluate(model, val_loader, device, info, t["amp"], progress, desc=f"eval {epoch + 1}")
-        position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": (epoch + 1) * steps_per_epoch}
-        summary = {"global_step": position["global_step"], "epoch": epoch + 1, **metrics,
-                   "train_img_per_s": round(seen * info.world / max(train_time, 1e-9), 2)}
-        _append_jsonl(out / "metrics.jsonl", summary, info)
-        if metrics["top1"] > best:
-            best = metrics["top1"]
-            if info.main:
-                save_weights(model, out / "best.safetensors")
-        save_checkpoint(out, model, optimizer, scaler, position, best, info)
-        if info.main and progress:
-            keep = f" keep {np.mean(metrics['keep_per_block']):.2f}" if is_tpc else ""
-            print(f"epoch {epoch + 1}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
-                  f"GMACs {metrics['gmacs']:.4f}{keep}", flush=True)
-    if distilled_student:
-        model.set_distilled_training(False)
+    for epoch in range(run.position["epoch"], cfg["train"]["epochs"]):
+        seen, seconds = _train_epoch(run, epoch, progress)
+        summary = _end_epoch(run, epoch, seen, seconds, progress)
+    if run.distilled_student:
+        run.model.set_distilled_training(False)
+    info = run.info
     if info.world > 1:
-        summary["ranks_in_sync"] = ranks_in_sync(model, info)
+        summary["ranks_in_sync"] = ranks_in_sync(run.model, info)
     summary["world_size"] = info.world
-    summary["best_top1"] = best
-    skipped = sorted(set(getattr(train_ds, "skipped", [])) | set(getattr(val_ds, "skipped", [])))
+    summary["best_top1"] = run.best
+    skipped = sorted(set(getattr(run.train_ds, "skipped", [])) | set(getattr(run.val_ds, "skipped", [])))
     summary["skipped_images"] = len(skipped)
     if skipped:
         summary["skipped_files"] = skipped[:50]

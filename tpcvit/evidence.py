@@ -35,9 +35,10 @@ from .budget import match_gmacs
 from .checkpoint import atomic_write
 from .config import ConfigError
 from .data import take_batches
-from .engine import build_data, build_model, evaluate, fit, init_distributed
+from .engine import build_model, build_val_data, evaluate, fit, init_distributed
 from .models import dense_name, image_geometry
 from .patch import patch
+from .reporting import plot_evidence
 from .stats import mean_std, paired_difference
 
 # TPC variants -> their model.tpc overrides; peers read their options from model.peer.<method>
@@ -121,8 +122,8 @@ class Evidence:
         probe = build_model(method_config(cfg, "dense"), 1, name=model_name(cfg, "dense"))
         self.geometry = image_geometry(probe)
         self.num_patches = probe.patch_embed.num_patches
-        train_ds, _, _, _, self.val_loader = build_data(cfg, self.geometry[0], self.geometry[1], self.info)
-        self.num_classes = train_ds.num_classes
+        val_ds, self.val_loader = build_val_data(cfg, self.geometry[0], self.geometry[1], self.info)
+        self.num_classes = val_ds.num_classes
         pool = torch.cat([x for x, _ in take_batches(self.val_loader, self.ev["calib_images"])])
         self.calib = pool[: self.ev["calib_images"]].to(self.info.device)
 
@@ -426,53 +427,6 @@ def evidence_markdown(result: dict) -> str:
         for variant, cells in s["claims"].items():
             lines.append(f"| {variant} | " + " | ".join(_fmt_diff(cells.get(b)) for b in budgets) + " |")
     return "\n".join(lines)
-
-
-def plot_evidence(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .reporting import save_figure
-
-    s = result["summary"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    ax = axes[0]
-    for i, (method, cells) in enumerate(sorted(s["table"].items())):
-        color = f"C{i % 10}"
-        pts = sorted((c["gmacs_ratio"], c["mean"], c["top1"]) for c in cells.values())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if method.startswith("tpc") else "--o",
-                color=color, label=method, lw=2.2 if method == "tpc" else 1.2, ms=4)
-        for x, _, seeds in pts:  # every seed, not just the mean
-            ax.scatter([x] * len(seeds), seeds, color=color, s=9, alpha=0.5)
-    ax.axhline(result["dense"]["top1"], color="grey", ls=":", label="dense backbone")
-    ax.set(xlabel="GMACs / dense GMACs", ylabel="top-1 (%)", title=f"{result['setting']}: every seed shown")
-    ax.legend(fontsize=7, ncol=2)
-    ax = axes[1]
-    budgets = [f"{b:g}" for b in result["budgets"]]
-    rows = [("vs best peer", s["tpc_vs_best_peer"])] + [(f"vs {v}", c) for v, c in s["claims"].items()]
-    width = 0.8 / max(1, len(rows))
-    for j, (label, cells) in enumerate(rows):
-        xs, ys, lo, hi = [], [], [], []
-        for i, b in enumerate(budgets):
-            c = cells.get(b)
-            if c and "mean" in c and c["n"] > 1:
-                xs.append(i + (j - (len(rows) - 1) / 2) * width)
-                ys.append(c["mean"])
-                lo.append(c["mean"] - c["low"])
-                hi.append(c["high"] - c["mean"])
-        if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=f"TPC {label}")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(budgets)), [f"{float(b):.0%} GMACs" for b in budgets])
-    ax.set(ylabel="top-1 difference (pt), 95% CI", title="paired differences over seeds")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    else:  # fewer than 2 seeds: no interval to draw yet
-        ax.text(0.5, 0.5, "intervals need >= 2 seeds", ha="center", transform=ax.transAxes, color="grey")
-    fig.tight_layout()
-    return save_figure(fig, path)
 
 
 def write_evidence(result: dict, out: str | Path) -> list[Path]:

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .bench import SpeedRow, speed_rows, time_interleaved
 from .checkpoint import atomic_write, read_state_dict, unwrap
+from .errors import TpcvitError
 from .flops import count_gmacs
 from .models import image_geometry
 from .runtime import set_mode, tpc_modules
@@ -24,7 +25,7 @@ from .runtime import set_mode, tpc_modules
 EXPORT_MODES = ("dense", "budget")
 
 
-class ExportError(ValueError):
+class ExportError(TpcvitError):
     """The exported graph is missing a dependency or does not reproduce the PyTorch model."""
 
 

@@ -13,9 +13,8 @@ from .bench import machine_info, speed_table
 from .checkpoint import atomic_write
 from .config import dump_config
 from .data import take_batches
-from .engine import build_data, build_model, evaluate, fit, init_distributed
+from .engine import build_model, build_val_data, config_geometry, evaluate, fit, init_distributed
 from .models import dense_name as dense_model_name
-from .models import image_geometry
 from .reporting import markdown_table
 from .runtime import set_mode
 
@@ -67,10 +66,9 @@ def run_pipeline(cfg: dict, progress: bool = True) -> dict:
 
     log("[3/4] evaluate both on the validation set")
     device = info.device
-    probe = build_model(cfg, 1)
-    in_chans, img_size = image_geometry(probe)[:2]
-    train_ds, _, _, _, val_loader = build_data(cfg, in_chans, img_size, info)
-    n_cls = train_ds.num_classes
+    in_chans, img_size, _ = config_geometry(cfg)
+    val_ds, val_loader = build_val_data(cfg, in_chans, img_size, info)
+    n_cls = val_ds.num_classes
     dense = build_model(dense_cfg, n_cls, name=dense_name, init=str(out / "dense" / "best.safetensors")).to(device)
     tpc = build_model(tpc_cfg, n_cls, init=str(out / "tpc" / "best.safetensors")).to(device)
     variants = {"dense": (dense, None)}

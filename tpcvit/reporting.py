@@ -143,3 +143,102 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     plt.close(fig)
     return path
+
+
+def plot_ablation(table: dict[str, dict], path: Path) -> Path:
+    """Ablation: accuracy per variant (every seed), training fluctuation, decision noise."""
+    import numpy as np
+
+    names = list(table)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    x = np.arange(len(names))
+    axes[0].bar(x, [table[n]["top1_mean"] for n in names], yerr=[table[n]["top1_std_seeds"] for n in names],
+                capsize=4, color="#4c72b0", alpha=0.8)
+    for i, n in enumerate(names):  # every seed, so a collapsed run is seen rather than averaged away
+        seeds = table[n]["top1_per_seed"]
+        axes[0].scatter(np.full(len(seeds), i), seeds, color="black", s=14, zorder=3)
+    lo = min(min(table[n]["top1_per_seed"]) for n in names)
+    axes[0].set(ylim=(lo - 2, None), ylabel="top-1 (%)", title="accuracy (bars: mean ± std; dots: seeds)")
+    axes[1].bar(x, [table[n]["top1_spread_epochs"] for n in names], color="#dd8452")
+    axes[1].set(ylabel="std of top-1 over last epochs", title="training fluctuation (stabilizer)")
+    axes[2].bar(x, [100 * table[n]["isolated"] for n in names], color="#55a868")
+    axes[2].set(ylabel="% isolated decisions", title="decision noise (smoothing)")
+    for ax in axes:
+        ax.set_xticks(x, names, rotation=20, fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_evidence(result: dict, path: Path) -> Path:
+    """Evidence: top-1 vs GMACs per method (every seed) and TPC's paired differences with 95% intervals."""
+    s = result["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax = axes[0]
+    for i, (method, cells) in enumerate(sorted(s["table"].items())):
+        color = f"C{i % 10}"
+        pts = sorted((c["gmacs_ratio"], c["mean"], c["top1"]) for c in cells.values())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if method.startswith("tpc") else "--o",
+                color=color, label=method, lw=2.2 if method == "tpc" else 1.2, ms=4)
+        for x, _, seeds in pts:  # every seed, not just the mean
+            ax.scatter([x] * len(seeds), seeds, color=color, s=9, alpha=0.5)
+    ax.axhline(result["dense"]["top1"], color="grey", ls=":", label="dense backbone")
+    ax.set(xlabel="GMACs / dense GMACs", ylabel="top-1 (%)", title=f"{result['setting']}: every seed shown")
+    ax.legend(fontsize=7, ncol=2)
+    ax = axes[1]
+    budgets = [f"{b:g}" for b in result["budgets"]]
+    rows = [("vs best peer", s["tpc_vs_best_peer"])] + [(f"vs {v}", c) for v, c in s["claims"].items()]
+    width = 0.8 / max(1, len(rows))
+    for j, (label, cells) in enumerate(rows):
+        xs, ys, lo, hi = [], [], [], []
+        for i, b in enumerate(budgets):
+            c = cells.get(b)
+            if c and "mean" in c and c["n"] > 1:
+                xs.append(i + (j - (len(rows) - 1) / 2) * width)
+                ys.append(c["mean"])
+                lo.append(c["mean"] - c["low"])
+                hi.append(c["high"] - c["mean"])
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=f"TPC {label}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(budgets)), [f"{float(b):.0%} GMACs" for b in budgets])
+    ax.set(ylabel="top-1 difference (pt), 95% CI", title="paired differences over seeds")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:  # fewer than 2 seeds: no interval to draw yet
+        ax.text(0.5, 0.5, "intervals need >= 2 seeds", ha="center", transform=ax.transAxes, color="grey")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_analysis(result: dict, path: str | os.PathLike) -> Path:
+    """Restart analysis: token states per block, where pauses end, controller probability histograms."""
+    import numpy as np
+
+    depth = result["depth"]
+    blocks = np.arange(depth)
+    s = result["shares"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    ax.bar(blocks, s["active_not_restarted"], label="active", color="#4c9a2a")
+    ax.bar(blocks, s["restarted"], bottom=s["active_not_restarted"], label="restarted", color="#d62728")
+    ax.bar(blocks, s["paused"], bottom=s["active"], label="paused", color="#b0b0b0")
+    ax.set(xlabel="block", ylabel="share of patch tokens", title="token states per block", ylim=(0, 1))
+    ax.legend(fontsize=8)
+    m = np.asarray(result["restart_matrix"], dtype=float)
+    ax = axes[1]
+    im = ax.imshow(m, cmap="viridis", aspect="auto")
+    ax.set(xlabel="restarted at block (last column: never)", ylabel="paused at block",
+           title=f"where pauses end (restart rate {result['restart_rate']:.0%})")
+    fig.colorbar(im, ax=ax)
+    ax = axes[2]
+    centers = np.convolve(result["hist_edges"], [0.5, 0.5], mode="valid")
+    for name, color in (("pause", "#1f77b4"), ("restart", "#d62728")):
+        h = np.asarray(result[f"{name}_hist"]).sum(axis=0)
+        if h.sum():
+            ax.plot(centers, h / h.sum(), color=color, label=f"{name} probability")
+    ax.set(xlabel="probability", ylabel="share", title="controller probabilities (smoothed)")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"top-1 with restarts {result['top1_learned']:.2f}% vs every pause permanent "
+                 f"{result['top1_no_restart']:.2f}%")
+    fig.tight_layout()
+    return save_figure(fig, path)

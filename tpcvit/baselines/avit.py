@@ -8,10 +8,10 @@ halt within a short fine-tune from a dense checkpoint) or A-ViT's own gate on em
 halts for good: it is masked out of attention and carried unchanged (training), or no longer gathered
 (inference). This is TPC *without restart* and without smoothing, with halting (not per-block pause) scores.
 
-Losses (A-ViT's): the ponder loss (mean remainder ``1 - c`` at the halting block, pushes towards halting early)
-and a distribution prior: KL from a Gaussian over blocks centred at ``target_depth * depth`` to the batch's
-halting distribution. Budget knob at inference: the halting ``threshold`` (more = more compute); the bias of the
-halting head starts low so a freshly loaded dense model runs (almost) dense.
+Losses (A-ViT's): the ponder loss (mean remainder ``1 - c`` at the halting block, weighted by ``ponder_weight``,
+pushes towards halting early) and a distribution prior: KL from a Gaussian over blocks centred at
+``target_depth * depth`` to the batch's halting distribution. Budget knob at inference: the halting ``threshold``
+(more = more compute); the bias of the halting head starts low so a freshly loaded dense model runs (almost) dense.
 """
 
 from __future__ import annotations
@@ -59,14 +59,15 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
     added_modules = ("halting",)
 
     def __init__(self, *args, halt_threshold: float = 0.99, target_depth: float = 0.5, prior_std: float = 1.0,
-                 halt_gate: str = "linear", gate_scale: float = 10.0, gate_center: float = 30.0, **kwargs) -> None:
+                 halt_gate: str = "linear", gate_scale: float = 10.0, gate_center: float = 30.0,
+                 ponder_weight: float = 5e-4, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         depth = len(self.blocks)
         if not 0.0 < target_depth <= 1.0:
             raise ValueError(f"target_depth is a fraction of the depth in (0, 1], got {target_depth}")
         if halt_gate not in ("linear", "channel"):
             raise ValueError(f"halt_gate must be 'linear' or 'channel', got {halt_gate!r}")
-        self.target_depth, self.prior_std = target_depth, prior_std
+        self.target_depth, self.prior_std, self.ponder_weight = target_depth, prior_std, ponder_weight
         self.halt_gate, self.gate_scale, self.gate_center = halt_gate, gate_scale, gate_center
         self.budget_bounds = (0.0, float(depth))
         self.halting = nn.Linear(self.embed_dim, 1)
@@ -122,7 +123,7 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
         dist = trace.extras["halt_mass"].mean(dim=(0, 2))  # [depth], sums to 1
         prior = gaussian_prior(depth, self.target_depth * depth - 0.5, self.prior_std, dist.device)
         kl = (prior * (prior.clamp_min(1e-8).log() - dist.clamp_min(1e-8).log())).sum()
-        total = train_cfg.get("alpha_ponder", 5e-4) * ponder + train_cfg["alpha_dist"] * kl
+        total = self.ponder_weight * ponder + train_cfg["alpha_dist"] * kl
         return {"ponder": ponder, "dist": kl, "total": total}
 
     def gmacs_per_image(self, trace: PeerTrace) -> torch.Tensor:
