@@ -104,3 +104,39 @@ def test_tests_never_set_private_attributes_of_models():
     hits = [f"{p.name}:{i}" for p in (ROOT / "tests").glob("test_*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if assignment.search(line)]
     assert hits == []
+
+
+def _tiny_kwargs(name: str) -> dict:
+    if "swin" in name:
+        return dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                    num_classes=3)
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    return {**kw, "start_layer": 1} if name.startswith("tpc_") else kw
+
+
+def test_every_registered_token_reducer_implements_the_one_protocol():
+    """TPC in every family, every peer, and a patched timm ViT: the same protocol, a knob that moves the cost."""
+    import timm
+    import torch
+
+    import tpcvit
+    from tpcvit.budget import knob_bounds, set_knob
+    from tpcvit.models import PEER_METHODS
+    from tpcvit.reducer import TokenReducer, reducers
+
+    names = timm.list_models("tpc_*") + [n for m in PEER_METHODS for n in timm.list_models(f"{m}_*")]
+    assert len(names) >= 20
+    patched = tpcvit.patch(timm.create_model("deit_tiny_patch16_224", **_tiny_kwargs("deit")), keep=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    for name, model in [(n, timm.create_model(n, **_tiny_kwargs(n))) for n in names] + [("patched", patched)]:
+        model.eval()
+        assert isinstance(model, TokenReducer) and reducers(model) == [model], name
+        lo, hi, raises = knob_bounds(model)
+        assert lo < hi, name
+        costs = []
+        with torch.no_grad():
+            for value in (lo + 0.25 * (hi - lo), hi):
+                set_knob(model, value)
+                costs.append(model.gmacs_per_image(model.forward_with_trace(x)[1]).mean().item())
+        assert (costs[1] >= costs[0]) == raises, (name, costs)
+    assert not isinstance(timm.create_model("deit_tiny_patch16_224", **_tiny_kwargs("deit")), TokenReducer)

@@ -29,13 +29,14 @@ from .checkpoint import atomic_write
 from .config import ConfigError
 from .data import take_batches
 from .flops import count_gmacs
-from .models import PEER_METHODS, dense_name, image_geometry
+from .models import PEER_METHODS, image_geometry, variant_name
 from .reporting import markdown_table
 from .runtime import set_mode
 
-MODEL_PREFIX = {"dense": "", "tpc-adaptive": "tpc_", "tpc": "tpc_", "tpc-keys-adaptive": "tpc_", "tpc-keys": "tpc_",
-                "tome-ft": "tome_", "tpc-free": "", **{m: f"{m}_" for m in PEER_METHODS}}
-METHODS = tuple(MODEL_PREFIX)
+# harness method -> the token-reduction method of its registered model (None: the dense model)
+MODEL_METHOD = {"dense": None, "tpc-adaptive": "tpc", "tpc": "tpc", "tpc-keys-adaptive": "tpc", "tpc-keys": "tpc",
+                "tome-ft": "tome", "tpc-free": None, **{m: m for m in PEER_METHODS}}
+METHODS = tuple(MODEL_METHOD)
 NEEDS_WEIGHTS = {"tome-ft": "ToMe fine-tuned with merging on (tpcvit train ... model.name=tome_<backbone>)"}
 NO_KNOB = ("dense", "tpc-adaptive", "tpc-keys-adaptive")
 # methods with learned parts: measuring their accuracy on dense weights would score an untrained controller
@@ -125,7 +126,7 @@ def build_variant(cfg: dict, spec: Spec, num_classes: int, weights: dict[str, st
     """The model for ``spec``: its own fine-tuned weights if given (``weights[method]``), else the dense ones."""
     from .engine import build_model
 
-    name = MODEL_PREFIX[spec.method] + dense_name(cfg["model"]["name"])
+    name = variant_name(MODEL_METHOD[spec.method], cfg["model"]["name"])
     if spec.method in NEEDS_WEIGHTS and spec.method not in weights:
         raise ConfigError(missing_weights(spec.method))
     fallback = weights.get(spec.method.removesuffix("-adaptive")) if spec.method.endswith("-adaptive") else None

@@ -43,6 +43,7 @@ from .data import (
 from .flops import count_gmacs
 from .models import dense_name, image_geometry, reducer_method
 from .models.lvvit import token_labeling_loss
+from .reducer import reducers
 from .runtime import set_mode, tpc_modules
 
 
@@ -107,11 +108,6 @@ def count_blocks(model: nn.Module) -> int:
     if hasattr(model, "layers") and not hasattr(model, "blocks"):
         return sum(len(stage.blocks) for stage in model.layers)
     return len(getattr(model, "blocks", ()))
-
-
-def reducers(model: nn.Module) -> list[nn.Module]:
-    """TPC models and peer token-reduction models inside ``model`` (anything with ``reduction_loss``)."""
-    return [m for m in model.modules() if hasattr(m, "reduction_loss") and hasattr(m, "gmacs_per_image")]
 
 
 def _first_line(err: Exception) -> str:

@@ -36,7 +36,7 @@ from .checkpoint import atomic_write
 from .config import ConfigError
 from .data import take_batches
 from .engine import build_model, build_val_data, evaluate, fit, init_distributed
-from .models import dense_name, image_geometry
+from .models import image_geometry, variant_name
 from .patch import patch
 from .reporting import plot_evidence
 from .stats import mean_std, paired_difference
@@ -52,12 +52,11 @@ KNOB_KWARG = {"idlevit": "keep_rate", "dynamicvit": "keep_rate", "evit": "keep_r
 
 
 def model_name(cfg: dict, method: str) -> str:
-    base = dense_name(cfg["model"]["name"])
     if method in ("dense", "tpc-free"):
-        return base
+        return variant_name(None, cfg["model"]["name"])
     if method in TPC_VARIANTS:
-        return f"tpc_{base}"
-    return f"{method.removesuffix('-ft')}_{base}"
+        return variant_name("tpc", cfg["model"]["name"])
+    return variant_name(method.removesuffix("-ft"), cfg["model"]["name"])
 
 
 def method_config(cfg: dict, method: str) -> dict:

@@ -35,6 +35,16 @@ def tpc_name(name: str) -> str:
     return TPC_PREFIX + dense_name(name)
 
 
+def variant_name(method: str | None, name: str) -> str:
+    """The registered model of ``method`` (``None``: dense, ``"tpc"``, or a peer) on the backbone of ``name``."""
+    base = dense_name(name)
+    if method is None:
+        return base
+    if method != "tpc" and method not in PEER_METHODS:
+        raise ValueError(f"unknown token-reduction method {method!r}: tpc or one of {PEER_METHODS}")
+    return f"{method}_{base}"
+
+
 DEIT_SIZES = {
     "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
