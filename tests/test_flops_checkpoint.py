@@ -116,3 +116,19 @@ def test_steady_allocator_is_applied_for_cpu_timing_and_reported(monkeypatch):
 
     if platform.libc_ver()[0] == "glibc":
         assert bench.machine_info()["allocator"].startswith("glibc mallopt")
+
+
+def test_bench_breakdown_times_every_part_of_a_controlled_block():
+    """The parts exist and are positive; the report renders (numbers only: no timing assertion)."""
+    from tpcvit.breakdown import breakdown, breakdown_markdown
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=3)
+    result = breakdown("tpc_deit_tiny_patch16_224", [1.0, 0.5], [1, 4], rounds=2, **kw)
+    for batch in ("1", "4"):
+        r = result["batches"][batch]
+        assert set(r["model_ms"]) == {"dense", "tpc@100%", "tpc@50%"} and min(r["model_ms"].values()) > 0
+        parts = r["block_us"]["0.5"]
+        assert {"controller head", "decision (probabilities, smoothing, top-k)", "selection + gather/scatter",
+                "block on its selection (incl. gather/scatter)", "block on every token (dense)"} == set(parts)
+        assert min(parts.values()) > 0
+    assert "controller overhead" in breakdown_markdown(result) and result["controlled_blocks"] == 2

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import tpcvit  # noqa: F401  (import guard + model registration before anything imports timm)
 from tpcvit.checkpoint import ensure_writable
+from tpcvit.config import ConfigError
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -23,9 +24,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
         ensure_writable(Path(args.out).parent)
     command = "tpcvit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.breakdown:
+        return _bench_breakdown(args, command)
     if args.methods:
         if args.compile:
-            raise ValueError("--compile times budget/dense variants only: drop --methods, or drop --compile")
+            raise ConfigError("--compile times budget/dense variants only: drop --methods, or drop --compile")
         return _bench_methods(args, command)
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     rows, meta = bench_tpc_speed(args.model, tuple(args.keeps), tuple(args.batch_sizes), args.rounds,
@@ -39,10 +42,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_breakdown(args: argparse.Namespace, command: str) -> int:
+    """``tpcvit bench --breakdown``: where TPC's time goes, per controlled block and per forward."""
+    import json
+
+    from .breakdown import breakdown, breakdown_markdown
+    from .checkpoint import atomic_write
+
+    if args.methods or args.compile:
+        raise ConfigError("--breakdown times TPC's own parts: drop --methods / --compile")
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    result = breakdown(args.model, list(args.keeps), list(args.batch_sizes), args.rounds, args.device, **kwargs)
+    result["command"] = command
+    md = breakdown_markdown(result)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        atomic_write(out.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(result, indent=2)))
+        atomic_write(out.with_suffix(".md"), lambda t: Path(t).write_text(f"Command: `{command}`\n\n{md}\n"))
+        print(f"wrote {out.with_suffix('.md')}")
+    return 0
+
+
 def _bench_methods(args: argparse.Namespace, command: str) -> int:
     """``tpcvit bench --methods ...``: the one harness for TPC, dense and the peers (see tpcvit.compare)."""
     from .compare import compare_markdown, run_compare, write_compare
-    from .config import ConfigError, load_config
+    from .config import load_config
 
     overrides = list(args.set or []) + list(args.overrides or [])
     if args.config is None:  # speed only: the named backbone at its own size on random images
@@ -75,6 +100,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A keep ratio in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a keep ratio is a fraction in (0, 1], got {value}")
     return value
 
 
@@ -236,7 +272,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.bench is not None:
         batches = args.bench or [1, 32]
         if args.static_batch and any(b != args.batch_size for b in batches):
-            raise ValueError("--bench batch sizes need a dynamic batch axis: drop --static-batch")
+            raise ConfigError("--bench batch sizes need a dynamic batch axis: drop --static-batch")
         with tempfile.TemporaryDirectory() as tmp:
             dense = export_onnx(model, Path(tmp) / "dense.onnx", "dense", None, args.batch_size,
                                 dynamic_batch=not args.static_batch, check=False)
@@ -264,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time dense vs TPC (budget mode) at several keep ratios; with --methods: "
                        "TPC vs dense vs peers at matched GMACs (accuracy too with --config)")
     b.add_argument("--model", default="tpc_deit_small_patch16_224")
-    b.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
+    b.add_argument("--keeps", type=_fraction, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
     b.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 32])
     b.add_argument("--rounds", type=_positive_int, default=7)
     b.add_argument("--device", default="cpu")
@@ -274,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="time every variant through torch.compile (not with "
                    "--methods)")
     b.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --methods)")
+    b.add_argument("--breakdown", action="store_true", help="per controlled block: controller head, decision, "
+                   "gather/scatter, block on its selection vs on every token; and TPC at keep 100%% vs dense")
     b.add_argument("--methods", type=_str_list, default=None,
                    help="comma-separated specs: dense, tpc-adaptive, METHOD@GMACS_FRACTION or METHOD=KNOB with "
                         "METHOD in tpc, tome, evit, avit (e.g. dense,tpc@0.5,tome@0.5,evit@0.5)")
@@ -321,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", default=None, help="weights; without: random weights (speed only)")
     x.add_argument("--num-classes", type=int, default=0, help="default: from the checkpoint's classifier, else 1000")
     x.add_argument("--mode", default="budget", choices=["budget", "dense"])
-    x.add_argument("--keep", type=float, default=None, help="budget mode: share of patch tokens kept per block "
+    x.add_argument("--keep", type=_fraction, default=None, help="budget mode: share of patch tokens kept per block "
                    "(default: the model's target_keep)")
     x.add_argument("--batch-size", type=int, default=1, help="batch of the check (the batch axis stays dynamic)")
     x.add_argument("--static-batch", action="store_true", help="fix the batch axis to --batch-size")

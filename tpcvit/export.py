@@ -61,7 +61,7 @@ def classes_in_checkpoint(path: str | os.PathLike) -> int | None:
 def prepare_for_export(model: nn.Module, mode: str, keep: float | None) -> nn.Module:
     """Eval mode and the chosen propagation mode; refuses modes whose shapes depend on the data."""
     if mode not in EXPORT_MODES:
-        raise ValueError(
+        raise ExportError(
             f"mode {mode!r} cannot be exported: adaptive decisions give each image its own number of active "
             f"tokens (data-dependent shapes). Export mode='budget' with keep=<fraction> (static shapes) or "
             f"mode='dense'; valid: {EXPORT_MODES}")
@@ -69,7 +69,7 @@ def prepare_for_export(model: nn.Module, mode: str, keep: float | None) -> nn.Mo
     if tpc_modules(model):
         set_mode(model, mode, keep if mode == "budget" else None)
     elif mode != "dense":
-        raise ValueError(f"{type(model).__name__} is not a TPC model: only mode='dense' applies")
+        raise ExportError(f"{type(model).__name__} is not a TPC model: only mode='dense' applies")
     return model
 
 

@@ -1,0 +1,126 @@
+"""Where a TPC forward spends its time (``tpcvit bench --breakdown``).
+
+Per controlled block of a TPC ViT, timed in isolation on the model's own modules and shapes: the controller head,
+the decision (probabilities, smoothing, top-k), building the selection and gathering/scattering it, and the block
+run on its selection, next to the same block on every token. At model level: the dense timm model, TPC at keep 100%
+(the controller's pure overhead) and TPC at each keep ratio; what the per-block parts do not explain is the glue of
+the propagation loop (stabilizer, per-forward state, Python). All numbers are medians over interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn as nn
+
+from . import controller as C
+from .bench import machine_info, time_interleaved
+from .layers import image_geometry, unwrap
+from .models import TPCViT
+from .policy import ExecutionPolicy
+from .propagation import Propagation
+from .reporting import markdown_table
+from .runtime import BlockStep
+from .tokens import run_on_selection, select_topk
+
+
+def _median_us(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e6
+
+
+@torch.inference_mode()
+def block_parts(model: nn.Module, batch: int, keep: float, rounds: int = 7, iters: int = 20,
+                device: str | torch.device = "cpu") -> dict[str, float]:
+    """Microseconds per controlled block of each part of TPC's fast path (budget mode at ``keep``)."""
+    m = unwrap(model).eval()
+    if not isinstance(m, TPCViT):
+        raise TypeError(f"the breakdown times the ViT family's blocks; got {type(m).__name__}")
+    device = torch.device(device)
+    cfg, policy = m.tpc_cfg, ExecutionPolicy(mode="budget", keep=keep)
+    torch.manual_seed(0)
+    x = m._tpc_embed(torch.randn(batch, *image_geometry(m), device=device))
+    _, grid, prefix = m._tpc_tokens(x)
+    n = grid[0] * grid[1]
+    blk = m._tpc_stages()[0].blocks[cfg.start_layer]
+    head = m.controller[0] if len(m.controller) else None
+    logits = head(x, prefix) if head is not None else torch.zeros(batch, n, 2, device=device)
+    prop = Propagation(cfg, policy, batch, n, grid, device, sample=False, record=False)
+    decision = prop.step(0, logits)
+    step = BlockStep(decision, True, policy, False, prop.budget_k, attention=False)
+
+    def gather_scatter() -> torch.Tensor:
+        sel = select_topk(decision.active, prop.budget_k, prefix, decision.index)
+        return run_on_selection(lambda tokens, mask: tokens, x, sel)
+
+    def selected_block() -> torch.Tensor:
+        return m._tpc_run_block(blk, x, step)[0]
+
+    fns = {"controller head": (lambda: head(x, prefix)) if head is not None else None,
+           "decision (probabilities, smoothing, top-k)": lambda: prop.step(0, logits),
+           "selection + gather/scatter": gather_scatter,
+           "block on its selection (incl. gather/scatter)": selected_block,
+           "block on every token (dense)": lambda: blk(x)}
+    fns = {k: f for k, f in fns.items() if f is not None}
+    if cfg.reads_attention:  # the training-free signal: the class row of the previous block's attention
+        score = torch.rand(batch, x.shape[1], device=device)
+        fns["attention logits (training-free)"] = lambda: C.attention_logits(
+            score[:, prefix:], cfg.attention_threshold, cfg.attention_sharpness)
+    samples = time_interleaved(fns, device, rounds=rounds, iters=iters, progress=False)
+    return {k: round(_median_us(v), 2) for k, v in samples.items()}
+
+
+@torch.inference_mode()
+def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float], rounds: int = 7,
+                device: str | torch.device = "cpu") -> dict[str, float]:
+    """Milliseconds per forward: the dense model, and TPC in budget mode at each keep ratio (1.0 included)."""
+    device = torch.device(device)
+    m = unwrap(tpc).eval()
+    torch.manual_seed(0)
+    x = torch.randn(batch, *image_geometry(m), device=device)
+    fns = {"dense": lambda: dense(x)}
+    for keep in sorted({1.0, *keeps}, reverse=True):
+        policy = ExecutionPolicy(mode="budget", keep=keep)
+        fns[f"tpc@{keep:.0%}"] = lambda p=policy: m.forward_head(m._propagate(x, p, with_trace=False)[0])
+    iters = max(1, 16 // batch) if device.type == "cpu" else 10
+    samples = time_interleaved(fns, device, rounds=rounds, iters=iters, progress=False)
+    return {k: round(statistics.median(v) * 1e3, 4) for k, v in samples.items()}
+
+
+def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], rounds: int = 7, device: str = "cpu",
+              **model_kwargs) -> dict:
+    """The per-block parts and whole-model times at every batch size (random weights: speed only)."""
+    import timm
+
+    from .models import dense_name
+
+    tpc = timm.create_model(model_name, **model_kwargs).eval().to(device)
+    dense = timm.create_model(dense_name(model_name), **model_kwargs).eval().to(device)
+    controlled = len(tpc.blocks) - tpc.tpc_cfg.start_layer
+    result = {"model": model_name, "keeps": keeps, "controlled_blocks": controlled, "machine": machine_info(device),
+              "rounds": rounds, "batches": {}}
+    for batch in batch_sizes:
+        times = model_times(tpc, dense, batch, keeps, rounds, device)
+        parts = {f"{keep:g}": block_parts(tpc, batch, keep, rounds, device=device) for keep in keeps}
+        overhead = times["tpc@100%"] / times["dense"] - 1
+        result["batches"][str(batch)] = {"model_ms": times, "block_us": parts, "overhead_at_keep_100": overhead}
+    return result
+
+
+def breakdown_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"{result['model']}: {result['controlled_blocks']} controlled blocks; {m['cpu']}, {m['threads']} "
+             f"threads, {m['device']}, fp32; medians of {result['rounds']} interleaved rounds.", ""]
+    for batch, r in result["batches"].items():
+        keeps = list(r["block_us"])
+        parts = list(next(iter(r["block_us"].values())))
+        lines += [f"Batch {batch}: one controlled block, microseconds", "",
+                  markdown_table(["part"] + [f"keep {float(k):.0%}" for k in keeps],
+                                 [[p] + [f"{r['block_us'][k][p]:.1f}" for k in keeps] for p in parts]), "",
+                  f"Batch {batch}: whole forward, milliseconds (TPC at keep 100% vs dense: "
+                  f"{r['overhead_at_keep_100']:+.1%} controller overhead)", "",
+                  markdown_table(["variant", "ms", "vs dense"],
+                                 [[k, f"{v:.3f}", f"{r['model_ms']['dense'] / v:.2f}x"]
+                                  for k, v in r["model_ms"].items()]), ""]
+    return "\n".join(lines)
+
