@@ -88,17 +88,18 @@ def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float]
 
 
 def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], rounds: int = 7, device: str = "cpu",
-              **model_kwargs) -> dict:
-    """The per-block parts and whole-model times at every batch size (random weights: speed only)."""
+              tpc_options: dict | None = None, **model_kwargs) -> dict:
+    """The per-block parts and whole-model times at every batch size (random weights: speed only).
+    ``model_kwargs``: the backbone's (both models); ``tpc_options``: :class:`TPCConfig` fields (TPC only)."""
     import timm
 
     from .models import dense_name
 
-    tpc = timm.create_model(model_name, **model_kwargs).eval().to(device)
+    tpc = timm.create_model(model_name, **model_kwargs, **(tpc_options or {})).eval().to(device)
     dense = timm.create_model(dense_name(model_name), **model_kwargs).eval().to(device)
     controlled = len(tpc.blocks) - tpc.tpc_cfg.start_layer
-    result = {"model": model_name, "keeps": keeps, "controlled_blocks": controlled, "machine": machine_info(device),
-              "rounds": rounds, "batches": {}}
+    result = {"model": model_name, "kwargs": model_kwargs, "tpc": tpc_options or {}, "keeps": keeps,
+              "controlled_blocks": controlled, "machine": machine_info(device), "rounds": rounds, "batches": {}}
     for batch in batch_sizes:
         times = model_times(tpc, dense, batch, keeps, rounds, device)
         parts = {f"{keep:g}": block_parts(tpc, batch, keep, rounds, device=device) for keep in keeps}

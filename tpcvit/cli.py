@@ -51,8 +51,13 @@ def _bench_breakdown(args: argparse.Namespace, command: str) -> int:
 
     if args.methods or args.compile:
         raise ConfigError("--breakdown times TPC's own parts: drop --methods / --compile")
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    result = breakdown(args.model, list(args.keeps), list(args.batch_sizes), args.rounds, args.device, **kwargs)
+    name, kwargs, tpc = args.model, {"img_size": args.img_size} if args.img_size else {}, {}
+    if args.config:  # the config's model: backbone kwargs and TPC options (e.g. the main job's)
+        from .config import load_config
+
+        cfg = load_config(args.config, [*(args.set or []), *args.overrides])
+        name, kwargs, tpc = cfg["model"]["name"], dict(cfg["model"]["kwargs"]), dict(cfg["model"]["tpc"])
+    result = breakdown(name, list(args.keeps), list(args.batch_sizes), args.rounds, args.device, tpc, **kwargs)
     result["command"] = command
     md = breakdown_markdown(result)
     print(md)

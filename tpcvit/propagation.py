@@ -169,6 +169,7 @@ class Propagation:
         self.a = torch.ones(self.batch, self.num_patches, device=self.device)
         self.prev_probs: torch.Tensor | None = None
         self.lean = not self.sample and not torch.is_grad_enabled()
+        self.active: torch.Tensor | None = None  # lean path: the last block's bool decisions
         self.force_pause = self.policy.force_pause
         self.force_restart = self.policy.force_restart
         if self.cfg.restart is False and self.force_restart is None:
@@ -205,18 +206,19 @@ class Propagation:
         if self.force_restart is not None:
             restart = torch.full_like(restart, self.force_restart)
 
-        index = None
+        index, active = None, None
         if self.forced_active is not None:
             states = self.forced_active[:, block].to(pause.dtype)
         elif self.lean:  # inference: hard decisions only, no straight-through bookkeeping
-            prev = self.state > 0.5
-            if self.mode == "budget":
-                score = C.keep_score(self.state, pause, restart)
+            prev = self.active if self.active is not None else self.state > 0.5
+            if self.mode == "budget":  # keep_score for 0/1 states, exactly: s (1 - p) + (1 - s) r
+                score = torch.where(prev, 1.0 - pause, restart)
                 index = score.topk(self.budget_k, dim=-1, sorted=False).indices
                 active = torch.zeros_like(prev).scatter_(-1, index, True)
             else:
                 thr = self.cfg.threshold
                 active = torch.where(prev, pause <= thr, restart > thr)
+            self.active = active
             states = active.to(pause.dtype)
         elif self.mode == "budget":
             states = C.topk_states(C.keep_score(self.state, pause, restart), self.budget_k)
@@ -226,7 +228,8 @@ class Propagation:
             restart_ev = C.sample_events(restart, tau, thr, noise=self.sample)
             states = C.active_recursion(self.state, pause_ev, restart_ev)
         self.state = states
-        active = states.detach() > 0.5
+        if active is None:
+            active = states.detach() > 0.5
         if self.record:
             self.a = C.active_recursion(self.a, pause, restart)
             self._append(active, pause, restart, raw[..., 0], raw[..., 1], self.a, None if self.lean else states)

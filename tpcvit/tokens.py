@@ -93,9 +93,13 @@ def gather_tokens(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_tokens(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Write ``values`` back at ``rows`` of the flattened buffer, into a copy of ``x`` (out of place, autograd-safe)."""
+    """Write ``values`` back at ``rows`` of the flattened buffer: into a copy of ``x`` when autograd records
+    (out of place), else into ``x`` itself (inference: no copy of the whole buffer every block)."""
     b, t, d = x.shape
-    return x.reshape(b * t, d).index_copy(0, rows, values.reshape(-1, d)).view(b, t, d)
+    if torch.is_grad_enabled() or not x.is_contiguous():
+        return x.reshape(b * t, d).index_copy(0, rows, values.reshape(-1, d)).view(b, t, d)
+    x.view(b * t, d).index_copy_(0, rows, values.reshape(-1, d))
+    return x
 
 
 def run_on_selection(fn, x: torch.Tensor, sel: TokenSelection) -> torch.Tensor:
