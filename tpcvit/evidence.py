@@ -42,8 +42,10 @@ from .reporting import plot_evidence
 from .stats import mean_std, paired_difference
 
 # TPC variants -> their model.tpc overrides; peers read their options from model.peer.<method>
+# (tpc-hybrid: a candidate improvement, not a claim: the training-free attention signal plus a learned correction
+# that starts at zero, fine-tuned like TPC)
 TPC_VARIANTS = {"tpc": {}, "tpc-norestart": {"restart": False}, "tpc-nosmooth": {"smoothing": False},
-                "tpc-nostab": {"stabilizer": False}}
+                "tpc-nostab": {"stabilizer": False}, "tpc-hybrid": {"controller": "hybrid"}}
 PEERS = ("idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome")
 TRAINING_FREE = ("tome", "tpc-free")  # evaluated on the dense weights, no fine-tune, no seeds
 METHODS = ("dense", *TPC_VARIANTS, *PEERS, "tpc-free")
