@@ -127,6 +127,7 @@ def test_bench_breakdown_times_every_part_of_a_controlled_block():
     for batch in ("1", "4"):
         r = result["batches"][batch]
         assert set(r["model_ms"]) == {"dense", "tpc@100%", "tpc@50%"} and min(r["model_ms"].values()) > 0
+        assert r["aten_ops"]["tpc@100%"] > r["aten_ops"]["dense"] > 20  # the controller adds calls
         parts = r["block_us"]["0.5"]
         assert {"controller head", "decision (probabilities, smoothing, top-k)", "selection + gather/scatter",
                 "block on its selection (incl. gather/scatter)", "block on every token (dense)"} == set(parts)

@@ -70,10 +70,24 @@ def block_parts(model: nn.Module, batch: int, keep: float, rounds: int = 7, iter
     return {k: round(_median_us(v), 2) for k, v in samples.items()}
 
 
+def count_ops(fn) -> int:
+    """Top-level ATen operator calls of one ``fn()`` (torch.profiler): at batch 1 on a CPU every call costs a few
+    microseconds whatever its size, so this count, not the FLOPs, sets the floor of a small model's latency."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        fn()  # warm
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 @torch.inference_mode()
 def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float], rounds: int = 7,
-                device: str | torch.device = "cpu") -> dict[str, float]:
-    """Milliseconds per forward: the dense model, and TPC in budget mode at each keep ratio (1.0 included)."""
+                device: str | torch.device = "cpu") -> tuple[dict[str, float], dict[str, int]]:
+    """Milliseconds per forward (and ATen calls per forward): the dense model, and TPC in budget mode at each keep
+    ratio (1.0 included)."""
     device = torch.device(device)
     m = unwrap(tpc).eval()
     torch.manual_seed(0)
@@ -84,7 +98,8 @@ def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float]
         fns[f"tpc@{keep:.0%}"] = lambda p=policy: m.forward_head(m._propagate(x, p, with_trace=False)[0])
     iters = max(1, 16 // batch) if device.type == "cpu" else 10
     samples = time_interleaved(fns, device, rounds=rounds, iters=iters, progress=False)
-    return {k: round(statistics.median(v) * 1e3, 4) for k, v in samples.items()}
+    ops = {k: count_ops(f) for k, f in fns.items()}
+    return {k: round(statistics.median(v) * 1e3, 4) for k, v in samples.items()}, ops
 
 
 def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], rounds: int = 7, device: str = "cpu",
@@ -101,10 +116,11 @@ def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], round
     result = {"model": model_name, "kwargs": model_kwargs, "tpc": tpc_options or {}, "keeps": keeps,
               "controlled_blocks": controlled, "machine": machine_info(device), "rounds": rounds, "batches": {}}
     for batch in batch_sizes:
-        times = model_times(tpc, dense, batch, keeps, rounds, device)
+        times, ops = model_times(tpc, dense, batch, keeps, rounds, device)
         parts = {f"{keep:g}": block_parts(tpc, batch, keep, rounds, device=device) for keep in keeps}
         overhead = times["tpc@100%"] / times["dense"] - 1
-        result["batches"][str(batch)] = {"model_ms": times, "block_us": parts, "overhead_at_keep_100": overhead}
+        result["batches"][str(batch)] = {"model_ms": times, "aten_ops": ops, "block_us": parts,
+                                         "overhead_at_keep_100": overhead}
     return result
 
 
@@ -120,8 +136,8 @@ def breakdown_markdown(result: dict) -> str:
                                  [[p] + [f"{r['block_us'][k][p]:.1f}" for k in keeps] for p in parts]), "",
                   f"Batch {batch}: whole forward, milliseconds (TPC at keep 100% vs dense: "
                   f"{r['overhead_at_keep_100']:+.1%} controller overhead)", "",
-                  markdown_table(["variant", "ms", "vs dense"],
-                                 [[k, f"{v:.3f}", f"{r['model_ms']['dense'] / v:.2f}x"]
+                  markdown_table(["variant", "ms", "vs dense", "ATen calls per forward"],
+                                 [[k, f"{v:.3f}", f"{r['model_ms']['dense'] / v:.2f}x", r["aten_ops"][k]]
                                   for k, v in r["model_ms"].items()]), ""]
     return "\n".join(lines)
 
