@@ -504,7 +504,10 @@ def test_ctrl_c_stops_training_with_one_line_and_keeps_the_run_resumable(tmp_pat
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "tpcvit", "train", "-o", str(run), "--quiet", *TINY,
                              "data.train_limit=2000", "data.val_limit=32", "train.batch_size=16", "train.epochs=20",
-                             "train.ckpt_every_steps=5"], stderr=subprocess.PIPE, text=True, env=ENV)
+                             "train.ckpt_every_steps=5"], stderr=subprocess.PIPE, text=True, env=ENV,
+                            # a shell running this suite in the background hands SIGINT down ignored; Ctrl-C reaches
+                            # a real `tpcvit train` with the default disposition
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (run / "last.json").exists() and time.time() < deadline:
         time.sleep(0.2)
