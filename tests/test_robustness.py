@@ -174,3 +174,17 @@ def test_cli_lets_programming_errors_surface(monkeypatch):
     monkeypatch.setattr(cli, "_cmd_train", bug)
     with pytest.raises(TypeError):
         cli.main(["train", "-o", os.devnull])
+
+
+def test_resume_accepts_changed_orchestration_but_not_a_changed_recipe(tmp_path):
+    """An evidence job's method list or a pipeline's stages may change between sessions (the run they launched is
+    the same run); the recipe of the run itself may not."""
+    from tpcvit.config import dump_config
+    from tpcvit.engine import check_same_config
+
+    cfg = load_config("configs/evidence_fmnist49.yaml", [])
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    check_same_config(tmp_path, load_config("configs/evidence_fmnist49.yaml",
+                                            ["evidence.methods=[tpc,dense]", "pipeline.dense_epochs=9"]))
+    with pytest.raises(ConfigError, match="train.lr"):
+        check_same_config(tmp_path, load_config("configs/evidence_fmnist49.yaml", ["train.lr=1e-4"]))

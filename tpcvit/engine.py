@@ -341,7 +341,10 @@ def _trim_jsonl(path: Path, max_step: int) -> None:
 
 
 # keys that may change between a run and its resumption (they do not change what is computed)
-RESUME_MAY_CHANGE = ("output", "train.halt_after_steps", "train.log_every_steps", "train.ckpt_every_steps")
+# keys a resumed run may change: where it writes, logging/checkpoint cadence, and the sections that orchestrate runs
+# rather than define one (an evidence job's method list, a pipeline's stages)
+RESUME_MAY_CHANGE = ("output", "train.halt_after_steps", "train.log_every_steps", "train.ckpt_every_steps",
+                     "evidence.", "pipeline.")
 
 
 def check_same_config(out: Path, cfg: dict) -> None:
