@@ -1,6 +1,5 @@
 """Training pipeline on real Fashion-MNIST: learns, resumes exactly after kill -9, DDP, bad inputs."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -462,9 +461,7 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     _cli(*[a for a in args if not a.startswith("evidence.methods")], "evidence.methods=[tpc]", "evidence.seeds=[0]",
          "evidence.finetune_lr=1e-4", timeout=900)
     assert (out / "ft" / "tpc" / "seed0" / "last.safetensors").exists()  # trained again
-    assert not (out / "dense").exists()  # ... from the dense weights kept in the ledger, not a re-trained backbone
-    kept = json.loads((tmp_path / "evidence_tiny_runs" / "dense_backbone.json").read_text())["weights_sha256"]
-    assert hashlib.sha256((tmp_path / "evidence_tiny_runs" / "dense.safetensors").read_bytes()).hexdigest() == kept
+    assert not list((tmp_path / "evidence_tiny_runs").glob("*.safetensors"))  # no weights in the committed ledger
     record = json.loads((tmp_path / "evidence_tiny_runs" / "tpc_seed0.json").read_text())
     assert record["recipe"]["finetune_lr"] == 1e-4
 

@@ -20,10 +20,8 @@ sessions; a killed fine-tune resumes exactly from its last checkpoint.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -86,14 +84,6 @@ def _write_json(path: Path, data) -> None:
     atomic_write(path, lambda t: Path(t).write_text(json.dumps(data, indent=2)))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _add_seconds(run: Path, key: str, seconds: float) -> None:
     """Accumulate wall seconds of a resumable step in ``run/timing.json`` (kept across resumes)."""
     timing = _read_json(run / "timing.json", {})
@@ -106,9 +96,8 @@ class Evidence:
 
     ``ledger``: a folder (committed beside the results) with one JSON per finished run: its evaluations at every
     budget, training curve and seconds. A run found there is reused as it is, so the job continues in a later
-    session even when the run folders (``<output>``, not committed) are gone. The dense backbone's weights are kept
-    in the ledger too (``dense.safetensors``, its SHA-256 in ``dense_backbone.json``): later fine-tunes start
-    from them instead of re-training it.
+    session even when the run folders (``<output>``, not committed: weights stay out of the repository) are gone;
+    the dense backbone is then re-trained only if a fine-tune still needs its weights (same recipe: deterministic).
     """
 
     def __init__(self, cfg: dict, ledger: str | Path, progress: bool = True) -> None:
@@ -134,29 +123,14 @@ class Evidence:
         return self.out / "dense"
 
     @property
-    def kept_dense(self) -> Path:
-        return self.ledger / "dense.safetensors"
-
-    def _dense_trained(self) -> bool:
-        return _done(self.dense_dir, method_config(self.cfg, "dense")["train"]["epochs"])
-
-    def _kept_dense_valid(self) -> bool:
-        """The ledger's copy of the dense weights is the one its record describes, made with this recipe."""
-        record = _read_json(self.ledger / "dense_backbone.json", {})
-        return (self.kept_dense.exists() and record.get("recipe") == self.dense_recipe()
-                and record.get("weights_sha256") == sha256_file(self.kept_dense))
-
-    @property
     def dense_weights(self) -> str:
-        if not self._dense_trained() and self._kept_dense_valid():
-            return str(self.kept_dense)
         return str(self.dense_dir / "last.safetensors")
 
     def ensure_dense(self) -> None:
-        """Train the dense backbone (or finish it: resumable) unless its weights are there (run or ledger)."""
+        """Train the dense backbone (or finish it: resumable) unless its weights are there."""
         c = method_config(self.cfg, "dense")
         c["output"] = str(self.dense_dir)
-        if self._dense_trained() or self._kept_dense_valid():
+        if _done(self.dense_dir, c["train"]["epochs"]):
             return
         self.log(f"== dense backbone: {c['train']['epochs']} epochs (resumable)")
         t0 = time.time()
@@ -175,8 +149,6 @@ class Evidence:
         if path.exists():
             record = json.loads(path.read_text())
             if record.get("recipe") == self.dense_recipe():
-                if not self._kept_dense_valid() and self._dense_trained():  # a ledger from before weights were kept
-                    self._keep_dense(record)
                 return record
             self.log(f"{path}: made with another dense recipe; training the backbone anew")
         self.ensure_dense()
@@ -191,16 +163,8 @@ class Evidence:
         record = {"top1": point["top1"], "top5": point["top5"], "gmacs": point["gmacs"],
                   "curve": [e["top1"] for e in curve], "seconds": seconds, **flatness(curve, self.ev["flat_gain"]),
                   "recipe": self.dense_recipe()}
-        self._keep_dense(record)
+        _write_json(path, record)
         return record
-
-    def _keep_dense(self, record: dict) -> None:
-        """Copy the trained dense weights into the ledger and record their hash (written last: a copy without a
-        matching hash is never used)."""
-        self.kept_dense.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.kept_dense, lambda t: shutil.copyfile(self.dense_dir / "last.safetensors", t))
-        record["weights_sha256"] = sha256_file(self.kept_dense)
-        _write_json(self.ledger / "dense_backbone.json", record)
 
     # ------------------------------------------------------------------------------------------------------
     def finetune_config(self, method: str, seed: int, dense_gmacs: float) -> dict:
