@@ -30,11 +30,6 @@ def reducer_method(name: str) -> str | None:
     return None
 
 
-def tpc_name(name: str) -> str:
-    """The TPC model registered on dense model ``name``."""
-    return TPC_PREFIX + dense_name(name)
-
-
 def variant_name(method: str | None, name: str) -> str:
     """The registered model of ``method`` (``None``: dense, ``"tpc"``, or a peer) on the backbone of ``name``."""
     base = dense_name(name)
