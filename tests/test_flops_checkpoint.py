@@ -77,6 +77,31 @@ def test_dense_checkpoint_at_another_resolution_resamples_pos_embed(tmp_path):
     assert tpc.pos_embed.shape[1] == 17
 
 
+def test_dense_checkpoint_with_another_patch_size_starts_a_model_with_more_tokens(tmp_path):
+    """A 4x4-patch backbone loads into a 2x2-patch model of the same width (4x the tokens): the patch embedding is
+    resampled so the new model on an image sees what the old one saw on the image upsampled 2x, and the position
+    embedding is resampled to the finer grid."""
+    import torch.nn.functional as F
+    from timm.layers import resample_patch_embed
+
+    torch.manual_seed(0)
+    kw = dict(img_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=3, in_chans=1)
+    coarse = timm.create_model("deit_tiny_patch16_224", patch_size=4, **kw)
+    tpcvit.save_weights(coarse, tmp_path / "coarse.safetensors")
+    fine = timm.create_model("tpc_deit_tiny_patch16_224", patch_size=2, **kw)
+    tpcvit.load_backbone(fine, tmp_path / "coarse.safetensors")
+    assert fine.pos_embed.shape[1] == 1 + 64
+    assert torch.equal(fine.patch_embed.proj.weight, resample_patch_embed(coarse.patch_embed.proj.weight, [2, 2]))
+    image = torch.randn(1, 1, 16, 16)
+    big = F.interpolate(image, scale_factor=2, mode="bilinear", align_corners=False)
+    grid = (coarse.patch_embed.proj(big) - coarse.patch_embed.proj.bias[:, None, None]).flatten(2)
+    mine = (fine.patch_embed.proj(image) - fine.patch_embed.proj.bias[:, None, None]).flatten(2)
+    # not exact (the pseudo-inverse matches the bilinear upsampling only approximately): well correlated
+    corr = torch.corrcoef(torch.stack([grid.flatten(), mine.flatten()]))[0, 1]
+    assert corr > 0.85, corr
+    assert torch.equal(fine.blocks[0].attn.qkv.weight, coarse.blocks[0].attn.qkv.weight)
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "w.bin"
     target.write_text("old")
@@ -126,10 +151,31 @@ def test_bench_breakdown_times_every_part_of_a_controlled_block():
     result = breakdown("tpc_deit_tiny_patch16_224", [1.0, 0.5], [1, 4], rounds=2, **kw)
     for batch in ("1", "4"):
         r = result["batches"][batch]
-        assert set(r["model_ms"]) == {"dense", "tpc@100%", "tpc@50%"} and min(r["model_ms"].values()) > 0
+        assert set(r["model_ms"]) == {"dense", "tpc@100%", "tpc@50%", "cut once@50%"}
+        assert min(r["model_ms"].values()) > 0 and set(r["ceiling_fraction"]) == {"0.5"}
         assert r["aten_ops"]["tpc@100%"] > r["aten_ops"]["dense"] > 20  # the controller adds calls
         parts = r["block_us"]["0.5"]
         assert {"controller head", "decision (probabilities, smoothing, top-k)", "selection + gather/scatter",
                 "block on its selection (incl. gather/scatter)", "block on every token (dense)"} == set(parts)
         assert min(parts.values()) > 0
     assert "controller overhead" in breakdown_markdown(result) and result["controlled_blocks"] == 2
+    assert "zero-overhead ceiling" in breakdown_markdown(result)
+
+
+def test_breakdown_ceiling_runs_the_same_tokens_as_tpc_budget_mode():
+    """The ceiling (dense model cut once) computes what TPC computes when it keeps the first k patch tokens in every
+    controlled block with paused tokens masked out: same class-token output, so its speed is a fair bound."""
+    from tpcvit.breakdown import cut_forward
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3)
+    tpc = timm.create_model("tpc_deit_tiny_patch16_224", start_layer=1, **kw).eval()
+    dense = timm.create_model("deit_tiny_patch16_224", **kw).eval()
+    dense.load_state_dict(tpc.state_dict(), strict=False)
+    images = torch.randn(2, 3, 32, 32)
+    forced = torch.zeros(2, 4, 16, dtype=torch.bool)
+    forced[:, :1] = True
+    forced[:, 1:, :6] = True
+    with torch.no_grad():
+        expected, _ = tpc.forward_with_trace(images, forced_active=forced, path="fast")
+        assert torch.allclose(cut_forward(dense, images, 1, 6 / 16), expected, atol=1e-5)
+        assert torch.equal(cut_forward(dense, images, 1, 1.0), dense(images))

@@ -466,6 +466,14 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     assert record["recipe"]["finetune_lr"] == 1e-4
 
 
+def test_evidence_whose_backbone_starts_from_a_missing_model_says_which_to_train_first(tmp_path):
+    res = _cli("evidence", "-c", "configs/evidence_fmnist196.yaml", "-o", str(tmp_path / "ev"), "--quiet", "--out",
+               str(tmp_path / "ev196"), *TINY, "data.val_limit=64", "evidence.calib_images=16",
+               f"model.init={tmp_path / 'missing.safetensors'}", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-1500:]
+    assert "train that one first" in res.stderr.strip().splitlines()[-1]
+
+
 def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path):
     """Output path blocked by a file, diverging lr, mismatched class folders, zero batch size: one line, no
     traceback, no output folder left behind."""

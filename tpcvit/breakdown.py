@@ -4,7 +4,9 @@ Per controlled block of a TPC ViT, timed in isolation on the model's own modules
 the decision (probabilities, smoothing, top-k), building the selection and gathering/scattering it, and the block
 run on its selection, next to the same block on every token. At model level: the dense timm model, TPC at keep 100%
 (the controller's pure overhead) and TPC at each keep ratio; what the per-block parts do not explain is the glue of
-the propagation loop (stabilizer, per-forward state, Python). All numbers are medians over interleaved rounds.
+the propagation loop (stabilizer, per-forward state, Python). The ceiling: the dense model cut once to the kept
+number of tokens (no decisions, no gather/scatter), i.e. the speed-up this machine gives for those FLOPs at all.
+All numbers are medians over interleaved rounds.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn as nn
 
 from . import controller as C
 from .bench import machine_info, time_interleaved
-from .layers import image_geometry, unwrap
+from .layers import embed_tokens, image_geometry, unwrap
 from .models import TPCViT
 from .policy import ExecutionPolicy
 from .propagation import Propagation
@@ -83,19 +85,36 @@ def count_ops(fn) -> int:
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
+def cut_forward(dense: nn.Module, x: torch.Tensor, start: int, keep: float) -> torch.Tensor:
+    """The dense model with its sequence cut once, before block ``start``, to the prefix tokens and the first
+    ``round(keep * N)`` patch tokens: the same tokens per block as TPC's budget mode (masked) at ``keep``, with no
+    decision, no gather and no scatter. No token reducer can run those blocks faster on this machine, so its
+    speed-up is the ceiling against which TPC's is read."""
+    x = embed_tokens(dense, x)
+    prefix, n = dense.num_prefix_tokens, dense.patch_embed.num_patches
+    for i, blk in enumerate(dense.blocks):
+        if i == start:
+            x = x[:, : prefix + max(1, round(keep * n))].contiguous()
+        x = blk(x)
+    return dense.forward_head(dense.norm(x))
+
+
 @torch.inference_mode()
 def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float], rounds: int = 7,
                 device: str | torch.device = "cpu") -> tuple[dict[str, float], dict[str, int]]:
-    """Milliseconds per forward (and ATen calls per forward): the dense model, and TPC in budget mode at each keep
-    ratio (1.0 included)."""
+    """Milliseconds per forward (and ATen calls per forward): the dense model, TPC in budget mode at each keep
+    ratio (1.0 included), and the zero-overhead ceiling at each keep below 1 (:func:`cut_forward`)."""
     device = torch.device(device)
     m = unwrap(tpc).eval()
     torch.manual_seed(0)
     x = torch.randn(batch, *image_geometry(m), device=device)
     fns = {"dense": lambda: dense(x)}
+    start = m.tpc_cfg.start_layer
     for keep in sorted({1.0, *keeps}, reverse=True):
         policy = ExecutionPolicy(mode="budget", keep=keep)
         fns[f"tpc@{keep:.0%}"] = lambda p=policy: m.forward_head(m._propagate(x, p, with_trace=False)[0])
+        if keep < 1.0:
+            fns[f"cut once@{keep:.0%}"] = lambda k=keep: cut_forward(dense, x, start, k)
     iters = max(1, 16 // batch) if device.type == "cpu" else 10
     samples = time_interleaved(fns, device, rounds=rounds, iters=iters, progress=False)
     ops = {k: count_ops(f) for k, f in fns.items()}
@@ -119,8 +138,10 @@ def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], round
         times, ops = model_times(tpc, dense, batch, keeps, rounds, device)
         parts = {f"{keep:g}": block_parts(tpc, batch, keep, rounds, device=device) for keep in keeps}
         overhead = times["tpc@100%"] / times["dense"] - 1
+        ceiling = {f"{keep:g}": round(times[f"cut once@{keep:.0%}"] / times[f"tpc@{keep:.0%}"], 4)
+                   for keep in keeps if keep < 1.0}
         result["batches"][str(batch)] = {"model_ms": times, "aten_ops": ops, "block_us": parts,
-                                         "overhead_at_keep_100": overhead}
+                                         "overhead_at_keep_100": overhead, "ceiling_fraction": ceiling}
     return result
 
 
@@ -139,5 +160,9 @@ def breakdown_markdown(result: dict) -> str:
                   markdown_table(["variant", "ms", "vs dense", "ATen calls per forward"],
                                  [[k, f"{v:.3f}", f"{r['model_ms']['dense'] / v:.2f}x", r["aten_ops"][k]]
                                   for k, v in r["model_ms"].items()]), ""]
+        if r.get("ceiling_fraction"):
+            reached = ", ".join(f"keep {float(k):.0%}: {v:.0%}" for k, v in r["ceiling_fraction"].items())
+            lines += ["TPC's speed as a fraction of the zero-overhead ceiling (the dense model cut once to the same "
+                      f"number of tokens per block; 100% = TPC costs nothing beyond those blocks): {reached}", ""]
     return "\n".join(lines)
 

@@ -109,9 +109,11 @@ def load_backbone(model: nn.Module, source: str | os.PathLike | dict, strict: bo
 
     Backbone keys must all be present and of the right shape; controller/stabilizer keys are loaded when the
     checkpoint has them (a TPC checkpoint) and otherwise keep their near-dense initialisation. A position
-    embedding for another image size is resampled. Mismatches raise :class:`CheckpointError` naming the keys.
+    embedding for another token grid is resampled, and so is a patch embedding for another patch size (FlexiViT's
+    pseudo-inverse resize, as timm does for its own checkpoints): a backbone trained at one token count starts
+    another, like DeiT at 224 fine-tuned to 384. Mismatches raise :class:`CheckpointError` naming the keys.
     """
-    from timm.layers import resample_abs_pos_embed
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
     target = unwrap(model)
     state = read_state_dict(source) if not isinstance(source, dict) else dict(source)
@@ -129,6 +131,10 @@ def load_backbone(model: nn.Module, source: str | os.PathLike | dict, strict: bo
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         grid = tuple(target.patch_embed.grid_size)
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=grid, num_prefix_tokens=num_prefix)
+    key = "patch_embed.proj.weight"
+    if key in state and key in own and state[key].ndim == 4 and state[key].shape[:2] == own[key].shape[:2] \
+            and state[key].shape[2:] != own[key].shape[2:]:  # same width and channels, another patch size
+        state[key] = resample_patch_embed(state[key], list(own[key].shape[2:]))
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
              if k in state and state[k].shape != v.shape]
     if wrong:

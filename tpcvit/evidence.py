@@ -132,6 +132,11 @@ class Evidence:
         c["output"] = str(self.dense_dir)
         if _done(self.dense_dir, c["train"]["epochs"]):
             return
+        init = c["model"].get("init")
+        if init and not Path(init).exists():
+            raise ConfigError(f"model.init: {init} not found: this setting's dense backbone starts from another "
+                              "model's weights; train that one first (e.g. `tpcvit evidence -c "
+                              "configs/evidence_fmnist49.yaml` for runs/evidence_fmnist49/dense)")
         self.log(f"== dense backbone: {c['train']['epochs']} epochs (resumable)")
         t0 = time.time()
         fit(c, resume=(self.dense_dir / "last.json").exists(), progress=self.progress, model_name=c["model"]["name"])
@@ -277,8 +282,11 @@ def dense_recipe(cfg: dict) -> dict:
     data = {k: c["data"][k] for k in ("kind", "train_limit", "aug", "mixup", "cutmix", "label_smoothing")}
     train = {k: v for k, v in c["train"].items() if k not in ("log_every_steps", "ckpt_every_steps",
                                                                "halt_after_steps")}
-    return {"model": c["model"]["name"], "kwargs": c["model"]["kwargs"], "data": data, "train": train,
-            "seed": c["seed"]}
+    recipe = {"model": c["model"]["name"], "kwargs": c["model"]["kwargs"], "data": data, "train": train,
+              "seed": c["seed"]}
+    if c["model"].get("init"):  # started from another backbone (e.g. the 49-token one for 196 tokens)
+        recipe["init"] = c["model"]["init"]
+    return recipe
 
 
 def finetune_recipe(cfg: dict) -> dict:
