@@ -170,21 +170,38 @@ def plot_ablation(table: dict[str, dict], path: Path) -> Path:
 
 
 def plot_evidence(result: dict, path: Path) -> Path:
-    """Evidence: top-1 vs GMACs per method (every seed) and TPC's paired differences with 95% intervals."""
+    """Evidence, 2x2: TPC and the peers (whole range, then zoomed on the top band), TPC and its claim variants
+    (zoomed), and TPC's paired differences with 95% intervals. Every seed is drawn, not just the means."""
     s = result["summary"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    ax = axes[0]
-    for i, (method, cells) in enumerate(sorted(s["table"].items())):
-        color = f"C{i % 10}"
-        pts = sorted((c["gmacs_ratio"], c["mean"], c["top1"]) for c in cells.values())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if method.startswith("tpc") else "--o",
-                color=color, label=method, lw=2.2 if method == "tpc" else 1.2, ms=4)
-        for x, _, seeds in pts:  # every seed, not just the mean
-            ax.scatter([x] * len(seeds), seeds, color=color, s=9, alpha=0.5)
-    ax.axhline(result["dense"]["top1"], color="grey", ls=":", label="dense backbone")
-    ax.set(xlabel="GMACs / dense GMACs", ylabel="top-1 (%)", title=f"{result['setting']}: every seed shown")
-    ax.legend(fontsize=7, ncol=2)
-    ax = axes[1]
+    methods = sorted(s["table"])
+    palette = plt.get_cmap("tab20").colors
+    style = {m: (palette[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], "os^vD<>ph*"[i % 10])
+             for i, m in enumerate(methods)}
+    variants = [m for m in methods if m.startswith("tpc-") and m != "tpc-free"]
+    peers = [m for m in methods if m not in variants]
+    dense = result["dense"]["top1"]
+    best = max((c["mean"] for cells in s["table"].values() for c in cells.values()), default=dense)
+
+    def curves(ax, names, title, zoom):
+        for method in names:
+            color, marker = style[method]
+            pts = sorted((c["gmacs_ratio"], c["mean"], c["top1"]) for c in s["table"][method].values())
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], f"-{marker}" if method.startswith("tpc") else
+                    f"--{marker}", color=color, label=method, lw=2.4 if method == "tpc" else 1.2, ms=4)
+            for x, _, seeds in pts:  # every seed, not just the mean
+                ax.scatter([x] * len(seeds), seeds, color=color, s=10, alpha=0.5, marker=marker)
+        ax.axhline(dense, color="grey", ls=":", label="dense backbone")
+        if zoom:
+            ax.set_ylim(min(dense, best) - 3.0, max(dense, best) + 0.5)
+        ax.set(xlabel="GMACs / dense GMACs", ylabel="top-1 (%)", title=title)
+        ax.legend(fontsize=7, ncol=2)
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
+    curves(axes[0, 0], peers, f"{result['setting']}: TPC and the peers, every seed", zoom=False)
+    curves(axes[0, 1], peers, "the same, zoomed on the top 3 points of top-1", zoom=True)
+    curves(axes[1, 0], ["tpc", *variants] if "tpc" in s["table"] else variants,
+           "TPC and its variants (claims, candidates)", zoom=True)
+    ax = axes[1, 1]
     budgets = [f"{b:g}" for b in result["budgets"]]
     rows = [("vs best peer", s["tpc_vs_best_peer"])] + [(f"vs {v}", c) for v, c in s["claims"].items()]
     width = 0.8 / max(1, len(rows))
@@ -201,7 +218,7 @@ def plot_evidence(result: dict, path: Path) -> Path:
             ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=f"TPC {label}")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(budgets)), [f"{float(b):.0%} GMACs" for b in budgets])
-    ax.set(ylabel="top-1 difference (pt), 95% CI", title="paired differences over seeds")
+    ax.set(ylabel="top-1 difference (pt), 95% CI", title="TPC minus ...: paired by seed (above 0: TPC better)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     else:  # fewer than 2 seeds: no interval to draw yet
