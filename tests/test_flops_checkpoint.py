@@ -168,14 +168,18 @@ def test_breakdown_ceiling_runs_the_same_tokens_as_tpc_budget_mode():
     from tpcvit.breakdown import cut_forward
 
     kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3)
-    tpc = timm.create_model("tpc_deit_tiny_patch16_224", start_layer=1, **kw).eval()
     dense = timm.create_model("deit_tiny_patch16_224", **kw).eval()
-    dense.load_state_dict(tpc.state_dict(), strict=False)
     images = torch.randn(2, 3, 32, 32)
     forced = torch.zeros(2, 4, 16, dtype=torch.bool)
     forced[:, :1] = True
     forced[:, 1:, :6] = True
-    with torch.no_grad():
-        expected, _ = tpc.forward_with_trace(images, forced_active=forced, path="fast")
-        assert torch.allclose(cut_forward(dense, images, 1, 6 / 16), expected, atol=1e-5)
-        assert torch.equal(cut_forward(dense, images, 1, 1.0), dense(images))
+    for paused_keys in (False, True):
+        tpc = timm.create_model("tpc_deit_tiny_patch16_224", start_layer=1, paused_keys=paused_keys, **kw).eval()
+        tpc.load_state_dict(dense.state_dict(), strict=False)
+        with torch.no_grad():
+            expected, _ = tpc.forward_with_trace(images, forced_active=forced, path="fast")
+            cut = cut_forward(dense, images, 1, 6 / 16, paused_keys)
+            assert torch.allclose(cut, expected, atol=1e-5), paused_keys
+            other = cut_forward(dense, images, 1, 6 / 16, not paused_keys)
+            assert not torch.allclose(other, expected, atol=1e-3)  # the two ceilings differ: the test can tell
+    assert torch.equal(cut_forward(dense, images, 1, 1.0), dense(images))
