@@ -442,6 +442,9 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     assert summary["tpc_vs_best_peer"]["0.6"]["best_peer"] in ("idlevit", "tome")
     assert summary["tpc_vs_best_peer"]["0.6"]["n"] == 2 and "tpc-norestart" in summary["claims"]
     assert set(summary["tpc_free_minus_tome"]) == {"0.6", "0.8"}
+    assert set(summary["tpc_vs_peers"]) == {"idlevit", "tome"} and summary["tpc_vs_dense"]["0.6"]["n"] == 2
+    assert summary["tpc_vs_peers"][summary["tpc_vs_best_peer"]["0.6"]["best_peer"]]["0.6"] == {
+        k: v for k, v in summary["tpc_vs_best_peer"]["0.6"].items() if k != "best_peer"}
     assert (tmp_path / "evidence_tiny.md").read_text().count("|") > 20 and (tmp_path / "evidence_tiny.png").exists()
     # finished fine-tunes and evaluations are reused: a second run trains nothing and gives the same numbers
     stamp = (out / "ft" / "tpc" / "seed0" / "last.safetensors").stat().st_mtime

@@ -338,8 +338,8 @@ def summarize(result: dict) -> dict:
             "mean": mean, "std": std, "n": len(top1), "top1": top1, "seeds": list(seeds),
             "gmacs_ratio": float(np.mean([r["gmacs_ratio"] for r in seeds.values()]))}
 
-    def paired(a: str, b: str, budget: float) -> dict | None:
-        ra, rb = by.get((a, budget), {}), by.get((b, budget), {})
+    def paired(a: str, b: str, budget: float, budget_b: float | None = None) -> dict | None:
+        ra, rb = by.get((a, budget), {}), by.get((b, budget if budget_b is None else budget_b), {})
         if not ra or not rb:
             return None
         if list(rb) == [None]:  # deterministic peer
@@ -350,9 +350,14 @@ def summarize(result: dict) -> dict:
             return None
         return paired_difference([ra[s]["top1"] for s in common], [rb[s]["top1"] for s in common]).as_dict()
 
-    comparisons, claims, training_free = {}, {}, {}
+    comparisons, claims, training_free, vs_peers, vs_dense = {}, {}, {}, {}, {}
     for budget in result["budgets"]:
         key = f"{budget:g}"
+        if "tpc" in table and "dense" in table:  # TPC at this budget minus the dense model given the same epochs
+            vs_dense[key] = paired("tpc", "dense", budget, 1.0)
+        for peer in PEERS:
+            if "tpc" in table and peer in table and key in table[peer]:
+                vs_peers.setdefault(peer, {})[key] = paired("tpc", peer, budget)
         if ("tpc-free", budget) in by and ("tome", budget) in by:  # both deterministic: one number each
             training_free[key] = by[("tpc-free", budget)][None]["top1"] - by[("tome", budget)][None]["top1"]
         peers = {m: table[m][key]["mean"] for m in PEERS if m in table and key in table[m]}
@@ -362,8 +367,8 @@ def summarize(result: dict) -> dict:
         for variant in TPC_VARIANTS:
             if variant != "tpc" and "tpc" in table and variant in table:
                 claims.setdefault(variant, {})[key] = paired("tpc", variant, budget)
-    return {"table": table, "tpc_vs_best_peer": comparisons, "claims": claims,
-            "tpc_free_minus_tome": training_free}
+    return {"table": table, "tpc_vs_best_peer": comparisons, "tpc_vs_peers": vs_peers, "tpc_vs_dense": vs_dense,
+            "claims": claims, "tpc_free_minus_tome": training_free}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -407,6 +412,16 @@ def evidence_markdown(result: dict) -> str:
         c = s["tpc_vs_best_peer"].get(b)
         if c:
             lines.append(f"| {float(b):.0%} | {c['best_peer']} | {_fmt_diff(c)} |")
+    if s.get("tpc_vs_peers"):
+        lines += ["", "TPC minus every peer (paired by seed, 95% t-interval; a training-free peer is one deterministic "
+                  "run):", "", "| peer | " + " | ".join(f"{float(b):.0%}" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for peer, cells in s["tpc_vs_peers"].items():
+            lines.append(f"| {peer} | " + " | ".join(_fmt_diff(cells.get(b)) for b in budgets) + " |")
+    if any(s.get("tpc_vs_dense", {}).values()):
+        lines += ["", "TPC at each budget minus the dense model given the same extra epochs (at 100% of the GMACs; "
+                  "paired by seed): " + ", ".join(f"{float(b):.0%} GMACs {_fmt_diff(s['tpc_vs_dense'].get(b))}"
+                                                  for b in budgets)]
     if s.get("tpc_free_minus_tome"):
         lines += ["", "Training-free: TPC (tpcvit.patch, attention controller) minus ToMe, on the dense weights (one "
                   "deterministic run each): " + ", ".join(f"{float(b):.0%} GMACs {d:+.2f} pt"
