@@ -169,6 +169,26 @@ def test_budget_mode_runs_exactly_k_tokens_per_block(images):
     assert (trace.active_counts()[:, start:] == 4).all()
 
 
+def test_budget_mode_follows_the_keep_schedule_the_model_learned(images):
+    model = small_tpc(depth=6).eval()
+    with torch.no_grad():
+        adaptive = model.forward_with_trace(images)[1].keep_ratio()[1:]  # controlled blocks 1..5
+    profile = tpcvit.calibrate_keep_profile(model, images)
+    assert len(profile) == 5 and abs(sum(profile) / 5 - 1.0) < 1e-3
+    assert torch.allclose(torch.tensor(profile), adaptive / adaptive.mean(), atol=1e-3)
+    assert current_policy(model).mode == "adaptive"  # calibration leaves the mode as it was
+    tpcvit.set_mode(model, "budget", keep=0.5)  # the profile stays in the policy
+    with torch.no_grad():
+        counts = model.forward_with_trace(images)[1].active_counts()[:, 1:]
+    expected = [max(1, min(16, round(0.5 * f * 16))) for f in profile]
+    assert (counts == torch.tensor(expected)).all() and len(set(expected)) > 1
+    tpcvit.set_policy(model, current_policy(model).replace(keep_profile=None))  # back to one keep for every block
+    with torch.no_grad():
+        assert (model.forward_with_trace(images)[1].active_counts()[:, 1:] == 8).all()
+    with pytest.raises(ValueError, match="keep_profile"):
+        tpcvit.ExecutionPolicy(mode="budget", keep=0.5, keep_profile=(1.0, 0.0))
+
+
 def test_adaptive_gives_the_same_result_alone_or_in_a_batch(images):
     model = small_tpc().eval()
     with torch.no_grad():

@@ -422,7 +422,7 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     out = tmp_path / "ev"
     args = ["evidence", "-c", "configs/evidence_fmnist49.yaml", "-o", str(out), "--quiet", "--out",
             str(tmp_path / "evidence_tiny"), *TINY, "data.train_limit=300", "data.val_limit=200", "train.epochs=2",
-            "train.batch_size=32", "evidence.methods=[tpc,idlevit,tome,tpc-free,dense,tpc-norestart]",
+            "train.batch_size=32", "evidence.methods=[tpc,idlevit,tome,tpc-free,dense,tpc-norestart,tpc-uniform]",
             "evidence.seeds=[0,1]",
             "evidence.budgets=[0.6,0.8]", "evidence.train_budget=0.7", "evidence.finetune_epochs=1",
             "evidence.finetune_train_limit=200", "evidence.calib_images=32", "model.tpc={target_keep: 0.6}"]
@@ -433,14 +433,19 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     runs = result["runs"]
     assert {(r["method"], r["seed"]) for r in runs if r["budget"] == 0.6} == {
         ("tpc", 0), ("tpc", 1), ("idlevit", 0), ("idlevit", 1), ("tome", None), ("tpc-free", None),
-        ("tpc-norestart", 0), ("tpc-norestart", 1)}
+        ("tpc-norestart", 0), ("tpc-norestart", 1), ("tpc-uniform", 0), ("tpc-uniform", 1)}
+    # tpc-uniform: TPC's own weights (no fine-tune of its own) in budget mode without the learned schedule
+    assert not (out / "ft" / "tpc-uniform").exists()
+    ledger = tmp_path / "evidence_tiny_runs"
+    tpc0, uniform0 = (json.loads((ledger / f"{m}_seed0.json").read_text()) for m in ("tpc", "tpc-uniform"))
+    assert len(tpc0["keep_profile"]) == 2 and "keep_profile" not in uniform0 and tpc0["curve"] == uniform0["curve"]
     assert all(set(r) >= {"method", "budget", "seed", "top1", "gmacs", "gmacs_ratio"} for r in runs)
     for r in runs:  # matched compute: every method at (about) the budget it is reported at
         if r["method"] != "dense":
             assert abs(r["gmacs_ratio"] - r["budget"]) < 0.1, r
     summary = result["summary"]
     assert summary["tpc_vs_best_peer"]["0.6"]["best_peer"] in ("idlevit", "tome")
-    assert summary["tpc_vs_best_peer"]["0.6"]["n"] == 2 and "tpc-norestart" in summary["claims"]
+    assert summary["tpc_vs_best_peer"]["0.6"]["n"] == 2 and {"tpc-norestart", "tpc-uniform"} <= set(summary["claims"])
     assert set(summary["tpc_free_minus_tome"]) == {"0.6", "0.8"}
     assert set(summary["tpc_vs_peers"]) == {"idlevit", "tome"} and summary["tpc_vs_dense"]["0.6"]["n"] == 2
     assert summary["tpc_vs_peers"][summary["tpc_vs_best_peer"]["0.6"]["best_peer"]]["0.6"] == {

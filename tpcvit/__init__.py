@@ -16,13 +16,14 @@ from .models import TPCVisionTransformer, TPCVisionTransformerDistilled  # noqa:
 from .patch import calibrate_threshold, patch  # noqa: E402
 from .policy import MODES, ExecutionPolicy  # noqa: E402
 from .propagation import TokenTrace, TPCConfig, tpc_loss  # noqa: E402
-from .runtime import override_probs, set_mode, set_policy  # noqa: E402
+from .runtime import calibrate_keep_profile, override_probs, set_mode, set_policy  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODES", "CheckpointError", "ExecutionPolicy", "TPCConfig", "TPCVisionTransformer",
-    "TPCVisionTransformerDistilled", "TokenTrace", "baselines", "calibrate_threshold", "controller", "count_gmacs",
+    "TPCVisionTransformerDistilled", "TokenTrace", "baselines", "calibrate_keep_profile", "calibrate_threshold",
+    "controller", "count_gmacs",
     "load_backbone", "override_probs", "patch", "save_weights", "set_mode", "set_policy", "tpc_loss",
     "vit_gmacs_from_trace",
 ]

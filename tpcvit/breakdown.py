@@ -48,18 +48,19 @@ def block_parts(model: nn.Module, batch: int, keep: float, rounds: int = 7, iter
     head = m.controller[0] if len(m.controller) else None
     logits = head(x, prefix) if head is not None else torch.zeros(batch, n, 2, device=device)
     prop = Propagation(cfg, policy, batch, n, grid, device, sample=False, record=False)
-    decision = prop.step(0, logits)
-    step = BlockStep(decision, True, policy, False, prop.budget_k, attention=False)
+    k = policy.budget_k(n, 0, cfg.target_keep)
+    decision = prop.step(0, logits, k)
+    step = BlockStep(decision, True, policy, False, k, attention=False)
 
     def gather_scatter() -> torch.Tensor:
-        sel = select_topk(decision.active, prop.budget_k, prefix, decision.index)
+        sel = select_topk(decision.active, k, prefix, decision.index)
         return run_on_selection(lambda tokens, mask: tokens, x, sel)
 
     def selected_block() -> torch.Tensor:
         return m._tpc_run_block(blk, x, step)[0]
 
     fns = {"controller head": (lambda: head(x, prefix)) if head is not None else None,
-           "decision (probabilities, smoothing, top-k)": lambda: prop.step(0, logits),
+           "decision (probabilities, smoothing, top-k)": lambda: prop.step(0, logits, k),
            "selection + gather/scatter": gather_scatter,
            "block on its selection (incl. gather/scatter)": selected_block,
            "block on every token (dense)": lambda: blk(x)}

@@ -37,6 +37,7 @@ from .engine import build_model, build_val_data, evaluate, fit, init_distributed
 from .models import image_geometry, variant_name
 from .patch import patch
 from .reporting import plot_evidence
+from .runtime import calibrate_keep_profile
 from .stats import mean_std, paired_difference
 
 # TPC variants -> their model.tpc overrides; peers read their options from model.peer.<method>
@@ -44,14 +45,20 @@ from .stats import mean_std, paired_difference
 # that starts at zero, fine-tuned like TPC)
 TPC_VARIANTS = {"tpc": {}, "tpc-norestart": {"restart": False}, "tpc-nosmooth": {"smoothing": False},
                 "tpc-nostab": {"stabilizer": False}, "tpc-hybrid": {"controller": "hybrid"}}
+# evaluation-only variants: the weights of another method's fine-tune, evaluated another way (no CPU for training).
+# tpc-uniform: TPC's weights in budget mode with the same keep in every block, instead of the schedule TPC learned
+# (docs/METHOD.md: "k from the learned mean schedule"; calibrate_keep_profile), which every TPC variant uses
+EVAL_VARIANTS = {"tpc-uniform": "tpc"}
 PEERS = ("idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome")
 TRAINING_FREE = ("tome", "tpc-free")  # evaluated on the dense weights, no fine-tune, no seeds
-METHODS = ("dense", *TPC_VARIANTS, *PEERS, "tpc-free")
+METHODS = ("dense", *TPC_VARIANTS, *EVAL_VARIANTS, *PEERS, "tpc-free")
+CLAIM_VARIANTS = tuple(m for m in (*TPC_VARIANTS, *EVAL_VARIANTS) if m != "tpc")
 # static-shape peers: trained with the knob that gives ``train_budget`` GMACs (the model kwarg that holds it)
 KNOB_KWARG = {"idlevit": "keep_rate", "dynamicvit": "keep_rate", "evit": "keep_rate", "tome": "tome_r"}
 
 
 def model_name(cfg: dict, method: str) -> str:
+    method = EVAL_VARIANTS.get(method, method)
     if method in ("dense", "tpc-free"):
         return variant_name(None, cfg["model"]["name"])
     if method in TPC_VARIANTS:
@@ -62,6 +69,7 @@ def model_name(cfg: dict, method: str) -> str:
 def method_config(cfg: dict, method: str) -> dict:
     """The config of ``method``: TPC options for TPC variants, the method's own ``model.peer`` section."""
     c = copy.deepcopy(cfg)
+    method = EVAL_VARIANTS.get(method, method)
     if method in TPC_VARIANTS:
         c["model"]["tpc"] = {**c["model"]["tpc"], **TPC_VARIANTS[method]}
     else:
@@ -191,6 +199,8 @@ class Evidence:
 
     # ------------------------------------------------------------------------------------------------------
     def finetune_config(self, method: str, seed: int, dense_gmacs: float) -> dict:
+        """The fine-tune of ``method`` (an evaluation-only variant: the fine-tune whose weights it uses)."""
+        method = EVAL_VARIANTS.get(method, method)
         ev = self.ev
         c = method_config(self.cfg, method)
         c["seed"] = seed
@@ -235,7 +245,7 @@ class Evidence:
                 c = self.finetune_config(method, seed, dense_gmacs)
                 run = Path(c["output"])
                 if not _done(run, c["train"]["epochs"]):
-                    self.log(f"== fine-tune {method}, seed {seed}")
+                    self.log(f"== fine-tune {EVAL_VARIANTS.get(method, method)}, seed {seed}")
                     t_fit = time.time()
                     fit(c, resume=(run / "last.json").exists(), progress=self.progress)
                     _add_seconds(run, "train_s", time.time() - t_fit)
@@ -247,6 +257,8 @@ class Evidence:
             model = build_model(c, self.num_classes, name=c["model"]["name"], init=init).to(self.info.device).eval()
             if method == "tpc-free":
                 patch(model)  # training-free TPC: the attention controller on the dense weights
+            elif method in TPC_VARIANTS:  # budget mode follows the schedule the model learned (adaptive mode)
+                record["keep_profile"] = calibrate_keep_profile(model, self.calib)
             for budget in todo:
                 knob = None
                 if method != "dense":
@@ -364,8 +376,8 @@ def summarize(result: dict) -> dict:
         if "tpc" in table and peers:
             best = max(peers, key=peers.get)
             comparisons[key] = {"best_peer": best, **(paired("tpc", best, budget) or {})}
-        for variant in TPC_VARIANTS:
-            if variant != "tpc" and "tpc" in table and variant in table:
+        for variant in CLAIM_VARIANTS:
+            if "tpc" in table and variant in table:
                 claims.setdefault(variant, {})[key] = paired("tpc", variant, budget)
     return {"table": table, "tpc_vs_best_peer": comparisons, "tpc_vs_peers": vs_peers, "tpc_vs_dense": vs_dense,
             "claims": claims, "tpc_free_minus_tome": training_free}

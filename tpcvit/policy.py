@@ -22,6 +22,9 @@ class ExecutionPolicy:
     (analysis: ``force_restart=0`` makes every pause permanent). ``path``: ``"fast"`` (gather/scatter, real
     savings) or ``"masked"`` (full sequence with masks, the training form); ``None`` follows train/eval.
     ``packed``: adaptive batches run the per-token layers on packed tokens (no padding) where the block allows.
+    ``keep_profile``: budget mode's schedule over the controlled blocks, relative to ``keep`` (block ``c`` keeps
+    ``keep * keep_profile[c]``; mean 1): docs/METHOD.md's "k from the learned mean schedule", measured by
+    :func:`tpcvit.calibrate_keep_profile`. ``None``: the same ``keep`` in every block.
     """
 
     mode: str = "adaptive"
@@ -30,6 +33,7 @@ class ExecutionPolicy:
     force_restart: float | None = None
     path: str | None = None
     packed: bool = True
+    keep_profile: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -40,6 +44,11 @@ class ExecutionPolicy:
             raise ValueError(f"keep only applies to mode='budget' (got mode={self.mode!r})")
         if self.path not in PATHS:
             raise ValueError(f"path must be None, 'fast' or 'masked', got {self.path!r}")
+        if self.keep_profile is not None:
+            profile = tuple(float(v) for v in self.keep_profile)
+            if not profile or min(profile) <= 0.0:
+                raise ValueError(f"keep_profile must be positive keep factors, one per controlled block, got {profile}")
+            object.__setattr__(self, "keep_profile", profile)
         for name in ("force_pause", "force_restart"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= float(value) <= 1.0:
@@ -48,6 +57,14 @@ class ExecutionPolicy:
     def replace(self, **changes) -> ExecutionPolicy:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def budget_k(self, num_patches: int, controlled: int, default_keep: float) -> int:
+        """Active patch tokens of controlled block number ``controlled`` (0 = ``start_layer``) in budget mode:
+        ``round(keep * profile[controlled] * N)`` within ``[1, N]`` (the last factor serves deeper blocks)."""
+        keep = default_keep if self.keep is None else self.keep
+        if self.keep_profile is not None:
+            keep *= self.keep_profile[min(controlled, len(self.keep_profile) - 1)]
+        return max(1, min(num_patches, round(keep * num_patches)))
 
     def is_fast(self, training: bool) -> bool:
         """Gather/scatter execution: by default at eval, forced either way by ``path``."""

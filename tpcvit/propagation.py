@@ -179,11 +179,6 @@ class Propagation:
     def mode(self) -> str:
         return self.policy.mode
 
-    @property
-    def budget_k(self) -> int:
-        keep = self.cfg.target_keep if self.policy.keep is None else self.policy.keep
-        return max(1, min(self.num_patches, round(keep * self.num_patches)))
-
     def dense_block(self) -> None:
         """Record a block where every token is computed."""
         if not self.record:
@@ -192,8 +187,9 @@ class Propagation:
         zeros = torch.zeros_like(ones)
         self._append(ones.bool(), zeros, zeros, zeros, zeros, ones, None)
 
-    def step(self, block: int, logits: torch.Tensor) -> Decision:
-        """Decide the states of block ``block`` (of this stage) from the controller ``logits`` ``[B, N, 2]``."""
+    def step(self, block: int, logits: torch.Tensor, budget_k: int) -> Decision:
+        """Decide the states of block ``block`` (of this stage) from the controller ``logits`` ``[B, N, 2]``;
+        ``budget_k``: active patch tokens in budget mode (:meth:`ExecutionPolicy.budget_k`)."""
         raw = C.transition_probs(logits)
         probs = raw
         if self.cfg.smoothing:
@@ -213,7 +209,7 @@ class Propagation:
             prev = self.active if self.active is not None else self.state > 0.5
             if self.mode == "budget":  # keep_score for 0/1 states, exactly: s (1 - p) + (1 - s) r
                 score = torch.where(prev, 1.0 - pause, restart)
-                index = score.topk(self.budget_k, dim=-1, sorted=False).indices
+                index = score.topk(budget_k, dim=-1, sorted=False).indices
                 active = torch.zeros_like(prev).scatter_(-1, index, True)
             else:
                 thr = self.cfg.threshold
@@ -221,7 +217,7 @@ class Propagation:
             self.active = active
             states = active.to(pause.dtype)
         elif self.mode == "budget":
-            states = C.topk_states(C.keep_score(self.state, pause, restart), self.budget_k)
+            states = C.topk_states(C.keep_score(self.state, pause, restart), budget_k)
         else:
             tau, thr = self.cfg.gumbel_tau, self.cfg.threshold
             pause_ev = C.sample_events(pause, tau, thr, noise=self.sample)

@@ -142,7 +142,8 @@ class TPCRuntime:
                     if attention:
                         free = C.attention_logits(score[:, prefix:], cfg.attention_threshold, cfg.attention_sharpness)
                         logits = free if logits is None else free + logits
-                    step = BlockStep(prop.step(j, logits), fast, policy, forced is not None, prop.budget_k, attention)
+                    k = policy.budget_k(prop.num_patches, g - cfg.start_layer, cfg.target_keep)
+                    step = BlockStep(prop.step(j, logits, k), fast, policy, forced is not None, k, attention)
                     x, score = self._tpc_run_block(blk, x, step)
                 g += 1
             props.append(prop)
@@ -248,12 +249,42 @@ def set_mode(model: nn.Module, mode: str, keep: float | None = None) -> nn.Modul
     return set_policy(model, policy)
 
 
-def current_policy(model: nn.Module) -> ExecutionPolicy:
-    """The policy stored on (the first TPC model inside) ``model``."""
+@torch.no_grad()
+def calibrate_keep_profile(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> tuple[float, ...]:
+    """Budget mode's schedule over the controlled blocks, learned from the model itself (docs/METHOD.md: "k from
+    the learned mean schedule"): the mean share of active tokens per controlled block in ``adaptive`` mode on
+    ``images``, divided by its mean. Stored in the model's policy (``keep_profile``, kept by :func:`set_mode`), so
+    budget mode at ``keep`` then keeps ``keep * profile[c]`` tokens in controlled block ``c``; returned.
+
+    Why: a TPC model fine-tuned adaptively learns to keep more tokens early and fewer late (its keep prior); the
+    same ``keep`` in every block asks it for a distribution it never saw in training.
+    """
+    saved, was_training = current_policy(model), model.training
+    model.eval()
+    set_policy(model, saved.replace(mode="adaptive", keep=None, keep_profile=None))
+    try:
+        tpc = unwrap_reducer(model)
+        keep = sum(tpc.forward_with_trace(chunk)[1].keep_ratio() * len(chunk) for chunk in images.split(batch_size))
+        keep = (keep / images.shape[0])[tpc.tpc_cfg.start_layer:].clamp_min(1e-3)
+        profile = tuple(round(float(v), 4) for v in keep / keep.mean())
+    finally:
+        model.train(was_training)
+        set_policy(model, saved)
+    set_policy(model, saved.replace(keep_profile=profile))
+    return profile
+
+
+def unwrap_reducer(model: nn.Module) -> TPCRuntime:
+    """The (first) TPC model inside ``model``."""
     targets = tpc_modules(model)
     if not targets:
         raise TypeError(f"{type(model).__name__} is not a TPC model")
-    return targets[0].tpc_policy
+    return targets[0]
+
+
+def current_policy(model: nn.Module) -> ExecutionPolicy:
+    """The policy stored on (the first TPC model inside) ``model``."""
+    return unwrap_reducer(model).tpc_policy
 
 
 @contextlib.contextmanager
