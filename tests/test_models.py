@@ -189,6 +189,25 @@ def test_budget_mode_follows_the_keep_schedule_the_model_learned(images):
         tpcvit.ExecutionPolicy(mode="budget", keep=0.5, keep_profile=(1.0, 0.0))
 
 
+def test_adaptive_level_is_a_monotone_compute_knob_with_masked_equal_to_fast(images):
+    model = small_tpc(depth=6).eval()
+    with torch.no_grad():
+        default = model.forward_with_trace(images)[1].active
+        tpcvit.set_policy(model, current_policy(model).replace(adaptive_level=0.5))  # = the model's threshold 0.5
+        assert torch.equal(model.forward_with_trace(images)[1].active, default)
+        kept = []
+        for level in (0.1, 0.3, 0.5, 0.7, 0.9):
+            model.set_budget(level)  # the harness's knob: stays adaptive, moves the level
+            assert current_policy(model).mode == "adaptive" and current_policy(model).adaptive_level == level
+            fast_logits, fast = model.forward_with_trace(images, path="fast")
+            masked_logits, masked = model.forward_with_trace(images, path="masked")
+            assert torch.equal(fast.active, masked.active)
+            assert torch.allclose(fast_logits, masked_logits, atol=1e-5, rtol=1e-4)
+            kept.append(fast.active[:, 1:].float().mean().item())
+    assert kept == sorted(kept) and kept[0] < kept[-1], kept
+    assert model.budget_bounds == (0.0, 1.0)
+
+
 def test_adaptive_gives_the_same_result_alone_or_in_a_batch(images):
     model = small_tpc().eval()
     with torch.no_grad():

@@ -422,7 +422,7 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     out = tmp_path / "ev"
     args = ["evidence", "-c", "configs/evidence_fmnist49.yaml", "-o", str(out), "--quiet", "--out",
             str(tmp_path / "evidence_tiny"), *TINY, "data.train_limit=300", "data.val_limit=200", "train.epochs=2",
-            "train.batch_size=32", "evidence.methods=[tpc,idlevit,tome,tpc-free,dense,tpc-norestart,tpc-uniform]",
+            "train.batch_size=32", "evidence.methods=[tpc,idlevit,tome,tpc-free,dense,tpc-norestart,tpc-uniform,tpc-adaptive]",
             "evidence.seeds=[0,1]",
             "evidence.budgets=[0.6,0.8]", "evidence.train_budget=0.7", "evidence.finetune_epochs=1",
             "evidence.finetune_train_limit=200", "evidence.calib_images=32", "model.tpc={target_keep: 0.6}"]
@@ -433,9 +433,9 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     runs = result["runs"]
     assert {(r["method"], r["seed"]) for r in runs if r["budget"] == 0.6} == {
         ("tpc", 0), ("tpc", 1), ("idlevit", 0), ("idlevit", 1), ("tome", None), ("tpc-free", None),
-        ("tpc-norestart", 0), ("tpc-norestart", 1), ("tpc-uniform", 0), ("tpc-uniform", 1)}
+        ("tpc-norestart", 0), ("tpc-norestart", 1), ("tpc-uniform", 0), ("tpc-uniform", 1), ("tpc-adaptive", 0), ("tpc-adaptive", 1)}
     # tpc-uniform: TPC's own weights (no fine-tune of its own) in budget mode without the learned schedule
-    assert not (out / "ft" / "tpc-uniform").exists()
+    assert not (out / "ft" / "tpc-uniform").exists() and not (out / "ft" / "tpc-adaptive").exists()
     ledger = tmp_path / "evidence_tiny_runs"
     tpc0, uniform0 = (json.loads((ledger / f"{m}_seed0.json").read_text()) for m in ("tpc", "tpc-uniform"))
     assert len(tpc0["keep_profile"]) == 2 and "keep_profile" not in uniform0 and tpc0["curve"] == uniform0["curve"]

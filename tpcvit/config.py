@@ -87,8 +87,8 @@ DEFAULTS: dict[str, Any] = {
         "bench_rounds": 5,
     },
     "evidence": {  # `tpcvit evidence`: converged dense -> every method fine-tuned alike, seeds, matched GMACs
-        "methods": ["tpc", "tpc-uniform", "idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome", "tpc-free",
-                    "dense", "tpc-norestart", "tpc-nosmooth", "tpc-nostab", "tpc-hybrid"],
+        "methods": ["tpc", "tpc-uniform", "tpc-adaptive", "idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome",
+                    "tpc-free", "dense", "tpc-norestart", "tpc-nosmooth", "tpc-nostab", "tpc-hybrid"],
         "seeds": [0, 1, 2],
         "budgets": [0.35, 0.45, 0.6],  # GMACs fractions of the dense model, every method evaluated at each
         "train_budget": 0.45,  # static-shape peers fine-tune with the knob that gives this fraction

@@ -37,7 +37,7 @@ from .engine import build_model, build_val_data, evaluate, fit, init_distributed
 from .models import image_geometry, variant_name
 from .patch import patch
 from .reporting import plot_evidence
-from .runtime import calibrate_keep_profile
+from .runtime import calibrate_keep_profile, current_policy, set_policy
 from .stats import mean_std, paired_difference
 
 # TPC variants -> their model.tpc overrides; peers read their options from model.peer.<method>
@@ -46,9 +46,10 @@ from .stats import mean_std, paired_difference
 TPC_VARIANTS = {"tpc": {}, "tpc-norestart": {"restart": False}, "tpc-nosmooth": {"smoothing": False},
                 "tpc-nostab": {"stabilizer": False}, "tpc-hybrid": {"controller": "hybrid"}}
 # evaluation-only variants: the weights of another method's fine-tune, evaluated another way (no CPU for training).
-# tpc-uniform: TPC's weights in budget mode with the same keep in every block, instead of the schedule TPC learned
-# (docs/METHOD.md: "k from the learned mean schedule"; calibrate_keep_profile), which every TPC variant uses
-EVAL_VARIANTS = {"tpc-uniform": "tpc"}
+# Every TPC variant is evaluated in budget mode following the schedule it learned (docs/METHOD.md: "k from the
+# learned mean schedule"; calibrate_keep_profile). tpc-uniform: TPC's weights, the same keep in every block.
+# tpc-adaptive: TPC's weights in adaptive mode (per-image decisions; the knob is adaptive_level).
+EVAL_VARIANTS = {"tpc-uniform": "tpc", "tpc-adaptive": "tpc"}
 PEERS = ("idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome")
 TRAINING_FREE = ("tome", "tpc-free")  # evaluated on the dense weights, no fine-tune, no seeds
 METHODS = ("dense", *TPC_VARIANTS, *EVAL_VARIANTS, *PEERS, "tpc-free")
@@ -223,6 +224,16 @@ class Evidence:
         knob, _ = match_gmacs(model.eval(), self.calib.cpu(), self.ev["train_budget"] * dense_gmacs)
         return round(knob, 4)
 
+    def prepare_eval(self, model: torch.nn.Module, method: str) -> dict:
+        """Put a loaded model in the form ``method`` is evaluated in; what to record about it."""
+        if method == "tpc-free":
+            patch(model)  # training-free TPC: the attention controller on the dense weights
+        elif method == "tpc-adaptive":  # the knob becomes adaptive mode's level
+            set_policy(model, current_policy(model).replace(mode="adaptive", keep=None, adaptive_level=0.5))
+        elif method in TPC_VARIANTS:  # budget mode follows the schedule the model learned (adaptive mode)
+            return {"keep_profile": calibrate_keep_profile(model, self.calib)}
+        return {}
+
     def run_dir(self, method: str, seed: int) -> Path:
         return self.out / "ft" / method / f"seed{seed}"
 
@@ -255,10 +266,7 @@ class Evidence:
                 record["curve"] = [json.loads(ln)["top1"] for ln in lines if ln.strip()]
                 record["train_knob"] = c["model"]["peer"].get(method.removesuffix("-ft"), {})
             model = build_model(c, self.num_classes, name=c["model"]["name"], init=init).to(self.info.device).eval()
-            if method == "tpc-free":
-                patch(model)  # training-free TPC: the attention controller on the dense weights
-            elif method in TPC_VARIANTS:  # budget mode follows the schedule the model learned (adaptive mode)
-                record["keep_profile"] = calibrate_keep_profile(model, self.calib)
+            record.update(self.prepare_eval(model, method))
             for budget in todo:
                 knob = None
                 if method != "dense":

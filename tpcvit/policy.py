@@ -25,6 +25,9 @@ class ExecutionPolicy:
     ``keep_profile``: budget mode's schedule over the controlled blocks, relative to ``keep`` (block ``c`` keeps
     ``keep * keep_profile[c]``; mean 1): docs/METHOD.md's "k from the learned mean schedule", measured by
     :func:`tpcvit.calibrate_keep_profile`. ``None``: the same ``keep`` in every block.
+    ``adaptive_level``: adaptive mode's compute knob in [0, 1]: an active token pauses when its pause probability
+    exceeds ``level``, a paused one restarts when its restart probability exceeds ``1 - level`` (higher: more
+    compute). ``None``: both thresholds are the model's ``threshold``.
     """
 
     mode: str = "adaptive"
@@ -34,6 +37,7 @@ class ExecutionPolicy:
     path: str | None = None
     packed: bool = True
     keep_profile: tuple[float, ...] | None = None
+    adaptive_level: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -49,6 +53,8 @@ class ExecutionPolicy:
             if not profile or min(profile) <= 0.0:
                 raise ValueError(f"keep_profile must be positive keep factors, one per controlled block, got {profile}")
             object.__setattr__(self, "keep_profile", profile)
+        if self.adaptive_level is not None and not 0.0 <= float(self.adaptive_level) <= 1.0:
+            raise ValueError(f"adaptive_level must be in [0, 1], got {self.adaptive_level}")
         for name in ("force_pause", "force_restart"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= float(value) <= 1.0:
@@ -65,6 +71,13 @@ class ExecutionPolicy:
         if self.keep_profile is not None:
             keep *= self.keep_profile[min(controlled, len(self.keep_profile) - 1)]
         return max(1, min(num_patches, round(keep * num_patches)))
+
+    def thresholds(self, default: float) -> tuple[float, float]:
+        """Adaptive mode's ``(pause, restart)`` thresholds on the probabilities (see ``adaptive_level``)."""
+        if self.adaptive_level is None:
+            return default, default
+        level = min(max(float(self.adaptive_level), 1e-6), 1.0 - 1e-6)
+        return level, 1.0 - level
 
     def is_fast(self, training: bool) -> bool:
         """Gather/scatter execution: by default at eval, forced either way by ``path``."""

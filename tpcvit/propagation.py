@@ -212,16 +212,16 @@ class Propagation:
                 index = score.topk(budget_k, dim=-1, sorted=False).indices
                 active = torch.zeros_like(prev).scatter_(-1, index, True)
             else:
-                thr = self.cfg.threshold
-                active = torch.where(prev, pause <= thr, restart > thr)
+                thr_pause, thr_restart = self.policy.thresholds(self.cfg.threshold)
+                active = torch.where(prev, pause <= thr_pause, restart > thr_restart)
             self.active = active
             states = active.to(pause.dtype)
         elif self.mode == "budget":
             states = C.topk_states(C.keep_score(self.state, pause, restart), budget_k)
         else:
-            tau, thr = self.cfg.gumbel_tau, self.cfg.threshold
-            pause_ev = C.sample_events(pause, tau, thr, noise=self.sample)
-            restart_ev = C.sample_events(restart, tau, thr, noise=self.sample)
+            tau, (thr_pause, thr_restart) = self.cfg.gumbel_tau, self.policy.thresholds(self.cfg.threshold)
+            pause_ev = C.sample_events(pause, tau, thr_pause, noise=self.sample)
+            restart_ev = C.sample_events(restart, tau, thr_restart, noise=self.sample)
             states = C.active_recursion(self.state, pause_ev, restart_ev)
         self.state = states
         if active is None:

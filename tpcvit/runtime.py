@@ -192,12 +192,19 @@ class TPCRuntime:
 
     @property
     def budget_bounds(self) -> tuple[float, float]:
-        """The keep ratio of budget mode: from one patch token to all."""
+        """The keep ratio of budget mode: from one patch token to all; with an ``adaptive_level`` in the policy,
+        that level (adaptive mode's knob)."""
+        if self.tpc_policy.adaptive_level is not None:
+            return 0.0, 1.0
         return 1.0 / self.patch_embed.num_patches, 1.0
 
     def set_budget(self, value: float) -> None:
-        """Budget mode with ``keep = value`` (the harness's knob)."""
-        self.tpc_policy = self.tpc_policy.replace(mode="budget", keep=float(value))
+        """The harness's knob: budget mode with ``keep = value``, or, when the policy holds an ``adaptive_level``
+        (``set_policy(model, policy.replace(mode="adaptive", adaptive_level=0.5))``), adaptive mode at that level."""
+        if self.tpc_policy.adaptive_level is not None:
+            self.tpc_policy = self.tpc_policy.replace(mode="adaptive", adaptive_level=float(value))
+        else:
+            self.tpc_policy = self.tpc_policy.replace(mode="budget", keep=float(value))
 
     @property
     def adaptive(self) -> bool:
