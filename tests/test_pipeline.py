@@ -422,7 +422,8 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     out = tmp_path / "ev"
     args = ["evidence", "-c", "configs/evidence_fmnist49.yaml", "-o", str(out), "--quiet", "--out",
             str(tmp_path / "evidence_tiny"), *TINY, "data.train_limit=300", "data.val_limit=200", "train.epochs=2",
-            "train.batch_size=32", "evidence.methods=[tpc,idlevit,tome,tpc-free,dense,tpc-norestart,tpc-uniform,tpc-adaptive]",
+            "train.batch_size=32",
+            "evidence.methods=[tpc,idlevit,tome,tpc-free,dense,tpc-norestart,tpc-uniform,tpc-adaptive]",
             "evidence.seeds=[0,1]",
             "evidence.budgets=[0.6,0.8]", "evidence.train_budget=0.7", "evidence.finetune_epochs=1",
             "evidence.finetune_train_limit=200", "evidence.calib_images=32", "model.tpc={target_keep: 0.6}"]
@@ -433,7 +434,8 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     runs = result["runs"]
     assert {(r["method"], r["seed"]) for r in runs if r["budget"] == 0.6} == {
         ("tpc", 0), ("tpc", 1), ("idlevit", 0), ("idlevit", 1), ("tome", None), ("tpc-free", None),
-        ("tpc-norestart", 0), ("tpc-norestart", 1), ("tpc-uniform", 0), ("tpc-uniform", 1), ("tpc-adaptive", 0), ("tpc-adaptive", 1)}
+        ("tpc-norestart", 0), ("tpc-norestart", 1), ("tpc-uniform", 0), ("tpc-uniform", 1), ("tpc-adaptive", 0),
+        ("tpc-adaptive", 1)}
     # tpc-uniform: TPC's own weights (no fine-tune of its own) in budget mode without the learned schedule
     assert not (out / "ft" / "tpc-uniform").exists() and not (out / "ft" / "tpc-adaptive").exists()
     ledger = tmp_path / "evidence_tiny_runs"
@@ -458,13 +460,29 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     assert (out / "ft" / "tpc" / "seed0" / "last.safetensors").stat().st_mtime == stamp
     assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in runs]
     # a later session without the run folders (weights are not committed) rebuilds the results from the ledger
-    ledger = sorted(p.name for p in (tmp_path / "evidence_tiny_runs").iterdir())
+    ledger_dir = tmp_path / "evidence_tiny_runs"
+    ledger = sorted(p.name for p in ledger_dir.iterdir())
     assert "dense_backbone.json" in ledger and "tpc_seed1.json" in ledger and "tome.json" in ledger
     shutil.rmtree(out)
     _cli(*args, timeout=900)
     assert not (out / "ft").exists() and not (out / "dense").exists()  # nothing re-trained
     third = json.loads((tmp_path / "evidence_tiny.json").read_text())
     assert [r["top1"] for r in third["runs"]] == [r["top1"] for r in runs]
+    # every run records the dense weights it started from; a dense model re-trained into other weights (another kind
+    # of CPU) makes every run stale: the job says so and redoes them from the new weights
+    runs_in_ledger = [p for p in ledger_dir.glob("*.json") if p.name != "dense_backbone.json"]
+    digest = json.loads((ledger_dir / "dense_backbone.json").read_text())["weights_sha256"]
+    assert len(digest) == 64 and {json.loads(p.read_text())["dense_sha256"] for p in runs_in_ledger} == {digest}
+    for p in [ledger_dir / "dense_backbone.json", *runs_in_ledger]:  # as if the ledger came from another machine
+        record = json.loads(p.read_text())
+        record["weights_sha256" if p.name == "dense_backbone.json" else "dense_sha256"] = "0" * 64
+        p.write_text(json.dumps(record))
+    (ledger_dir / "tpc_seed1.json").unlink()  # one run left to do: it needs the dense weights, trained here anew
+    res = _cli(*[a for a in args if a != "--quiet"], timeout=900)
+    assert "differs from the one the ledger's runs started from" in res.stdout + res.stderr
+    assert (out / "ft" / "tpc" / "seed0" / "last.safetensors").exists()  # fine-tuned again, from the new weights
+    assert json.loads((ledger_dir / "dense_backbone.json").read_text())["weights_sha256"] == digest
+    assert {json.loads(p.read_text())["dense_sha256"] for p in runs_in_ledger} == {digest}
     # a changed fine-tune recipe never reuses a run made with the old one
     _cli(*[a for a in args if not a.startswith("evidence.methods")], "evidence.methods=[tpc]", "evidence.seeds=[0]",
          "evidence.finetune_lr=1e-4", timeout=900)

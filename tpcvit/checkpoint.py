@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -79,6 +80,18 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save ``model``'s state dict as safetensors, atomically."""
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """SHA-256 over a checkpoint's tensors (names, dtypes, shapes, values, in name order): the identity of a model's
+    weights, whatever the file format. Two trainings from one recipe give the same digest only where they really
+    computed the same (same CPU kind and libraries)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(read_state_dict(path).items()):
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ import torch
 
 from .bench import machine_info
 from .budget import match_gmacs
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, weights_digest
 from .config import ConfigError
 from .data import take_batches
 from .engine import build_model, build_val_data, evaluate, fit, init_distributed
@@ -100,6 +100,14 @@ def _add_seconds(run: Path, key: str, seconds: float) -> None:
     _write_json(run / "timing.json", timing)
 
 
+class DenseChanged(Exception):
+    """The dense weights here are not the ones the ledger's runs were fine-tuned from (``digest``: the new ones)."""
+
+    def __init__(self, digest: str) -> None:
+        super().__init__(digest)
+        self.digest = digest
+
+
 class Evidence:
     """One setting's evidence run (see the module docstring); ``cfg`` is a full experiment config.
 
@@ -116,6 +124,8 @@ class Evidence:
         if unknown:
             raise ConfigError(f"evidence.methods: unknown {unknown}; choose from {list(METHODS)}")
         self.out, self.ledger = Path(cfg["output"]), Path(ledger)
+        self.dense_digest: str | None = None  # sha256 of the dense weights every run in the ledger started from
+        self._dense_checked = False
         self.info = init_distributed()
         self.log = print if progress and self.info.main else (lambda *a, **k: None)
         probe = build_model(method_config(cfg, "dense"), 1, name=model_name(cfg, "dense"))
@@ -136,11 +146,19 @@ class Evidence:
         return str(self.dense_dir / "last.safetensors")
 
     def ensure_dense(self) -> None:
-        """Train the dense backbone (or finish it: resumable) unless its weights are there."""
+        """Train the dense backbone (or finish it: resumable) unless its weights are there; then check that they are
+        the weights the ledger's runs started from (:class:`DenseChanged` otherwise)."""
         c = method_config(self.cfg, "dense")
         c["output"] = str(self.dense_dir)
-        if _done(self.dense_dir, c["train"]["epochs"]):
-            return
+        if not _done(self.dense_dir, c["train"]["epochs"]):
+            self._train_dense(c)
+        if self.dense_digest is not None and not self._dense_checked:
+            digest = weights_digest(self.dense_weights)
+            if digest != self.dense_digest:
+                raise DenseChanged(digest)
+            self._dense_checked = True
+
+    def _train_dense(self, c: dict) -> None:
         init = c["model"].get("init")
         if init and not Path(init).exists():
             raise ConfigError(f"model.init: {init} not found: this setting's dense backbone starts from another "
@@ -158,17 +176,19 @@ class Evidence:
         return finetune_recipe(self.cfg)
 
     def dense_record(self) -> dict:
-        """The dense backbone's validation curve, top-1 and GMACs (from the ledger, else trained and evaluated)."""
+        """The dense backbone's validation curve, top-1, GMACs and weights digest (from the ledger, else trained and
+        evaluated)."""
         path = self.ledger / "dense_backbone.json"
         if path.exists():
             record = json.loads(path.read_text())
-            if record.get("recipe") == self.dense_recipe():
+            if record.get("recipe") == self.dense_recipe() and record.get("weights_sha256"):
+                self.dense_digest = record["weights_sha256"]
                 counted = self.dense_train_seconds()  # e.g. a run resumed across sessions counted its last part
                 if counted and abs(counted - record.get("seconds", 0.0)) > 0.05 * counted:
                     record["seconds"] = round(counted, 1)
                     _write_json(path, record)
                 return record
-            self.log(f"{path}: made with another dense recipe; training the backbone anew")
+            self.log(f"{path}: made with another dense recipe (or without its weights' digest); evaluated anew")
         self.ensure_dense()
         t0 = time.time()
         model = build_model(method_config(self.cfg, "dense"), self.num_classes, name=model_name(self.cfg, "dense"),
@@ -181,7 +201,8 @@ class Evidence:
                    ) + time.time() - t0
         record = {"top1": point["top1"], "top5": point["top5"], "gmacs": point["gmacs"],
                   "curve": [e["top1"] for e in curve], "seconds": seconds, **flatness(curve, self.ev["flat_gain"]),
-                  "recipe": self.dense_recipe()}
+                  "recipe": self.dense_recipe(), "weights_sha256": weights_digest(self.dense_weights)}
+        self.dense_digest, self._dense_checked = record["weights_sha256"], True
         _write_json(path, record)
         return record
 
@@ -244,8 +265,9 @@ class Evidence:
         budgets = [1.0] if method == "dense" else self.ev["budgets"]
         path = self.ledger / f"{method}_seed{seed}.json" if seed is not None else self.ledger / f"{method}.json"
         record = _read_json(path, {"evals": {}})
-        if record.get("recipe") != self.finetune_recipe():  # from another dense model or recipe: not reusable
-            record = {"evals": {}, "recipe": self.finetune_recipe()}
+        if record.get("recipe") != self.finetune_recipe() or record.get("dense_sha256") != self.dense_digest:
+            # from another recipe, or another dense model (same recipe trained on another kind of CPU): not reusable
+            record = {"evals": {}, "recipe": self.finetune_recipe(), "dense_sha256": self.dense_digest}
         todo = [b for b in budgets if f"{b:g}" not in record["evals"]]
         if todo:
             self.ensure_dense()
@@ -287,6 +309,18 @@ class Evidence:
 
     # ------------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Every method at every budget and seed (finished runs reused); the result with its summary."""
+        try:
+            return self._run()
+        except DenseChanged as changed:  # the ledger's runs started from other weights: none of them is comparable
+            self.log(f"the dense backbone trained here (sha256 {changed.digest[:12]}) differs from the one the "
+                     f"ledger's runs started from ({(self.dense_digest or '')[:12]}): another kind of CPU or library "
+                     "computes the same recipe differently; every run is redone from this one")
+            (self.ledger / "dense_backbone.json").unlink()
+            self.dense_digest, self._dense_checked = None, False
+            return self._run()
+
+    def _run(self) -> dict:
         dense = self.dense_record()
         dense_gmacs = dense["gmacs"]
         runs: list[dict] = []
