@@ -453,6 +453,7 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     assert summary["tpc_vs_peers"][summary["tpc_vs_best_peer"]["0.6"]["best_peer"]]["0.6"] == {
         k: v for k, v in summary["tpc_vs_best_peer"]["0.6"].items() if k != "best_peer"}
     assert (tmp_path / "evidence_tiny.md").read_text().count("|") > 20 and (tmp_path / "evidence_tiny.png").exists()
+    assert "The keep schedule TPC learned" in (tmp_path / "evidence_tiny.md").read_text()
     # finished fine-tunes and evaluations are reused: a second run trains nothing and gives the same numbers
     stamp = (out / "ft" / "tpc" / "seed0" / "last.safetensors").stat().st_mtime
     _cli(*args, timeout=900)

@@ -305,7 +305,8 @@ class Evidence:
         return [{"method": method, "budget": b, "seed": seed, "top1": record["evals"][f"{b:g}"]["top1"],
                  "gmacs": record["evals"][f"{b:g}"]["gmacs"],
                  "gmacs_ratio": record["evals"][f"{b:g}"]["gmacs"] / dense_gmacs,
-                 "knob": record["evals"][f"{b:g}"]["knob"]} for b in budgets]
+                 "knob": record["evals"][f"{b:g}"]["knob"],
+                 **({"keep_profile": record["keep_profile"]} if "keep_profile" in record else {})} for b in budgets]
 
     # ------------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -481,11 +482,18 @@ def evidence_markdown(result: dict) -> str:
                   "deterministic run each): " + ", ".join(f"{float(b):.0%} GMACs {d:+.2f} pt"
                                                          for b, d in s["tpc_free_minus_tome"].items())]
     if s["claims"]:
-        lines += ["", "The paper's claims: TPC minus each variant (paired by seed, 95% t-interval):", "",
+        lines += ["", "The paper's claims (no restart / smoothing / stabilizer) and TPC's evaluation choices (one keep "
+                  "for every block, per-image adaptive decisions): TPC minus each variant (paired by seed, 95% "
+                  "t-interval):", "",
                   "| variant | " + " | ".join(f"{float(b):.0%}" for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
         for variant, cells in s["claims"].items():
             lines.append(f"| {variant} | " + " | ".join(_fmt_diff(cells.get(b)) for b in budgets) + " |")
+    profiles = {r["seed"]: r["keep_profile"] for r in result["runs"] if r["method"] == "tpc" and "keep_profile" in r}
+    if profiles:
+        lines += ["", "The keep schedule TPC learned (share of active tokens per controlled block in adaptive mode, "
+                  "relative to its mean; budget mode keeps `keep x factor` tokens in each block): "
+                  + "; ".join(f"seed {seed} [{', '.join(f'{v:.2f}' for v in p)}]" for seed, p in profiles.items())]
     return "\n".join(lines)
 
 
