@@ -469,6 +469,14 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     assert not (out / "ft").exists() and not (out / "dense").exists()  # nothing re-trained
     third = json.loads((tmp_path / "evidence_tiny.json").read_text())
     assert [r["top1"] for r in third["runs"]] == [r["top1"] for r in runs]
+    # --report-only trains and evaluates nothing: unfinished runs are left out and listed
+    (ledger_dir / "idlevit_seed1.json").unlink()
+    _cli(*args, "--report-only", timeout=900)
+    partial = json.loads((tmp_path / "evidence_tiny.json").read_text())
+    assert partial["missing"] == ["idlevit_seed1"] and not (out / "ft").exists() and not (out / "dense").exists()
+    assert ("idlevit", 1) not in {(r["method"], r["seed"]) for r in partial["runs"]}
+    assert "Not finished yet (left out; the job resumes them): idlevit_seed1" in (
+        tmp_path / "evidence_tiny.md").read_text()
     # every run records the dense weights it started from; a dense model re-trained into other weights (another kind
     # of CPU) makes every run stale: the job says so and redoes them from the new weights
     runs_in_ledger = [p for p in ledger_dir.glob("*.json") if p.name != "dense_backbone.json"]

@@ -244,7 +244,7 @@ def _cmd_evidence(args: argparse.Namespace) -> int:
     cfg = _load(args)
     ensure_writable(cfg["output"])
     out = args.out or f"benchmarks/results/evidence_{Path(cfg['output']).name.removeprefix('evidence_')}"
-    result = Evidence(cfg, ledger=f"{out}_runs", progress=not args.quiet).run()
+    result = Evidence(cfg, ledger=f"{out}_runs", progress=not args.quiet, report_only=args.report_only).run()
     result["command"] = "tpcvit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     ensure_writable(Path(out).parent)
     print(evidence_markdown(result))
@@ -387,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="write <out>.json/.md/.png and one JSON per finished run in "
                     "<out>_runs/ (commit it: runs found there are reused); default: benchmarks/results/"
                     "evidence_<output folder name>")
+    ev.add_argument("--report-only", action="store_true", help="train and evaluate nothing: write the report from the "
+                    "finished runs in the ledger (unfinished ones are listed as missing)")
     ev.set_defaults(func=_cmd_evidence)
     return parser
 

@@ -117,8 +117,9 @@ class Evidence:
     the dense backbone is then re-trained only if a fine-tune still needs its weights (same recipe: deterministic).
     """
 
-    def __init__(self, cfg: dict, ledger: str | Path, progress: bool = True) -> None:
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: dict, ledger: str | Path, progress: bool = True, report_only: bool = False) -> None:
+        self.cfg, self.progress, self.report_only = cfg, progress, report_only
+        self.missing: list[str] = []  # report_only: runs not (completely) in the ledger, left out of the report
         self.ev = cfg["evidence"]
         unknown = [m for m in self.ev["methods"] if m not in METHODS]
         if unknown:
@@ -189,6 +190,9 @@ class Evidence:
                     _write_json(path, record)
                 return record
             self.log(f"{path}: made with another dense recipe (or without its weights' digest); evaluated anew")
+        if self.report_only:
+            raise ConfigError(f"--report-only: {path} holds no dense backbone of this recipe yet; run the job "
+                              "without --report-only first")
         self.ensure_dense()
         t0 = time.time()
         model = build_model(method_config(self.cfg, "dense"), self.num_classes, name=model_name(self.cfg, "dense"),
@@ -269,6 +273,9 @@ class Evidence:
             # from another recipe, or another dense model (same recipe trained on another kind of CPU): not reusable
             record = {"evals": {}, "recipe": self.finetune_recipe(), "dense_sha256": self.dense_digest}
         todo = [b for b in budgets if f"{b:g}" not in record["evals"]]
+        if todo and self.report_only:  # nothing is trained or evaluated: report what the ledger holds
+            self.missing.append(path.stem)
+            return []
         if todo:
             self.ensure_dense()
             t0 = time.time()
@@ -339,6 +346,7 @@ class Evidence:
             "runs": runs, "budgets": self.ev["budgets"], "seeds": self.ev["seeds"],
             "recipe": {k: v for k, v in self.ev.items() if k.startswith("finetune")},
             "cpu_seconds": self.cpu_seconds(), "machine": machine_info(self.info.device), "config": self.cfg,
+            "missing": self.missing,
         }
         result["summary"] = summarize(result)
         return result
@@ -445,6 +453,8 @@ def evidence_markdown(result: dict) -> str:
              f"gain over the last 20% of its epochs {dense['last20_gain']} pt "
              f"({'flat' if dense['converged'] else 'NOT flat'}).",
              f"Fine-tune recipe (every method): {result['recipe']}; seeds {result['seeds']}.",
+             *([f"Not finished yet (left out; the job resumes them): {', '.join(result['missing'])}."]
+               if result.get("missing") else []),
              f"CPU time so far: {result['cpu_seconds']['total'] / 3600:.2f} h "
              f"({result['machine']['cpu']}, {result['machine']['threads']} threads, fp32).", "",
              "Top-1 (%) at matched GMACs: mean ± std over seeds (n); GMACs as measured on the validation set.", "",
