@@ -106,6 +106,23 @@ def test_resume_after_kill_9_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_finished_run_extended_by_a_cooldown_resumes_exactly_at_min_lr(tmp_path):
+    common = ["--quiet", "model.name=deit_tiny_patch16_224", *TINY, "data.train_limit=128", "data.val_limit=32",
+              "train.epochs=1", "train.batch_size=32", "train.log_every_steps=1", "train.min_lr=1e-5"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _cli("train", "-o", str(ref), *common, "train.cooldown_epochs=1")
+    _cli("train", "-o", str(run), *common)  # the schedule alone; then extended by one cooldown epoch
+    _cli("train", "-o", str(run), "--resume", *common, "train.cooldown_epochs=1")
+    steps = [json.loads(ln) for ln in (run / "steps.jsonl").read_text().splitlines()]
+    assert [json.loads(ln) for ln in (ref / "steps.jsonl").read_text().splitlines()] == steps
+    assert len(steps) == 8 and all(abs(s["lr"] - 1e-5) < 1e-12 for s in steps[4:]) and steps[0]["lr"] > 1e-4
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref / "last.safetensors"), load_file(run / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 class _Payload:
     """Pickles to ``open(path, "w")``: loading it with weights_only=False would create the file."""
 

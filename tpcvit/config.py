@@ -49,7 +49,8 @@ DEFAULTS: dict[str, Any] = {
         "token_label_weight": 0.5,
     },
     "train": {
-        "epochs": 1,
+        "epochs": 1,  # the cosine schedule's length
+        "cooldown_epochs": 0,  # then this many epochs at min_lr (DeiT's recipe: 10), not counted in `epochs`
         "batch_size": 64,
         "lr": 5.0e-4,
         "min_lr": 1.0e-5,
@@ -114,12 +115,12 @@ POSITIVE = ("train.epochs", "train.batch_size", "train.lr", "eval.batch_size", "
             "evidence.calib_images", "evidence.train_budget")
 FRACTIONS = ("distill.alpha", "data.mixup", "data.cutmix", "data.label_smoothing", "data.aug.re_prob")
 # whole numbers: counts of epochs, images, steps, rounds (1.5 epochs has no meaning in the loop)
-INTEGERS = ("seed", "train.epochs", "train.batch_size", "eval.batch_size", "data.workers", "train.ckpt_every_steps",
-            "train.log_every_steps", "pipeline.dense_epochs", "pipeline.tpc_epochs", "pipeline.bench_rounds",
-            "evidence.finetune_epochs", "evidence.calib_images")
-NON_NEGATIVE = ("seed", "data.workers", "train.min_lr", "train.weight_decay", "train.warmup_epochs",
-                "train.ckpt_every_steps", "train.alpha_budget", "train.alpha_dist", "train.controller_lr_scale",
-                "data.token_label_weight", "evidence.finetune_warmup", "distill.tau")
+INTEGERS = ("seed", "train.epochs", "train.cooldown_epochs", "train.batch_size", "eval.batch_size", "data.workers",
+            "train.ckpt_every_steps", "train.log_every_steps", "pipeline.dense_epochs", "pipeline.tpc_epochs",
+            "pipeline.bench_rounds", "evidence.finetune_epochs", "evidence.calib_images")
+NON_NEGATIVE = ("seed", "train.cooldown_epochs", "data.workers", "train.min_lr", "train.weight_decay",
+                "train.warmup_epochs", "train.ckpt_every_steps", "train.alpha_budget", "train.alpha_dist",
+                "train.controller_lr_scale", "data.token_label_weight", "evidence.finetune_warmup", "distill.tau")
 # a subset size: a whole number >= 1, or null for everything
 LIMITS = ("data.train_limit", "data.val_limit", "evidence.finetune_train_limit")
 FREE_FORM = ("model.kwargs", "model.tpc", "model.peer")  # validated by the model itself

@@ -217,6 +217,11 @@ def build_optimizer(model: nn.Module, cfg: dict):
     return create_optimizer_v2(param_groups, opt=t["opt"], lr=t["lr"], weight_decay=t["weight_decay"])
 
 
+def total_epochs(train_cfg: dict) -> int:
+    """Epochs a run trains: the cosine schedule's ``epochs`` plus ``cooldown_epochs`` at ``min_lr``."""
+    return train_cfg["epochs"] + train_cfg.get("cooldown_epochs", 0)
+
+
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warm-up then cosine decay, a pure function of the global step (resume needs no scheduler state)."""
     if step < warmup:
@@ -343,8 +348,10 @@ def _trim_jsonl(path: Path, max_step: int) -> None:
 # keys that may change between a run and its resumption (they do not change what is computed)
 # keys a resumed run may change: where it writes, logging/checkpoint cadence, and the sections that orchestrate runs
 # rather than define one (an evidence job's method list, a pipeline's stages)
+# train.cooldown_epochs too: epochs at min_lr appended after the cosine schedule leave every step before them as it
+# was (lr_at is min_lr past the schedule), so a finished run can be extended by a cooldown and stays exact
 RESUME_MAY_CHANGE = ("output", "train.halt_after_steps", "train.log_every_steps", "train.ckpt_every_steps",
-                     "evidence.", "pipeline.")
+                     "train.cooldown_epochs", "evidence.", "pipeline.")
 
 
 def check_same_config(out: Path, cfg: dict) -> None:
@@ -589,7 +596,7 @@ def _train_epoch(run: Training, epoch: int, progress: bool) -> tuple[int, float]
     if isinstance(run.train_ds, SeedPerSample):
         run.train_ds.set_epoch(epoch)
     run.model.train()
-    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=not (progress and info.main),
+    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{total_epochs(t)}", disable=not (progress and info.main),
                initial=start, total=run.steps_per_epoch, leave=False)
     t0, seen = time.perf_counter(), 0
     for i, (images, targets) in enumerate(bar, start=start):
@@ -643,7 +650,7 @@ def fit(cfg: dict, resume: bool = False, progress: bool = True, model_name: str 
     """
     run = _prepare_training(cfg, resume, model_name, init)
     summary: dict = {}
-    for epoch in range(run.position["epoch"], cfg["train"]["epochs"]):
+    for epoch in range(run.position["epoch"], total_epochs(cfg["train"])):
         seen, seconds = _train_epoch(run, epoch, progress)
         summary = _end_epoch(run, epoch, seen, seconds, progress)
     if run.distilled_student:

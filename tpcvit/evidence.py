@@ -33,7 +33,7 @@ from .budget import match_gmacs
 from .checkpoint import atomic_write, weights_digest
 from .config import ConfigError
 from .data import take_batches
-from .engine import build_model, build_val_data, evaluate, fit, init_distributed
+from .engine import build_model, build_val_data, evaluate, fit, init_distributed, total_epochs
 from .models import image_geometry, variant_name
 from .patch import patch
 from .reporting import plot_evidence
@@ -151,7 +151,7 @@ class Evidence:
         the weights the ledger's runs started from (:class:`DenseChanged` otherwise)."""
         c = method_config(self.cfg, "dense")
         c["output"] = str(self.dense_dir)
-        if not _done(self.dense_dir, c["train"]["epochs"]):
+        if not _done(self.dense_dir, total_epochs(c["train"])):
             self._train_dense(c)
         if self.dense_digest is not None and not self._dense_checked:
             digest = weights_digest(self.dense_weights)
@@ -165,7 +165,7 @@ class Evidence:
             raise ConfigError(f"model.init: {init} not found: this setting's dense backbone starts from another "
                               "model's weights; train that one first (e.g. `tpcvit evidence -c "
                               "configs/evidence_fmnist49.yaml` for runs/evidence_fmnist49/dense)")
-        self.log(f"== dense backbone: {c['train']['epochs']} epochs (resumable)")
+        self.log(f"== dense backbone: {total_epochs(c['train'])} epochs (resumable)")
         t0 = time.time()
         fit(c, resume=(self.dense_dir / "last.json").exists(), progress=self.progress, model_name=c["model"]["name"])
         _add_seconds(self.dense_dir, "train_s", time.time() - t0)
@@ -231,7 +231,8 @@ class Evidence:
         c = method_config(self.cfg, method)
         c["seed"] = seed
         c["output"] = str(self.run_dir(method, seed))
-        c["train"].update(epochs=ev["finetune_epochs"], lr=ev["finetune_lr"], warmup_epochs=ev["finetune_warmup"])
+        c["train"].update(epochs=ev["finetune_epochs"], lr=ev["finetune_lr"], warmup_epochs=ev["finetune_warmup"],
+                          cooldown_epochs=0)
         c["data"]["train_limit"] = ev["finetune_train_limit"]
         c["model"]["init"] = self.dense_weights
         c["distill"]["teacher"] = self.dense_weights if ev["finetune_distill"] else None
@@ -284,7 +285,7 @@ class Evidence:
             else:
                 c = self.finetune_config(method, seed, dense_gmacs)
                 run = Path(c["output"])
-                if not _done(run, c["train"]["epochs"]):
+                if not _done(run, total_epochs(c["train"])):
                     self.log(f"== fine-tune {EVAL_VARIANTS.get(method, method)}, seed {seed}")
                     t_fit = time.time()
                     fit(c, resume=(run / "last.json").exists(), progress=self.progress)
