@@ -249,11 +249,7 @@ def set_mode(model: nn.Module, mode: str, keep: float | None = None) -> nn.Modul
     defaults to the model's ``target_keep``). ``model.eval()`` then uses the gather/scatter path,
     ``model.train()`` the masked path.
     """
-    targets = tpc_modules(model)
-    if not targets:
-        raise TypeError(f"{type(model).__name__} is not a TPC model (create one with timm.create_model('tpc_...'))")
-    policy = targets[0].tpc_policy.replace(mode=mode, keep=keep)
-    return set_policy(model, policy)
+    return set_policy(model, current_policy(model).replace(mode=mode, keep=keep))
 
 
 @torch.no_grad()
@@ -285,7 +281,7 @@ def unwrap_reducer(model: nn.Module) -> TPCRuntime:
     """The (first) TPC model inside ``model``."""
     targets = tpc_modules(model)
     if not targets:
-        raise TypeError(f"{type(model).__name__} is not a TPC model")
+        raise TypeError(f"{type(model).__name__} is not a TPC model (create one with timm.create_model('tpc_...'))")
     return targets[0]
 
 
