@@ -14,7 +14,7 @@ OLD=.venv-timm-oldest
 $OLD/bin/python -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps timm==1.0.17
 $OLD/bin/python -m pip install -q --disable-pip-version-check --root-user-action=ignore "huggingface_hub<1"  # its era
 $OLD/bin/python -c "import tpcvit, timm; assert timm.__version__ == '1.0.17', timm.__version__"
-$OLD/bin/python -m pytest -p no:cacheprovider tests/test_models.py tests/test_peers.py tests/test_families.py \
+$OLD/bin/python -m pytest -p no:cacheprovider tests/test_models.py tests/test_layers.py tests/test_peers.py tests/test_families.py \
   tests/test_flops_checkpoint.py tests/test_controller.py tests/test_patch.py
 # The unit tier first (seconds: fails fast on a broken core), then the slow pipeline tier; together the whole
 # suite. The last summary line ("N passed, M skipped") closes the output.

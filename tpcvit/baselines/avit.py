@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import embed_tokens, packed_block, supports_packing
+from ..layers import block_forward, embed_tokens, packed_block, supports_packing
 from ..tokens import masked_update, run_on_selection, select_active
 from .common import PeerMixin, PeerTrace, create_peer
 
@@ -93,7 +93,7 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
             actives.append(running)
 
             def run(tokens: torch.Tensor, mask: torch.Tensor | None, blk=blk) -> torch.Tensor:
-                return blk(tokens, attn_mask=mask)
+                return block_forward(blk, tokens, mask)
 
             if not fast:
                 x = masked_update(run, x, running.to(x.dtype), p)

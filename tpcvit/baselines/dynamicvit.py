@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import embed_tokens
+from ..layers import block_forward, embed_tokens
 from ..tokens import masked_update
 from .common import PeerMixin, PeerTrace, create_peer, reduction_blocks
 
@@ -98,10 +98,10 @@ class DynamicViTVisionTransformer(PeerMixin, VisionTransformer):
                         policy = torch.zeros_like(policy).scatter_(1, top, 1.0) * policy
                     ratios.append(policy.mean(dim=1))
             if fast:
-                x = blk(x)
+                x = block_forward(blk, x)
                 actives.append(torch.zeros(b, n, dtype=torch.bool, device=x.device).scatter_(1, alive, True))
             else:
-                x = masked_update(lambda t, m, blk=blk: blk(t, attn_mask=m), x, policy, p)
+                x = masked_update(lambda t, m, blk=blk: block_forward(blk, t, m), x, policy, p)
                 actives.append(policy.detach() > 0.5)
         active = torch.stack(actives, dim=1)
         extras = {"kept_share": torch.stack(ratios, dim=1) if ratios else x.new_zeros(b, 0)}

@@ -17,7 +17,7 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import attention_output, attention_parts, embed_tokens
+from ..layers import attention_output, attention_parts, block_forward, embed_tokens
 from .common import PeerMixin, PeerTrace, create_peer, reduction_blocks
 
 
@@ -69,7 +69,7 @@ class EViTVisionTransformer(PeerMixin, VisionTransformer):
         keep = []
         for i, blk in enumerate(self.blocks):
             keep.append((x.shape[1] - p) / n)
-            x = self._reorganise_block(blk, x) if i in self.evit_blocks and self.budget < 1.0 else blk(x)
+            x = self._reorganise_block(blk, x) if i in self.evit_blocks and self.budget < 1.0 else block_forward(blk, x)
         return self.norm(x), PeerTrace(keep=x.new_tensor(keep).expand(x.shape[0], -1))
 
 

@@ -24,7 +24,7 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import attend, embed_tokens
+from ..layers import attend, block_forward, embed_tokens
 from ..tokens import masked_update, run_on_selection, select_topk
 from .common import PeerMixin, PeerTrace, create_peer, reduction_blocks
 
@@ -77,7 +77,7 @@ class IdleViTVisionTransformer(PeerMixin, VisionTransformer):
         score, last_map = None, None  # last_map: (attention weights, tokens that took part) for the token cut
         for i, blk in enumerate(self.blocks):
             if not reduce or i < self.idle_start - 1:
-                x = blk(x)
+                x = block_forward(blk, x)
                 actives.append(everyone)
                 continue
             if i == self.idle_start - 1:  # last dense block: its class attention seeds every score

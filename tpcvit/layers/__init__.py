@@ -5,8 +5,19 @@ from .geometry import check_images, embed_tokens, image_geometry, unwrap
 from .heads import ControllerHead
 from .stabilizer import TokenGridStabilizer
 from .swin_block import sparse_swin_block, upsample_tokens, window_attention_heads
-from .vit_block import attend, attention_output, attention_parts, context_block, packed_block, supports_packing
+from .vit_block import (
+                        PlainBlock,
+                        attend,
+                        attention_output,
+                        attention_parts,
+                        block_forward,
+                        context_block,
+                        packed_block,
+                        plain_block,
+                        supports_packing,
+)
 
-__all__ = ["ControllerHead", "TokenGridStabilizer", "attend", "attention_output", "attention_parts",
-           "check_images", "context_block", "embed_tokens", "image_geometry", "packed_block", "sparse_swin_block",
+__all__ = ["ControllerHead", "PlainBlock", "TokenGridStabilizer", "attend", "attention_output", "attention_parts",
+           "check_images", "context_block", "embed_tokens", "image_geometry", "block_forward", "packed_block",
+           "plain_block", "sparse_swin_block",
            "supports_packing", "unwrap", "upsample_tokens", "window_attention_heads"]

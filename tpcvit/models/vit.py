@@ -15,7 +15,7 @@ from timm.models import register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import context_block, embed_tokens, packed_block, supports_packing
+from ..layers import block_forward, context_block, embed_tokens, packed_block, supports_packing
 from ..propagation import Propagation, TokenTrace, TPCConfig
 from ..runtime import BlockStep, Stage, TPCRuntime
 from ..tokens import masked_update, run_on_selection, select_active, select_topk
@@ -48,14 +48,14 @@ class TPCViT(TPCRuntime):
     def _tpc_dense_block(self, blk: nn.Module, x: torch.Tensor, seed_attention: bool):
         if seed_attention:  # seeds the scores of the first controlled block
             return context_block(blk, x, x, class_attention=True, num_prefix=self.num_prefix_tokens)
-        return blk(x), None
+        return block_forward(blk, x), None
 
     def _tpc_run_block(self, blk: nn.Module, x: torch.Tensor, step: BlockStep):
         cfg, prefix, d = self.tpc_cfg, self.num_prefix_tokens, step.decision
         seen: dict[str, torch.Tensor] = {}
 
         def run(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            return blk(tokens, attn_mask=mask)
+            return block_forward(blk, tokens, mask)
 
         if cfg.paused_keys and (step.fast or step.attention):  # selected tokens query the whole buffer
             def run(tokens: torch.Tensor, mask: torch.Tensor | None, context=x) -> torch.Tensor:

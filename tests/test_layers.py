@@ -1,0 +1,73 @@
+"""The block executors of tpcvit.layers: the functional plain-block path is bitwise timm's block, and it steps aside
+wherever it would not be (training, hooks, blocks with other parts)."""
+
+import pytest
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+
+import tpcvit  # noqa: F401  (import guard before timm's torchvision import)
+from tpcvit.layers import block_forward, context_block, plain_block
+
+
+def _block(**kw) -> Block:
+    torch.manual_seed(0)
+    return Block(32, 4, qkv_bias=True, **kw).eval()
+
+
+def _tokens(b: int = 3, t: int = 9) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(b, t, 32)
+
+
+@torch.no_grad()
+def test_plain_block_forward_is_bitwise_timm_with_and_without_a_mask():
+    blk, x = _block(), _tokens()
+    assert plain_block(blk) is not None
+    assert torch.equal(block_forward(blk, x), blk(x))
+    bias = torch.zeros(3, 1, 1, 9).masked_fill(torch.rand(3, 1, 1, 9) > 0.6, float("-inf"))
+    bias[..., 0] = 0.0
+    assert torch.equal(block_forward(blk, x, bias), blk(x, attn_mask=bias))
+
+
+@torch.no_grad()
+def test_block_forward_leaves_other_blocks_training_and_hooks_to_timm():
+    x = _tokens()
+    assert plain_block(_block(init_values=0.1)) is None  # LayerScale: not a plain block
+    assert plain_block(_block(qk_norm=True)) is None
+    seen = []
+    blk = _block()
+    handle = blk.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    block_forward(blk, x)
+    assert seen == [x.shape]  # the hook saw the call: the block ran as blk(x)
+    handle.remove()
+    blk.train()
+    calls = []
+    blk.mlp.register_forward_hook(lambda m, i, o: calls.append(1))
+    block_forward(blk, x)
+    assert calls == [1]  # training: timm's modules (dropout, drop-path) run
+
+
+def test_plain_block_cache_follows_replaced_weights_and_parts():
+    blk = _block()
+    first = plain_block(blk)
+    assert plain_block(blk) is first  # cached
+    blk.attn.qkv.weight = nn.Parameter(torch.zeros_like(blk.attn.qkv.weight))
+    assert plain_block(blk).qkv[0] is blk.attn.qkv.weight
+    blk.mlp.act = nn.ReLU()
+    assert plain_block(blk) is None
+
+
+@pytest.mark.parametrize("class_attention", [False, True])
+@torch.no_grad()
+def test_context_block_plain_path_is_bitwise_the_module_path(class_attention):
+    blk, x = _block(), _tokens()
+    tokens = x[:, [0, 2, 5]]
+    fast = context_block(blk, tokens, x, class_attention=class_attention)
+    blk.train()  # no dropout configured: the module path computes the same formula
+    modules = context_block(blk, tokens, x, class_attention=class_attention)
+    for a, b in zip(fast if class_attention else (fast,), modules if class_attention else (modules,)):
+        assert torch.equal(a, b)
+    # and it is the block on the whole sequence, restricted to the rows of the tokens
+    full = blk.eval()(x)[:, [0, 2, 5]]
+    assert torch.allclose(fast[0] if class_attention else fast, full, atol=1e-5)
