@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 14's CPU targets, eager PyTorch, fp32, random weights (speed only: budget mode has static shapes, so its
 # speed does not depend on the weights). Run it ALONE on the machine (no other torch process: 2 threads each on 2
-# cores make timings 5-10x slower). Writes benchmarks/results/cpu_*.{json,md}. ~6 min on a 2-core CPU.
+# cores make timings 5-10x slower). Writes benchmarks/results/cpu_*.{json,md}. ~7 min on a 2-core CPU.
 #   1. main-job model (49 tokens): dense vs TPC (paused keys, as the main job) vs EViT at matched GMACs, b=1 and 256
-#   2. DeiT-S 224: speed-up per FLOPs at keep 30/50/70% (and 100%: the controller's overhead), b=1 and 32
+#   2. DeiT-S 224: speed-up per FLOPs at keep 30/50/70% (and 100%: the controller's overhead), b=1 and 32; fp32, bf16
 #   3. where the time goes: per controlled block parts, both models, and the zero-overhead ceiling (the dense model
 #      cut once to the kept tokens: what this machine gives for those FLOPs at all)
 set -euo pipefail
@@ -15,6 +15,9 @@ tpcvit bench -c configs/fmnist_main.yaml --no-data --quiet --methods dense,tpc-k
   --calib-images 64 --out $R/cpu_mainjob_methods
 tpcvit bench --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --batch-sizes 1 32 --rounds 9 \
   --out $R/cpu_deit_small
+# the same in bf16 (CPUs with AVX512-BF16/AMX run bf16 GEMMs ~2x faster than fp32: the controller's share grows)
+tpcvit bench --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --batch-sizes 1 32 --rounds 7 --dtype bfloat16 \
+  --out $R/cpu_deit_small_bf16
 tpcvit bench --breakdown --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --batch-sizes 1 32 --rounds 7 \
   --out $R/cpu_breakdown_deit_small
 tpcvit bench --breakdown -c configs/fmnist_main.yaml --keeps 1.0 0.25 --batch-sizes 1 256 --rounds 7 \
