@@ -591,3 +591,31 @@ def test_resume_refuses_another_config_and_a_dead_start_begins_clean(tmp_path):
     _cli("train", "-o", str(dead), *common)
     steps = [json.loads(ln)["global_step"] for ln in (dead / "steps.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[0] == 1
+
+
+def test_gpu_evidence_script_stops_at_its_deadline_and_packs_ledger_and_report(tmp_path):
+    """scripts/gpu_evidence.sh (issue 11 in one GPU lease) on this CPU: the job is stopped cleanly at the deadline,
+    the report is written from the runs that finished, and ledger + report are packed for the device tool's $OUT."""
+    import tarfile
+
+    out, results = tmp_path / "out", tmp_path / "res" / "evidence_tiny"
+    out.mkdir()
+    overrides = [f"output={tmp_path / 'run'}", *TINY, "data.train_limit=300", "data.val_limit=200", "train.epochs=2",
+                 "train.cooldown_epochs=0", "train.batch_size=32", "evidence.methods=[tpc,tome,dense,evit,idlevit]",
+                 "evidence.seeds=[0,1,2,3,4,5,6,7]", "evidence.budgets=[0.6,0.8]", "evidence.train_budget=0.7",
+                 "evidence.finetune_epochs=1", "evidence.finetune_train_limit=200", "evidence.calib_images=32",
+                 "model.tpc={target_keep: 0.6}"]
+    env = {**ENV, "OUT": str(out), "RESULTS": str(results), "DATA": str(tmp_path / "no-data"), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "scripts/gpu_evidence.sh", "configs/evidence_fmnist49.yaml", "25", *overrides],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "stopped at the deadline" in done.stdout and "(no GPU)" in done.stdout
+    ledger = {p.name for p in (results.parent / "evidence_tiny_runs").iterdir()}
+    assert "dense_backbone.json" in ledger and "tpc_seed0.json" in ledger
+    assert "idlevit_seed7.json" not in ledger  # the deadline (~1/3 of the job here) came first: stopped, not done
+    report = json.loads(results.with_suffix(".json").read_text())
+    assert {r["method"] for r in report["runs"]} >= {"tpc", "tome"}
+    with tarfile.open(out / "evidence_fmnist49.tgz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("evidence_tiny_runs/tpc_seed0.json") for n in names)
+    assert any(n.endswith("evidence_tiny.md") for n in names)
