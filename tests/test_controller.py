@@ -87,3 +87,22 @@ def test_losses_are_zero_at_their_targets_and_positive_elsewhere():
     assert C.distribution_loss(torch.full_like(a, 0.95), torch.zeros_like(a), 0.5, 0.0).item() > 0.1
     with_restart = C.distribution_loss(a, torch.zeros_like(a), 0.5, restart_prior=0.1)
     assert with_restart.item() > 0.05  # no restarts at all is penalised against a 10% restart prior
+
+
+def test_neighbour_mean_product_equals_border_aware_pooling():
+    import torch.nn.functional as F
+
+    for grid in ((7, 7), (4, 5), (1, 3)):
+        n = grid[0] * grid[1]
+        probs = torch.rand(3, n, 2)
+        pooled = F.avg_pool2d(probs.transpose(1, 2).reshape(3, 2, *grid), 3, stride=1, padding=1,
+                              count_include_pad=False).reshape(3, 2, n).transpose(1, 2)
+        product = C.neighbour_mean_matrix(grid, probs.device, probs.dtype) @ probs
+        assert torch.allclose(product, pooled, atol=1e-6)
+    # the clip uses it on small grids and pooling on large ones: the same rule either way
+    small, large = torch.rand(2, 49, 2), torch.rand(2, 100, 2)
+    for probs, grid in ((small, (7, 7)), (large, (10, 10))):
+        out = C.spatial_smooth(probs, grid, 0.1)
+        pooled = F.avg_pool2d(probs.transpose(1, 2).reshape(2, 2, *grid), 3, stride=1, padding=1,
+                              count_include_pad=False).reshape(2, 2, -1).transpose(1, 2)
+        assert torch.allclose(out, pooled + (probs - pooled).clamp(-0.1, 0.1), atol=1e-6)

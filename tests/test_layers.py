@@ -54,6 +54,9 @@ def test_plain_block_cache_follows_replaced_weights_and_parts():
     assert plain_block(blk) is first  # cached
     blk.attn.qkv.weight = nn.Parameter(torch.zeros_like(blk.attn.qkv.weight))
     assert plain_block(blk).qkv[0] is blk.attn.qkv.weight
+    blk.double()  # data moved: the cached q / kv views must follow
+    assert plain_block(blk).q[0].dtype == torch.float64 and plain_block(blk).kv[1].dtype == torch.float64
+    assert plain_block(blk).q[0].data_ptr() == blk.attn.qkv.weight.data_ptr()
     blk.mlp.act = nn.ReLU()
     assert plain_block(blk) is None
 
@@ -71,3 +74,11 @@ def test_context_block_plain_path_is_bitwise_the_module_path(class_attention):
     # and it is the block on the whole sequence, restricted to the rows of the tokens
     full = blk.eval()(x)[:, [0, 2, 5]]
     assert torch.allclose(fast[0] if class_attention else fast, full, atol=1e-5)
+
+
+def test_prefix_positions_are_the_same_on_the_one_prefix_shortcut():
+    from tpcvit.tokens import _with_prefix
+
+    index = torch.tensor([[3, 0, 7], [1, 2, 4]])
+    assert torch.equal(_with_prefix(index, 1), torch.tensor([[0, 4, 1, 8], [0, 2, 3, 5]]))
+    assert torch.equal(_with_prefix(index, 2), torch.tensor([[0, 1, 5, 2, 9], [0, 1, 3, 4, 6]]))

@@ -28,7 +28,7 @@ _EPS = 1e-6
 # ----------------------------------------------------------------------------------------------------------
 def transition_probs(logits: torch.Tensor) -> torch.Tensor:
     """Controller logits ``[..., 2]`` -> probabilities ``[..., 2]``: ``[..., 0]`` pause, ``[..., 1]`` restart."""
-    return logits.float().sigmoid()
+    return (logits if logits.dtype == torch.float32 else logits.float()).sigmoid()
 
 
 def attention_logits(relative_attention: torch.Tensor, threshold: float, sharpness: float) -> torch.Tensor:
@@ -84,28 +84,51 @@ def break_probability(pause: torch.Tensor, restart: torch.Tensor) -> torch.Tenso
 # ----------------------------------------------------------------------------------------------------------
 # smoothing
 # ----------------------------------------------------------------------------------------------------------
+_NEIGHBOUR_MEANS: dict[tuple, torch.Tensor] = {}
+
+
+def neighbour_mean_matrix(grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, N]`` matrix ``M`` with ``(M @ p)[k]`` = mean of ``p`` over token k's 3x3 neighbourhood on the grid
+    (border-aware: only neighbours inside the grid count). Cached per grid, device and dtype."""
+    key = (tuple(grid), str(device), dtype)
+    if key not in _NEIGHBOUR_MEANS:
+        h, w = grid
+        eye = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+        ones = torch.ones(1, 1, h, w, dtype=torch.float64)
+        sums = F.conv2d(eye, torch.ones(1, 1, 3, 3, dtype=torch.float64), padding=1).reshape(h * w, h * w)
+        counts = F.conv2d(ones, torch.ones(1, 1, 3, 3, dtype=torch.float64), padding=1).reshape(h * w)
+        _NEIGHBOUR_MEANS[key] = (sums.t() / counts[:, None]).to(device=device, dtype=dtype)
+    return _NEIGHBOUR_MEANS[key]
+
+
 def spatial_smooth(probs: torch.Tensor, grid: tuple[int, int], max_dev: float) -> torch.Tensor:
     """Clip each token's probability to within ``max_dev`` of its 3x3 neighbourhood mean on the token grid.
 
     ``probs`` is ``[B, N, C]`` with ``N = H * W``. ``m = avgpool3x3(probs)`` (border-aware),
     ``out = m + clamp(probs - m, -max_dev, max_dev)``. A token that agrees with its neighbours keeps its value;
-    an isolated outlier is pulled back towards them. ``max_dev >= 1`` is the identity.
+    an isolated outlier is pulled back towards them. ``max_dev >= 1`` is the identity. Grids of up to 64 tokens
+    take the mean as one product with :func:`neighbour_mean_matrix` (one kernel instead of five: what small models
+    at batch 1 wait for; its N^2 MACs per image are <0.1% of such a model's); larger grids pool (9 adds a token).
     """
     if max_dev >= 1.0:
         return probs
     b, n, c = probs.shape
     h, w = grid
-    img = probs.transpose(1, 2).reshape(b, c, h, w)
-    mean = F.avg_pool2d(img, 3, stride=1, padding=1, count_include_pad=False)
-    mean = mean.reshape(b, c, n).transpose(1, 2)
+    if n <= 64:
+        mean = torch.matmul(neighbour_mean_matrix(grid, probs.device, probs.dtype), probs)
+    else:
+        img = probs.transpose(1, 2).reshape(b, c, h, w)
+        mean = F.avg_pool2d(img, 3, stride=1, padding=1, count_include_pad=False)
+        mean = mean.reshape(b, c, n).transpose(1, 2)
     return mean + (probs - mean).clamp(-max_dev, max_dev)
 
 
 def depth_smooth(probs: torch.Tensor, previous: torch.Tensor | None, momentum: float) -> torch.Tensor:
-    """Exponential moving average across blocks: ``out_l = momentum * out_{l-1} + (1 - momentum) * probs_l``."""
+    """Exponential moving average across blocks: ``out_l = momentum * out_{l-1} + (1 - momentum) * probs_l``
+    (one ``lerp``: a single kernel, no Python scalars lifted to tensors)."""
     if previous is None or momentum <= 0.0:
         return probs
-    return momentum * previous + (1.0 - momentum) * probs
+    return torch.lerp(probs, previous, momentum)
 
 
 def smooth_probs(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -28,6 +29,8 @@ class TokenSelection:
 
 
 def _with_prefix(patch_index: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    if num_prefix == 1:  # the class token at position 0: one pad instead of arange + expand + cat (batch-1 latency)
+        return F.pad(patch_index + 1, (1, 0))
     b = patch_index.shape[0]
     prefix = torch.arange(num_prefix, device=patch_index.device).expand(b, num_prefix)
     return torch.cat([prefix, patch_index + num_prefix], dim=1)
