@@ -82,3 +82,16 @@ def test_prefix_positions_are_the_same_on_the_one_prefix_shortcut():
     index = torch.tensor([[3, 0, 7], [1, 2, 4]])
     assert torch.equal(_with_prefix(index, 1), torch.tensor([[0, 4, 1, 8], [0, 2, 3, 5]]))
     assert torch.equal(_with_prefix(index, 2), torch.tensor([[0, 1, 5, 2, 9], [0, 1, 3, 4, 6]]))
+
+
+def test_context_block_keeps_the_gradient_after_an_inference_call():
+    """The cached q / kv weight views come from no-grad calls; an eval forward with autograd must still reach the
+    weights (the eval-with-gradients path trains through context_block)."""
+    blk, x = _block(), _tokens()
+    with torch.inference_mode():
+        context_block(blk, x[:, :3], x)
+    with torch.no_grad():
+        context_block(blk, x[:, :3], x)
+    context_block(blk, x[:, :3], x).square().sum().backward()
+    assert blk.attn.qkv.weight.grad is not None and blk.attn.qkv.weight.grad[:32].abs().sum() > 0
+    assert blk.attn.qkv.weight.grad[32:].abs().sum() > 0

@@ -6,15 +6,15 @@ from .heads import ControllerHead
 from .stabilizer import TokenGridStabilizer
 from .swin_block import sparse_swin_block, upsample_tokens, window_attention_heads
 from .vit_block import (
-                        PlainBlock,
-                        attend,
-                        attention_output,
-                        attention_parts,
-                        block_forward,
-                        context_block,
-                        packed_block,
-                        plain_block,
-                        supports_packing,
+    PlainBlock,
+    attend,
+    attention_output,
+    attention_parts,
+    block_forward,
+    context_block,
+    packed_block,
+    plain_block,
+    supports_packing,
 )
 
 __all__ = ["ControllerHead", "PlainBlock", "TokenGridStabilizer", "attend", "attention_output", "attention_parts",

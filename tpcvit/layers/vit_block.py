@@ -54,7 +54,9 @@ class PlainBlock:
     eps: float
     norm1: tuple[torch.Tensor, torch.Tensor]
     qkv: tuple[torch.Tensor, torch.Tensor | None]
-    q: tuple[torch.Tensor, torch.Tensor | None]  # the query and key/value rows of qkv (views), for context_block
+    # the query and key/value rows of qkv (views, for context_block without autograd: a view made under no_grad or
+    # inference_mode carries no gradient to the weight)
+    q: tuple[torch.Tensor, torch.Tensor | None]
     kv: tuple[torch.Tensor, torch.Tensor | None]
     proj: tuple[torch.Tensor, torch.Tensor | None]
     norm2: tuple[torch.Tensor, torch.Tensor]
@@ -158,7 +160,7 @@ def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, c
     p = None if blk.training else plain_block(blk)
     norm1 = blk.norm1 if p is None else lambda t: F.layer_norm(t, (t.shape[-1],), *p.norm1, p.eps)
     weight, bias = attn.qkv.weight, attn.qkv.bias
-    if p is None:
+    if p is None or torch.is_grad_enabled():  # cached views hold no autograd history: slice afresh under autograd
         q = F.linear(norm1(tokens), weight[:d], None if bias is None else bias[:d])
         kv = F.linear(norm1(context), weight[d:], None if bias is None else bias[d:])
     else:
