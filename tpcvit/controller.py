@@ -91,14 +91,27 @@ def neighbour_mean_matrix(grid: tuple[int, int], device: torch.device, dtype: to
     """``[N, N]`` matrix ``M`` with ``(M @ p)[k]`` = mean of ``p`` over token k's 3x3 neighbourhood on the grid
     (border-aware: only neighbours inside the grid count). Cached per grid, device and dtype."""
     key = (tuple(grid), str(device), dtype)
-    if key not in _NEIGHBOUR_MEANS:
-        h, w = grid
-        eye = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
-        ones = torch.ones(1, 1, h, w, dtype=torch.float64)
-        sums = F.conv2d(eye, torch.ones(1, 1, 3, 3, dtype=torch.float64), padding=1).reshape(h * w, h * w)
-        counts = F.conv2d(ones, torch.ones(1, 1, 3, 3, dtype=torch.float64), padding=1).reshape(h * w)
-        _NEIGHBOUR_MEANS[key] = (sums.t() / counts[:, None]).to(device=device, dtype=dtype)
-    return _NEIGHBOUR_MEANS[key]
+    cached = _NEIGHBOUR_MEANS.get(key)
+    if cached is not None:
+        return cached
+    h, w = grid
+    eye = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+    ones = torch.ones(1, 1, h, w, dtype=torch.float64)
+    sums = F.conv2d(eye, torch.ones(1, 1, 3, 3, dtype=torch.float64), padding=1).reshape(h * w, h * w)
+    counts = F.conv2d(ones, torch.ones(1, 1, 3, 3, dtype=torch.float64), padding=1).reshape(h * w)
+    matrix = (sums.t() / counts[:, None]).to(device=device, dtype=dtype)
+    if not torch.compiler.is_compiling() and _is_real(matrix):  # a tensor made while tracing must not be kept
+        _NEIGHBOUR_MEANS[key] = matrix
+    return matrix
+
+
+def _is_real(t: torch.Tensor) -> bool:
+    """A tensor with storage (not a fake or functional tensor of torch.export / ONNX export tracing)."""
+    try:
+        t.data_ptr()
+    except RuntimeError:
+        return False
+    return True
 
 
 def spatial_smooth(probs: torch.Tensor, grid: tuple[int, int], max_dev: float) -> torch.Tensor:

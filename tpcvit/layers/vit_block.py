@@ -83,7 +83,12 @@ def plain_block(blk: nn.Module) -> PlainBlock | None:
 
     Cached per block (checking the structure reads ~40 module attributes, as long as the block itself at batch 1).
     """
-    makeup = _makeup(blk)
+    if torch.compiler.is_compiling():  # traced (torch.compile / export): the graph holds the result, no cache
+        return _plain_block(blk)
+    try:
+        makeup = _makeup(blk)
+    except RuntimeError:  # fake tensors (non-strict torch.export, ONNX export) have no data pointer
+        return _plain_block(blk)
     cached = _PLAIN.get(blk)
     if cached is not None and cached[0] == makeup:
         return cached[1]
