@@ -54,10 +54,6 @@ class PlainBlock:
     eps: float
     norm1: tuple[torch.Tensor, torch.Tensor]
     qkv: tuple[torch.Tensor, torch.Tensor | None]
-    # the query and key/value rows of qkv (views, for context_block without autograd: a view made under no_grad or
-    # inference_mode carries no gradient to the weight)
-    q: tuple[torch.Tensor, torch.Tensor | None]
-    kv: tuple[torch.Tensor, torch.Tensor | None]
     proj: tuple[torch.Tensor, torch.Tensor | None]
     norm2: tuple[torch.Tensor, torch.Tensor]
     fc1: tuple[torch.Tensor, torch.Tensor | None]
@@ -68,14 +64,12 @@ _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (wha
 
 
 def _makeup(blk: nn.Module) -> tuple:
-    """Identity of every submodule and parameter of a block and where its data lives (read from the module dicts: a
-    few microseconds), so a cached :class:`PlainBlock` is rebuilt when a part or a weight is replaced
-    (``load_state_dict(assign=True)``) or moved (``.to()``, ``.half()``: its cached q / kv views would be stale)."""
-    parts = blk._modules
-    inner = [m for m in parts.values() if m is not None]
+    """Identity of every submodule and parameter of a block (read from the module dicts: a few microseconds), so a
+    cached :class:`PlainBlock` is rebuilt when a part or a weight is replaced (``load_state_dict(assign=True)``, the
+    fake parameters of ``torch.export``); ``.to()`` / ``.half()`` keep the parameter objects, and so the cache."""
+    inner = [m for m in blk._modules.values() if m is not None]
     inner += [m for sub in inner for m in sub._modules.values() if m is not None]
-    return tuple(id(m) for m in inner) + tuple((id(t), t.data_ptr()) for m in inner for t in m._parameters.values()
-                                               if t is not None)
+    return tuple(id(m) for m in inner) + tuple(id(t) for m in inner for t in m._parameters.values())
 
 
 def plain_block(blk: nn.Module) -> PlainBlock | None:
@@ -85,10 +79,7 @@ def plain_block(blk: nn.Module) -> PlainBlock | None:
     """
     if torch.compiler.is_compiling():  # traced (torch.compile / export): the graph holds the result, no cache
         return _plain_block(blk)
-    try:
-        makeup = _makeup(blk)
-    except RuntimeError:  # fake tensors (non-strict torch.export, ONNX export) have no data pointer
-        return _plain_block(blk)
+    makeup = _makeup(blk)
     cached = _PLAIN.get(blk)
     if cached is not None and cached[0] == makeup:
         return cached[1]
@@ -111,10 +102,8 @@ def _plain_block(blk: nn.Module) -> PlainBlock | None:
             or not all(type(n) in layer_norm and n.elementwise_affine and n.bias is not None for n in norms)
             or blk.norm1.eps != blk.norm2.eps or attention_dim(attn) != blk.norm1.normalized_shape[0]):
         return None
-    w, b, d = attn.qkv.weight, attn.qkv.bias, attention_dim(attn)
-    return PlainBlock(attn.num_heads, blk.norm1.eps, (blk.norm1.weight, blk.norm1.bias), (w, b),
-                      (w[:d], None if b is None else b[:d]), (w[d:], None if b is None else b[d:]),
-                      (attn.proj.weight, attn.proj.bias),
+    return PlainBlock(attn.num_heads, blk.norm1.eps, (blk.norm1.weight, blk.norm1.bias),
+                      (attn.qkv.weight, attn.qkv.bias), (attn.proj.weight, attn.proj.bias),
                       (blk.norm2.weight, blk.norm2.bias), (mlp.fc1.weight, mlp.fc1.bias),
                       (mlp.fc2.weight, mlp.fc2.bias))
 
@@ -165,11 +154,8 @@ def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, c
     p = None if blk.training else plain_block(blk)
     norm1 = blk.norm1 if p is None else lambda t: F.layer_norm(t, (t.shape[-1],), *p.norm1, p.eps)
     weight, bias = attn.qkv.weight, attn.qkv.bias
-    if p is None or torch.is_grad_enabled():  # cached views hold no autograd history: slice afresh under autograd
-        q = F.linear(norm1(tokens), weight[:d], None if bias is None else bias[:d])
-        kv = F.linear(norm1(context), weight[d:], None if bias is None else bias[d:])
-    else:
-        q, kv = F.linear(norm1(tokens), *p.q), F.linear(norm1(context), *p.kv)
+    q = F.linear(norm1(tokens), weight[:d], None if bias is None else bias[:d])
+    kv = F.linear(norm1(context), weight[d:], None if bias is None else bias[d:])
     q = q.view(b, -1, heads, attn.head_dim).transpose(1, 2)
     k, v = kv.view(b, context.shape[1], 2, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     if p is None:
