@@ -619,3 +619,45 @@ def test_gpu_evidence_script_stops_at_its_deadline_and_packs_ledger_and_report(t
         names = tar.getnames()
     assert any(n.endswith("evidence_tiny_runs/tpc_seed0.json") for n in names)
     assert any(n.endswith("evidence_tiny.md") for n in names)
+
+
+def test_evidence_starts_from_supplied_dense_weights_without_training_them(tmp_path):
+    """evidence.dense_weights: a converged model the user already has is the common start; nothing dense is trained,
+    the ledger keys the runs to its digest, and other weights in the same file make every run stale."""
+    import timm
+    from safetensors.torch import save_file
+
+    from tpcvit.checkpoint import weights_digest
+    from tpcvit.config import load_config
+
+    kwargs = load_config(None, TINY[:1])["model"]["kwargs"]
+    weights = tmp_path / "pretrained.safetensors"
+
+    def save(seed: int) -> str:
+        torch.manual_seed(seed)
+        model = timm.create_model("deit_tiny_patch16_224", num_classes=10, **kwargs)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        return weights_digest(weights)
+
+    first = save(0)
+    out, report = tmp_path / "ev", tmp_path / "evidence_tiny"
+    args = ["evidence", "-c", "configs/evidence_fmnist49.yaml", "-o", str(out), "--out", str(report), *TINY,
+            "data.train_limit=100", "data.val_limit=64", "evidence.methods=[tome,dense]", "evidence.seeds=[0]",
+            "evidence.budgets=[0.6]", "evidence.finetune_epochs=1", "evidence.finetune_train_limit=64",
+            "evidence.calib_images=16", f"evidence.dense_weights={weights}"]
+    _cli(*args, "--quiet", timeout=600)
+    assert not (out / "dense").exists()  # the supplied model is not trained
+    ledger = tmp_path / "evidence_tiny_runs"
+    record = json.loads((ledger / "dense_backbone.json").read_text())
+    assert record["weights_sha256"] == first and record["curve"] == [] and record["converged"] is None
+    assert json.loads((ledger / "dense_seed0.json").read_text())["dense_sha256"] == first
+    assert "supplied weights" in report.with_suffix(".md").read_text()
+    second = save(1)  # other weights under the same name: every run is redone from them
+    res = _cli(*args, timeout=600)
+    assert "differs from the one the ledger's runs started from" in res.stdout + res.stderr
+    assert json.loads((ledger / "dense_seed0.json").read_text())["dense_sha256"] == second
+    missing = [a for a in args[:-1] if a != str(report)]
+    missing[missing.index("--out") + 1] = str(tmp_path / "other")  # a fresh ledger: the weights are needed
+    res = _cli(*missing, f"evidence.dense_weights={tmp_path / 'nope.safetensors'}", "--quiet", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "evidence.dense_weights" in res.stderr.strip().splitlines()[-1]

@@ -387,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="write <out>.json/.md/.png and one JSON per finished run in "
                     "<out>_runs/ (commit it: runs found there are reused); default: benchmarks/results/"
                     "evidence_<output folder name>")
+    ev.epilog = ("Start from a converged dense model you already have (a pretrained DeiT, say) instead of training "
+                 "one: evidence.dense_weights=FILE (.safetensors/.pth; the ledger then keys every run to its digest).")
     ev.add_argument("--report-only", action="store_true", help="train and evaluate nothing: write the report from the "
                     "finished runs in the ledger (unfinished ones are listed as missing)")
     ev.set_defaults(func=_cmd_evidence)

@@ -100,6 +100,9 @@ DEFAULTS: dict[str, Any] = {
         "finetune_distill": True,
         "calib_images": 256,  # images the knobs are matched on (from the validation loader)
         "flat_gain": 0.3,  # the dense curve counts as flat below this gain (pt) over its last 20% of epochs
+        # a converged dense model you already have (e.g. a pretrained DeiT, .safetensors/.pth): every method starts
+        # from it and the dense training stage is skipped (its curve is then unknown); null: train it here
+        "dense_weights": None,
     },
 }
 

@@ -143,15 +143,24 @@ class Evidence:
         return self.out / "dense"
 
     @property
+    def supplied_dense(self) -> str | None:
+        """``evidence.dense_weights``: a converged dense model given by the user (no dense training here)."""
+        return self.ev.get("dense_weights")
+
+    @property
     def dense_weights(self) -> str:
-        return str(self.dense_dir / "last.safetensors")
+        return self.supplied_dense or str(self.dense_dir / "last.safetensors")
 
     def ensure_dense(self) -> None:
         """Train the dense backbone (or finish it: resumable) unless its weights are there; then check that they are
         the weights the ledger's runs started from (:class:`DenseChanged` otherwise)."""
         c = method_config(self.cfg, "dense")
         c["output"] = str(self.dense_dir)
-        if not _done(self.dense_dir, total_epochs(c["train"])):
+        if self.supplied_dense:
+            if not Path(self.supplied_dense).is_file():
+                raise ConfigError(f"evidence.dense_weights: {self.supplied_dense} not found: give the file of a "
+                                  "converged dense model (.safetensors/.pth), or null to train one here")
+        elif not _done(self.dense_dir, total_epochs(c["train"])):
             self._train_dense(c)
         if self.dense_digest is not None and not self._dense_checked:
             digest = weights_digest(self.dense_weights)
@@ -184,6 +193,8 @@ class Evidence:
             record = json.loads(path.read_text())
             if record.get("recipe") == self.dense_recipe() and record.get("weights_sha256"):
                 self.dense_digest = record["weights_sha256"]
+                if self.supplied_dense and not self.report_only:  # the file is at hand: hashing it is cheap
+                    self.ensure_dense()
                 counted = self.dense_train_seconds()  # e.g. a run resumed across sessions counted its last part
                 if counted and abs(counted - record.get("seconds", 0.0)) > 0.05 * counted:
                     record["seconds"] = round(counted, 1)
@@ -199,12 +210,14 @@ class Evidence:
                             init=self.dense_weights).to(self.info.device).eval()
         point = evaluate(model, self.val_loader, self.info.device, self.info, progress=self.progress,
                          desc="eval dense")
-        lines = (self.dense_dir / "metrics.jsonl").read_text().splitlines()
-        curve = [json.loads(ln) for ln in lines if ln.strip()]
+        log = self.dense_dir / "metrics.jsonl"
+        curve = [] if self.supplied_dense else [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
         seconds = (self.dense_train_seconds() or _read_json(self.dense_dir / "timing.json", {}).get("train_s", 0.0)
                    ) + time.time() - t0
         record = {"top1": point["top1"], "top5": point["top5"], "gmacs": point["gmacs"],
-                  "curve": [e["top1"] for e in curve], "seconds": seconds, **flatness(curve, self.ev["flat_gain"]),
+                  "curve": [e["top1"] for e in curve], "seconds": seconds,
+                  **({"last20_gain": None, "converged": None, "epochs": None} if self.supplied_dense
+                     else flatness(curve, self.ev["flat_gain"])),
                   "recipe": self.dense_recipe(), "weights_sha256": weights_digest(self.dense_weights)}
         self.dense_digest, self._dense_checked = record["weights_sha256"], True
         _write_json(path, record)
@@ -215,7 +228,7 @@ class Evidence:
         images per second, from its epoch log). Counts runs split across sessions or killed and resumed whole, and
         leaves out the epochs that were paused or shared the CPU; 0 without the log."""
         path = self.dense_dir / "metrics.jsonl"
-        if not path.exists():
+        if self.supplied_dense or not path.exists():
             return 0.0
         curve = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
         batch, steps = self.cfg["train"]["batch_size"], [0] + [e["global_step"] for e in curve]
@@ -359,8 +372,11 @@ class Evidence:
 
 
 def dense_recipe(cfg: dict) -> dict:
-    """What defines the dense backbone: a ledger made with another recipe is not reused."""
+    """What defines the dense backbone: a ledger made with another recipe is not reused. Supplied weights
+    (``evidence.dense_weights``) are identified by their digest alone (checked in :meth:`Evidence.ensure_dense`)."""
     c = method_config(cfg, "dense")
+    if cfg["evidence"].get("dense_weights"):
+        return {"model": c["model"]["name"], "kwargs": c["model"]["kwargs"], "weights": "supplied"}
     data = {k: c["data"][k] for k in ("kind", "train_limit", "aug", "mixup", "cutmix", "label_smoothing")}
     train = {k: v for k, v in c["train"].items() if k not in ("log_every_steps", "ckpt_every_steps",
                                                                "halt_after_steps")}
@@ -449,10 +465,13 @@ def _fmt_diff(d: dict | None) -> str:
 def evidence_markdown(result: dict) -> str:
     s, dense = result["summary"], result["dense"]
     budgets = [f"{b:g}" for b in result["budgets"]]
+    if dense["converged"] is None:  # evidence.dense_weights: trained elsewhere
+        trained = "supplied weights (trained elsewhere: curve not known here)"
+    else:
+        trained = (f"{dense.get('epochs')} epochs, gain over the last 20% of its epochs {dense['last20_gain']} pt "
+                   f"({'flat' if dense['converged'] else 'NOT flat'})")
     lines = [f"Setting {result['setting']}: {result['tokens']} patch tokens. Dense backbone (the common start): "
-             f"top-1 {dense['top1']:.2f}, {dense['gmacs'] * 1e3:.2f} MMACs/img, {dense.get('epochs')} epochs, "
-             f"gain over the last 20% of its epochs {dense['last20_gain']} pt "
-             f"({'flat' if dense['converged'] else 'NOT flat'}).",
+             f"top-1 {dense['top1']:.2f}, {dense['gmacs'] * 1e3:.2f} MMACs/img, {trained}.",
              f"Fine-tune recipe (every method): {result['recipe']}; seeds {result['seeds']}.",
              *([f"Not finished yet (left out; the job resumes them): {', '.join(result['missing'])}."]
                if result.get("missing") else []),
