@@ -81,6 +81,55 @@ def test_gmacs_target_and_trace_and_count(x):
     assert 0.5 < count_gmacs(keep_half, x) / dense < 0.8  # paused tokens still pay for their keys/values
 
 
+def test_decay_profile_falls_geometrically_with_mean_one():
+    from tpcvit.patch import decay_profile
+
+    profile = decay_profile(5, 4.0)
+    assert sum(profile) / 5 == pytest.approx(1.0, abs=1e-3)
+    assert all(a > b for a, b in zip(profile, profile[1:]))
+    assert profile[0] / profile[-1] == pytest.approx(torch.e ** 4, rel=1e-2)
+    assert decay_profile(5, 0.0) == (1.0,) * 5 and decay_profile(1, 3.0) == (1.0,)
+
+
+def test_budget_schedule_spreads_tokens_and_still_matches_the_gmacs_target(x):
+    uniform = tpcvit.patch(_model("deit_small_patch16_224"), gmacs=0.5, schedule="uniform")
+    decayed = tpcvit.patch(_model("deit_small_patch16_224"), gmacs=0.5)  # default: geometric decay
+    dense = count_gmacs(_model("deit_small_patch16_224"), x)
+    start = decayed.tpc_cfg.start_layer
+    with torch.no_grad():
+        counts = {name: m.forward_with_trace(x)[1].active[0, start:].sum(-1).tolist()
+                  for name, m in (("uniform", uniform), ("decayed", decayed))}
+    assert len(set(counts["uniform"])) == 1  # the same keep in every controlled block
+    assert counts["decayed"] == sorted(counts["decayed"], reverse=True) and counts["decayed"][0] > counts["decayed"][-1]
+    for m in (uniform, decayed):
+        assert count_gmacs(m, x) / dense == pytest.approx(0.5, abs=0.03)
+    assert decayed.tpc_policy.keep_profile is not None and uniform.tpc_policy.keep_profile is None
+    set_mode(decayed, "budget", decayed.tpc_cfg.target_keep / 2)  # moving the keep keeps the schedule
+    assert decayed.tpc_policy.keep_profile is not None and count_gmacs(decayed, x) / dense < 0.5
+
+
+def test_auto_schedule_picks_the_decay_closest_to_the_dense_predictions(x):
+    from tpcvit.patch import AUTO_DECAYS, decay_profile
+
+    def kl(model):
+        with torch.no_grad():
+            out = torch.log_softmax(model(x), -1)
+            ref = torch.log_softmax(_model("deit_small_patch16_224")(x), -1)
+        return torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean").item()
+
+    auto = tpcvit.patch(_model("deit_small_patch16_224"), gmacs=0.5, schedule="auto", images=x)
+    blocks = len(auto.blocks) - auto.tpc_cfg.start_layer
+    assert auto.tpc_policy.keep_profile in [decay_profile(blocks, d) for d in AUTO_DECAYS]
+    others = [kl(tpcvit.patch(_model("deit_small_patch16_224"), gmacs=0.5, schedule=d)) for d in AUTO_DECAYS]
+    assert kl(auto) == pytest.approx(min(others), rel=1e-4)
+    with pytest.raises(ValueError, match="needs images="):
+        tpcvit.patch(_model("deit_small_patch16_224"), schedule="auto")
+    with pytest.raises(ValueError, match="keep factors for"):
+        tpcvit.patch(_model("deit_small_patch16_224"), schedule=(1.0, 1.0))
+    with pytest.raises(ValueError, match="schedule must be"):
+        tpcvit.patch(_model("deit_small_patch16_224"), schedule="fast")
+
+
 def test_learned_controller_adds_heads_that_fine_tune(x):
     model = tpcvit.patch(_model("deit_small_patch16_224"), keep=0.5, controller="learned", start_layer=1)
     added = {k.split(".")[0] for k in model.state_dict()} - {k.split(".")[0] for k in _model(

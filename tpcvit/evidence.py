@@ -35,7 +35,7 @@ from .config import ConfigError
 from .data import take_batches
 from .engine import build_model, build_val_data, evaluate, fit, init_distributed, total_epochs
 from .models import image_geometry, variant_name
-from .patch import patch
+from .patch import AUTO_DECAYS, fit_schedule, patch
 from .reporting import plot_evidence
 from .runtime import calibrate_keep_profile, current_policy, set_policy
 from .stats import mean_std, paired_difference
@@ -273,6 +273,21 @@ class Evidence:
             return {"keep_profile": calibrate_keep_profile(model, self.calib)}
         return {}
 
+    def match_budget(self, model: torch.nn.Module, method: str, budget: float,
+                     dense_gmacs: float) -> tuple[float, dict]:
+        """Move ``method``'s knob to ``budget`` x the dense GMACs: its value and what to record about it.
+        Training-free TPC also picks its token schedule per budget, label-free, as ``tpcvit.patch(model, gmacs=...,
+        schedule="auto", images=...)`` does for a user (the calibration images, compared with the dense output)."""
+        if method == "tpc-free":
+            keep, profile = fit_schedule(model, "auto", gmacs=budget, images=self.calib)
+            return keep, {"keep_profile": profile}
+        return match_gmacs(model, self.calib, budget * dense_gmacs)[0], {}
+
+    @staticmethod
+    def method_options(method: str) -> dict:
+        """How a method is evaluated beyond the recipe: a ledger record made otherwise is redone."""
+        return {"schedule": "auto", "decays": list(AUTO_DECAYS)} if method == "tpc-free" else {}
+
     def run_dir(self, method: str, seed: int) -> Path:
         return self.out / "ft" / method / f"seed{seed}"
 
@@ -283,9 +298,12 @@ class Evidence:
         budgets = [1.0] if method == "dense" else self.ev["budgets"]
         path = self.ledger / f"{method}_seed{seed}.json" if seed is not None else self.ledger / f"{method}.json"
         record = _read_json(path, {"evals": {}})
-        if record.get("recipe") != self.finetune_recipe() or record.get("dense_sha256") != self.dense_digest:
-            # from another recipe, or another dense model (same recipe trained on another kind of CPU): not reusable
-            record = {"evals": {}, "recipe": self.finetune_recipe(), "dense_sha256": self.dense_digest}
+        if (record.get("recipe") != self.finetune_recipe() or record.get("dense_sha256") != self.dense_digest
+                or record.get("options", {}) != self.method_options(method)):
+            # from another recipe, another dense model (same recipe trained on another kind of CPU) or evaluated
+            # another way: not reusable
+            record = {"evals": {}, "recipe": self.finetune_recipe(), "dense_sha256": self.dense_digest,
+                      **({"options": self.method_options(method)} if self.method_options(method) else {})}
         todo = [b for b in budgets if f"{b:g}" not in record["evals"]]
         if todo and self.report_only:  # nothing is trained or evaluated: report what the ledger holds
             self.missing.append(path.stem)
@@ -311,14 +329,14 @@ class Evidence:
             model = build_model(c, self.num_classes, name=c["model"]["name"], init=init).to(self.info.device).eval()
             record.update(self.prepare_eval(model, method))
             for budget in todo:
-                knob = None
+                knob, extra = None, {}
                 if method != "dense":
-                    knob, _ = match_gmacs(model, self.calib, budget * dense_gmacs)
+                    knob, extra = self.match_budget(model, method, budget, dense_gmacs)
                 point = evaluate(model, self.val_loader, self.info.device, self.info, progress=self.progress,
                                  desc=f"eval {method} seed {seed} @{budget:.0%}")
                 record["evals"][f"{budget:g}"] = {"top1": point["top1"], "top5": point["top5"],
                                                   "gmacs": point["gmacs"], "knob": knob,
-                                                  "keep_per_block": point["keep_per_block"]}
+                                                  "keep_per_block": point["keep_per_block"], **extra}
             trained = 0.0 if method in TRAINING_FREE else _read_json(run / "timing.json", {}).get("train_s", 0.0)
             record["seconds"] = record.get("eval_seconds", 0.0) + time.time() - t0 + trained
             record["eval_seconds"] = record.get("eval_seconds", 0.0) + time.time() - t0

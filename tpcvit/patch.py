@@ -9,15 +9,23 @@ weights) and gains TPC's token propagation: ``tpcvit.set_mode`` / ``count_gmacs`
 export work on it as on a ``tpc_*`` model. The default controller is training-free (``controller="attention"``, no
 new parameters): each controlled block computes the tokens the class token attends to most; paused tokens stay
 visible as keys, so their attention is known in every block and a paused token whose attention rises is restarted.
-``controller="learned"`` adds TPC's controller heads and stabilizer instead (zero-initialised stabilizer: the model
+In budget mode the number of tokens falls from block to block (``schedule``): geometrically by default, as
+DynamicViT's and EViT's keep rates compound, and as TPC's learned controller ends up doing (it keeps most tokens in
+its first controlled blocks and few in the last); ``schedule="auto"`` picks the decay that best agrees with the
+dense model's predictions on a few images (no labels needed). ``controller="learned"`` adds TPC's controller heads
+and stabilizer instead (zero-initialised stabilizer: the model
 is unchanged until it is fine-tuned with ``tpcvit train``); ``controller="hybrid"`` adds heads initialised to zero on
 top of the attention logits, so fine-tuning starts from the training-free controller's decisions.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from .budget import match_gmacs
@@ -25,9 +33,23 @@ from .flops import count_gmacs
 from .layers import supports_packing
 from .models import TPCViT
 from .propagation import TPCConfig
-from .runtime import set_mode, tpc_modules
+from .runtime import current_policy, set_mode, set_policy, tpc_modules
 
 _PATCHED: dict[type, type] = {}
+
+# Budget mode's token schedule over the controlled blocks: keep factors falling geometrically, first / last =
+# e^decay. DEFAULT_DECAY: what schedule="auto" chose on the converged 49-token evidence backbone at 35-60% of its
+# GMACs (README "Use it on your model"); AUTO_DECAYS: the candidates "auto" tries (0 = the same keep everywhere).
+DEFAULT_DECAY = 4.0
+AUTO_DECAYS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+Schedule = str | float | Sequence[float] | None
+
+
+def decay_profile(blocks: int, decay: float) -> tuple[float, ...]:
+    """Keep factors for ``blocks`` controlled blocks, falling geometrically (first / last = ``e^decay``), mean 1."""
+    factors = [math.exp(-decay * c / max(1, blocks - 1)) for c in range(blocks)]
+    mean = sum(factors) / blocks
+    return tuple(round(f / mean, 4) for f in factors)
 
 
 def _patched_class(cls: type) -> type:
@@ -66,6 +88,7 @@ def patch(
     mode: str = "budget",
     start_layer: int | None = None,
     images: torch.Tensor | None = None,
+    schedule: Schedule = DEFAULT_DECAY,
     **tpc_options,
 ) -> nn.Module:
     """Give TPC to a timm ``VisionTransformer`` in place (and return it).
@@ -74,8 +97,11 @@ def patch(
     of the dense model's GMACs; the keep ratio is found by bisection (budget mode has static shapes, so no real
     images are needed). ``mode``: ``"budget"`` (static shapes, exportable) or ``"adaptive"`` (per-image active sets:
     the attention threshold is calibrated on ``images`` so that the mean keep ratio is ``keep``). ``start_layer``:
-    the first controlled block (default: a quarter of the depth, at least 1). Other :class:`TPCConfig` fields go in
-    ``tpc_options``.
+    the first controlled block (default: a quarter of the depth, at least 1). ``schedule`` (budget mode): how the
+    kept tokens are spread over the controlled blocks: a decay strength (keep factors falling geometrically, first /
+    last = e^decay), ``"uniform"`` (the same keep everywhere), ``"auto"`` (the decay whose predictions agree best with
+    the dense model's on ``images``; label-free) or explicit factors, one per controlled block. ``keep`` is then the
+    mean share over the controlled blocks. Other :class:`TPCConfig` fields go in ``tpc_options``.
     """
     check_patchable(model)
     depth = len(model.blocks)
@@ -88,24 +114,81 @@ def patch(
     model.__class__ = _patched_class(type(model))
     model._init_tpc(cfg)
     model.to(device=param.device, dtype=param.dtype).train(was_training)
-    if gmacs is not None:
-        probe = torch.zeros(1, model.patch_embed.proj.in_channels, *model.patch_embed.img_size,
-                            device=param.device, dtype=param.dtype)
-        dense = count_gmacs(set_mode(model, "dense"), probe)
-        set_mode(model, "budget", 0.5)
-        keep, _ = match_gmacs(model, probe, gmacs * dense)
-        model.tpc_cfg.target_keep = keep
+    if mode == "budget":
+        fit_schedule(model, schedule, keep=model.tpc_cfg.target_keep if gmacs is None else None, gmacs=gmacs,
+                     images=images)
+    elif gmacs is not None:
+        model.tpc_cfg.target_keep = fit_schedule(model, None, gmacs=gmacs)[0]
     if mode == "adaptive":
         if images is None:
             raise ValueError("mode='adaptive' needs images= (a few real images) to calibrate the attention threshold "
                              "to the keep ratio; or use mode='budget'")
         calibrate_threshold(model, images, model.tpc_cfg.target_keep)
         set_mode(model, "adaptive")
-    elif mode == "budget":
-        set_mode(model, "budget", model.tpc_cfg.target_keep)
-    else:
+    elif mode != "budget":
         raise ValueError(f"mode must be 'budget' or 'adaptive', got {mode!r}")
     return model
+
+
+def _schedule_candidates(schedule: Schedule, blocks: int) -> list[tuple[float, ...] | None]:
+    if schedule is None or schedule == "uniform":
+        return [None]
+    if schedule == "auto":
+        return [decay_profile(blocks, d) for d in AUTO_DECAYS]
+    if isinstance(schedule, str):
+        raise ValueError(f"schedule must be a decay strength, 'uniform', 'auto' or keep factors, got {schedule!r}")
+    if isinstance(schedule, (int, float)):
+        if schedule < 0:
+            raise ValueError(f"schedule: a decay strength is >= 0 (0 = uniform), got {schedule}")
+        return [decay_profile(blocks, float(schedule))]
+    factors = tuple(float(v) for v in schedule)
+    if len(factors) != blocks:
+        raise ValueError(f"schedule: {len(factors)} keep factors for {blocks} controlled blocks")
+    return [factors]
+
+
+@torch.no_grad()
+def fit_schedule(model: nn.Module, schedule: Schedule, *, keep: float | None = None, gmacs: float | None = None,
+                 images: torch.Tensor | None = None) -> tuple[float, tuple[float, ...] | None]:
+    """Put a patched model in budget mode with ``schedule`` (see :func:`patch`) at ``keep`` (mean share of tokens
+    per controlled block) or at ``gmacs`` (a fraction of the dense GMACs; the keep is bisected: budget mode has
+    static shapes, so one probe image is enough). ``schedule="auto"`` tries each of :data:`AUTO_DECAYS` and keeps
+    the one whose output distribution is closest (mean KL) to the dense model's on ``images``. Returns
+    ``(keep, keep_profile)``."""
+    if (keep is None) == (gmacs is None):
+        raise ValueError("give exactly one of keep= and gmacs=")
+    tpc = tpc_modules(model)[0]
+    blocks = len(tpc.blocks) - tpc.tpc_cfg.start_layer
+    candidates = _schedule_candidates(schedule, blocks)
+    if len(candidates) > 1 and images is None:
+        raise ValueError("schedule='auto' needs images= (a few real images, no labels) to compare schedules on")
+    param = next(model.parameters())
+    probe = torch.zeros(1, tpc.patch_embed.proj.in_channels, *tpc.patch_embed.img_size, device=param.device,
+                        dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    reference = None
+    if len(candidates) > 1:
+        reference = F.log_softmax(set_mode(model, "dense")(images).float(), dim=-1)
+    dense_gmacs = count_gmacs(set_mode(model, "dense"), probe) if gmacs is not None else None
+    best = None
+    for profile in candidates:
+        policy = current_policy(model).replace(mode="budget", keep=keep if keep is not None else 0.5,
+                                               keep_profile=profile)
+        set_policy(model, policy)
+        k = keep if keep is not None else match_gmacs(model, probe, gmacs * dense_gmacs)[0]
+        score = 0.0
+        if reference is not None:
+            set_policy(model, policy.replace(keep=k))
+            out = F.log_softmax(model(images).float(), dim=-1)
+            score = F.kl_div(out, reference, log_target=True, reduction="batchmean").item()
+        if best is None or score < best[0]:
+            best = (score, k, profile)
+    _, k, profile = best
+    set_policy(model, current_policy(model).replace(mode="budget", keep=k, keep_profile=profile))
+    tpc.tpc_cfg.target_keep = k
+    model.train(was_training)
+    return k, profile
 
 
 @torch.no_grad()
