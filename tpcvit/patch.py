@@ -38,8 +38,9 @@ from .runtime import current_policy, set_mode, set_policy, tpc_modules
 _PATCHED: dict[type, type] = {}
 
 # Budget mode's token schedule over the controlled blocks: keep factors falling geometrically, first / last =
-# e^decay. DEFAULT_DECAY: what schedule="auto" chose on the converged 49-token evidence backbone at 35-60% of its
-# GMACs (README "Use it on your model"); AUTO_DECAYS: the candidates "auto" tries (0 = the same keep everywhere).
+# e^decay. DEFAULT_DECAY: the middle of what schedule="auto" chose on the converged 49-token evidence backbone
+# (3 / 6 / 5 at 35 / 45 / 60% of its GMACs; evidence_fmnist49_runs/tpc-free.json); AUTO_DECAYS: the candidates "auto"
+# tries (0 = the same keep everywhere).
 DEFAULT_DECAY = 4.0
 AUTO_DECAYS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
 Schedule = str | float | Sequence[float] | None
@@ -104,6 +105,8 @@ def patch(
     mean share over the controlled blocks. Other :class:`TPCConfig` fields go in ``tpc_options``.
     """
     check_patchable(model)
+    if mode not in ("budget", "adaptive"):
+        raise ValueError(f"mode must be 'budget' or 'adaptive', got {mode!r}")
     depth = len(model.blocks)
     start = max(1, depth // 4) if start_layer is None else int(start_layer)
     options = {"stabilizer": controller != "attention", **tpc_options}
@@ -125,8 +128,6 @@ def patch(
                              "to the keep ratio; or use mode='budget'")
         calibrate_threshold(model, images, model.tpc_cfg.target_keep)
         set_mode(model, "adaptive")
-    elif mode != "budget":
-        raise ValueError(f"mode must be 'budget' or 'adaptive', got {mode!r}")
     return model
 
 
