@@ -35,6 +35,10 @@ $PY -m tpcvit evidence -c "$CFG" --out "$RESULTS" --quiet --report-only "${ARGS[
   || { cat "$RESULTS.log"; exit 1; }
 tail -n 3 "$RESULTS.log"
 if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/evidence_$SETTING.tgz" "${RESULTS}_runs" "$RESULTS".*
+  # the dense backbone's kept copy (evidence.dense_copy) travels too: later fine-tunes start from it on any machine
+  KEPT=$($PY -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1])).get('evidence', {}).get('dense_copy') or '')" \
+    "$CFG")
+  [ -n "$KEPT" ] && [ -f "$KEPT" ] || KEPT=""
+  tar czf "$OUT/evidence_$SETTING.tgz" "${RESULTS}_runs" "$RESULTS".* ${KEPT:+"$KEPT"}
   echo "gpu_evidence: packed $OUT/evidence_$SETTING.tgz"
 fi

@@ -661,3 +661,33 @@ def test_evidence_starts_from_supplied_dense_weights_without_training_them(tmp_p
     res = _cli(*missing, f"evidence.dense_weights={tmp_path / 'nope.safetensors'}", "--quiet", check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "evidence.dense_weights" in res.stderr.strip().splitlines()[-1]
+
+
+def test_evidence_keeps_the_trained_dense_backbone_and_a_fresh_machine_fine_tunes_from_it(tmp_path):
+    """evidence.dense_copy: the dense backbone trained by the job is kept (to commit); a later session whose runs/
+    is gone fine-tunes the missing runs from that copy instead of re-training (so another kind of CPU, which would
+    train other weights, still continues the ledger); a copy holding other weights is neither used nor kept."""
+    from safetensors.torch import load_file, save_file
+
+    from tpcvit.checkpoint import weights_digest
+
+    kept, out, report = tmp_path / "backbones" / "dense.safetensors", tmp_path / "ev", tmp_path / "evidence_tiny"
+    args = ["evidence", "-c", "configs/evidence_fmnist49.yaml", "-o", str(out), "--out", str(report), *TINY,
+            "data.train_limit=200", "data.val_limit=64", "train.epochs=1", "train.cooldown_epochs=0",
+            "train.batch_size=32", "evidence.methods=[evit,dense]", "evidence.budgets=[0.6]",
+            "evidence.train_budget=0.6", "evidence.finetune_epochs=1", "evidence.finetune_train_limit=64",
+            "evidence.calib_images=16", f"evidence.dense_copy={kept}"]
+    _cli(*args, "evidence.seeds=[0]", "--quiet", timeout=600)
+    ledger = tmp_path / "evidence_tiny_runs"
+    digest = json.loads((ledger / "dense_backbone.json").read_text())["weights_sha256"]
+    assert kept.is_file() and weights_digest(kept) == digest
+    shutil.rmtree(out)  # a fresh machine: the runs are gone, the ledger and the copy are committed
+    res = _cli(*args, "evidence.seeds=[0,1]", timeout=600)
+    assert "not trained here" in res.stdout and not (out / "dense").exists()
+    assert json.loads((ledger / "evit_seed1.json").read_text())["dense_sha256"] == digest
+    state = load_file(str(kept))  # the copy holds other weights: the ledger's are trained again and kept anew
+    save_file({k: v + 1 for k, v in state.items()}, str(kept))
+    shutil.rmtree(out)
+    res = _cli(*args, "evidence.seeds=[0,1,2]", timeout=600)
+    assert "not trained here" not in res.stdout and (out / "dense" / "last.safetensors").is_file()
+    assert weights_digest(kept) == digest  # same recipe on the same machine: the same weights, kept again

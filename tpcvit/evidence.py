@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -113,8 +114,9 @@ class Evidence:
 
     ``ledger``: a folder (committed beside the results) with one JSON per finished run: its evaluations at every
     budget, training curve and seconds. A run found there is reused as it is, so the job continues in a later
-    session even when the run folders (``<output>``, not committed: weights stay out of the repository) are gone;
-    the dense backbone is then re-trained only if a fine-tune still needs its weights (same recipe: deterministic).
+    session even when the run folders (``<output>``, not committed) are gone. The dense backbone is then needed only
+    if a fine-tune still is: taken from ``evidence.dense_copy`` (a committed copy of it, written once it is trained)
+    when that file holds the ledger's weights, else re-trained (same recipe: deterministic on one kind of CPU).
     """
 
     def __init__(self, cfg: dict, ledger: str | Path, progress: bool = True, report_only: bool = False) -> None:
@@ -127,6 +129,7 @@ class Evidence:
         self.out, self.ledger = Path(cfg["output"]), Path(ledger)
         self.dense_digest: str | None = None  # sha256 of the dense weights every run in the ledger started from
         self._dense_checked = False
+        self._from_copy = False  # the dense weights are evidence.dense_copy's (the ledger's, not trained here)
         self.info = init_distributed()
         self.log = print if progress and self.info.main else (lambda *a, **k: None)
         probe = build_model(method_config(cfg, "dense"), 1, name=model_name(cfg, "dense"))
@@ -148,18 +151,31 @@ class Evidence:
         return self.ev.get("dense_weights")
 
     @property
+    def dense_copy(self) -> Path | None:
+        """``evidence.dense_copy``: where the trained dense backbone is kept (committed), so a later session on a
+        fresh machine, or on another kind of CPU, fine-tunes from the very weights the ledger's runs started from."""
+        return Path(self.ev["dense_copy"]) if self.ev.get("dense_copy") else None
+
+    @property
     def dense_weights(self) -> str:
-        return self.supplied_dense or str(self.dense_dir / "last.safetensors")
+        if self.supplied_dense:
+            return self.supplied_dense
+        return str(self.dense_copy if self._from_copy else self.dense_dir / "last.safetensors")
 
     def ensure_dense(self) -> None:
         """Train the dense backbone (or finish it: resumable) unless its weights are there; then check that they are
         the weights the ledger's runs started from (:class:`DenseChanged` otherwise)."""
+        if self._dense_checked:
+            return  # in place and checked once
         c = method_config(self.cfg, "dense")
         c["output"] = str(self.dense_dir)
         if self.supplied_dense:
             if not Path(self.supplied_dense).is_file():
                 raise ConfigError(f"evidence.dense_weights: {self.supplied_dense} not found: give the file of a "
                                   "converged dense model (.safetensors/.pth), or null to train one here")
+        elif self._copy_is_the_ledgers():  # the weights every run started from, whatever this machine would train
+            self._from_copy = self._dense_checked = True
+            self.log(f"== dense backbone: {self.dense_copy} (the ledger's weights: not trained here)")
         elif not _done(self.dense_dir, total_epochs(c["train"])):
             self._train_dense(c)
         if self.dense_digest is not None and not self._dense_checked:
@@ -167,13 +183,32 @@ class Evidence:
             if digest != self.dense_digest:
                 raise DenseChanged(digest)
             self._dense_checked = True
+            self.keep_dense_copy()
+
+    def _copy_is_the_ledgers(self) -> bool:
+        kept = self.dense_copy
+        return (kept is not None and kept.is_file() and self.dense_digest is not None
+                and weights_digest(kept) == self.dense_digest)
+
+    def keep_dense_copy(self) -> None:
+        """Write ``evidence.dense_copy`` (atomically) when it does not hold the weights the ledger's runs use."""
+        kept = self.dense_copy
+        if kept is None or self.supplied_dense or self._from_copy or self.dense_digest is None:
+            return
+        source = self.dense_dir / "last.safetensors"
+        if not source.is_file() or self._copy_is_the_ledgers():
+            return
+        if weights_digest(source) != self.dense_digest:
+            return  # not the ledger's weights (ensure_dense says so when a run needs them)
+        atomic_write(kept, lambda t: shutil.copyfile(source, t))
+        self.log(f"kept the dense backbone in {kept} (commit it: later sessions fine-tune from it)")
 
     def _train_dense(self, c: dict) -> None:
         init = c["model"].get("init")
         if init and not Path(init).exists():
             raise ConfigError(f"model.init: {init} not found: this setting's dense backbone starts from another "
                               "model's weights; train that one first (e.g. `tpcvit evidence -c "
-                              "configs/evidence_fmnist49.yaml` for runs/evidence_fmnist49/dense)")
+                              "configs/evidence_fmnist49.yaml` keeps it in its evidence.dense_copy)")
         self.log(f"== dense backbone: {total_epochs(c['train'])} epochs (resumable)")
         t0 = time.time()
         fit(c, resume=(self.dense_dir / "last.json").exists(), progress=self.progress, model_name=c["model"]["name"])
@@ -195,6 +230,8 @@ class Evidence:
                 self.dense_digest = record["weights_sha256"]
                 if self.supplied_dense and not self.report_only:  # the file is at hand: hashing it is cheap
                     self.ensure_dense()
+                if not self.report_only:  # trained here, not kept yet (e.g. by a job that predates the copy)
+                    self.keep_dense_copy()
                 counted = self.dense_train_seconds()  # e.g. a run resumed across sessions counted its last part
                 if counted and abs(counted - record.get("seconds", 0.0)) > 0.05 * counted:
                     record["seconds"] = round(counted, 1)
@@ -221,6 +258,7 @@ class Evidence:
                   "recipe": self.dense_recipe(), "weights_sha256": weights_digest(self.dense_weights)}
         self.dense_digest, self._dense_checked = record["weights_sha256"], True
         _write_json(path, record)
+        self.keep_dense_copy()
         return record
 
     def dense_train_seconds(self) -> float:
@@ -357,7 +395,7 @@ class Evidence:
                      f"ledger's runs started from ({(self.dense_digest or '')[:12]}): another kind of CPU or library "
                      "computes the same recipe differently; every run is redone from this one")
             (self.ledger / "dense_backbone.json").unlink()
-            self.dense_digest, self._dense_checked = None, False
+            self.dense_digest, self._dense_checked, self._from_copy = None, False, False
             return self._run()
 
     def _run(self) -> dict:
@@ -416,7 +454,7 @@ def flatness(curve: list[dict], max_gain: float) -> dict:
     """Gain of validation top-1 over the last 20% of the epochs, and whether it is below ``max_gain`` points."""
     top1 = [e["top1"] for e in curve]
     if len(top1) < 2:
-        return {"last20_gain": None, "converged": False}
+        return {"last20_gain": None, "converged": False, "epochs": len(top1)}  # too short to tell
     tail = max(1, math.ceil(0.2 * len(top1)))
     gain = top1[-1] - top1[-1 - tail]
     return {"last20_gain": round(gain, 3), "converged": gain < max_gain, "epochs": len(top1)}
