@@ -208,6 +208,58 @@ def test_adaptive_level_is_a_monotone_compute_knob_with_masked_equal_to_fast(ima
     assert model.budget_bounds == (0.0, 1.0)
 
 
+@pytest.mark.parametrize("mode", ["adaptive", "budget"])
+@pytest.mark.parametrize("paused_keys", [False, True])
+def test_decide_every_k_blocks_reuses_the_decision_and_skips_the_controller(images, mode, paused_keys):
+    """ExecutionPolicy.decide_every=2: controlled blocks 1, 3, 5 decide, 2 and 4 keep the same tokens active without
+    running their controller head; masked == fast; 1 is the default and changes nothing."""
+    model = small_tpc(depth=6, paused_keys=paused_keys).eval()
+    policy = tpcvit.ExecutionPolicy(mode=mode, keep=0.4 if mode == "budget" else None, keep_profile=(
+        (1.6, 1.2, 1.0, 0.7, 0.5) if mode == "budget" else None))
+    called = []
+    hooks = [head.register_forward_hook(lambda m, a, o, i=i: called.append(i))
+             for i, head in enumerate(model.controller)]
+    with torch.no_grad():
+        every, t_every = model.forward_with_trace(images, policy=policy)
+        assert called == [0, 1, 2, 3, 4]
+        called.clear()
+        strided = policy.replace(decide_every=2)
+        fast, tf = model.forward_with_trace(images, policy=strided)
+        assert called == [0, 2, 4]
+        masked, tm = model.forward_with_trace(images, policy=strided.replace(path="masked"))
+    for h in hooks:
+        h.remove()
+    assert torch.equal(tf.active, tm.active) and torch.allclose(fast, masked, atol=1e-5, rtol=1e-4)
+    assert torch.equal(tf.active[:, 2], tf.active[:, 1]) and torch.equal(tf.active[:, 4], tf.active[:, 3])
+    assert torch.equal(tf.active[:, :2], t_every.active[:, :2])  # the first decision is the same
+    assert not torch.equal(tf.active[:, 3], tf.active[:, 2])  # block 3 decides anew
+    if mode == "budget":  # a block that does not decide keeps the decided block's count
+        assert tf.active_counts()[:, 1:].tolist() == [[10, 10, 6, 6, 3]] * images.shape[0]
+    tpcvit.set_policy(model, strided)
+    assert tpcvit.vit_gmacs_from_trace(model, tf).mean().item() == pytest.approx(
+        tpcvit.count_gmacs(model, images), rel=0.01)
+    with pytest.raises(ValueError, match="decide_every"):
+        tpcvit.ExecutionPolicy(decide_every=0)
+
+
+def test_decide_every_with_the_training_free_controller_and_in_training(images):
+    """The attention controller reads the class attention of the block before each decision; training repeats the
+    straight-through states, so the repeated blocks' gradient reaches the deciding head."""
+    model = small_tpc(depth=6, paused_keys=True, controller="attention").eval()
+    policy = tpcvit.ExecutionPolicy(mode="budget", keep=0.5, decide_every=3)
+    with torch.no_grad():
+        fast, tf = model.forward_with_trace(images, policy=policy)
+        masked, tm = model.forward_with_trace(images, policy=policy.replace(path="masked"))
+    assert torch.equal(tf.active, tm.active) and torch.allclose(fast, masked, atol=1e-5, rtol=1e-4)
+    assert torch.equal(tf.active[:, 3], tf.active[:, 1]) and not torch.equal(tf.active[:, 4], tf.active[:, 3])
+    model = tpcvit.set_policy(small_tpc(depth=6), tpcvit.ExecutionPolicy(decide_every=2)).train()
+    logits, trace = model(images, return_trace=True)
+    assert trace.states.shape[1] == 5 and torch.equal(trace.states[:, 1], trace.states[:, 0])
+    (logits.sum() + tpcvit.tpc_loss(trace, model.tpc_cfg, 1.0, 1.0)["total"]).backward()
+    assert model.controller[0].token.weight.grad.abs().sum() > 0
+    assert model.controller[1].token.weight.grad is None  # never ran
+
+
 def test_adaptive_gives_the_same_result_alone_or_in_a_batch(images):
     model = small_tpc().eval()
     with torch.no_grad():

@@ -28,6 +28,9 @@ class ExecutionPolicy:
     ``adaptive_level``: adaptive mode's compute knob in [0, 1]: an active token pauses when its pause probability
     exceeds ``level``, a paused one restarts when its restart probability exceeds ``1 - level`` (higher: more
     compute). ``None``: both thresholds are the model's ``threshold``.
+    ``decide_every``: the controller decides in every k-th controlled block of a stage (the first one included);
+    the blocks between reuse that decision (same tokens active, same selection), skipping the controller head and
+    the decision: fewer small ops per block, which is what batch-1 latency is made of. 1: every block decides.
     """
 
     mode: str = "adaptive"
@@ -38,6 +41,7 @@ class ExecutionPolicy:
     packed: bool = True
     keep_profile: tuple[float, ...] | None = None
     adaptive_level: float | None = None
+    decide_every: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -55,6 +59,9 @@ class ExecutionPolicy:
             object.__setattr__(self, "keep_profile", profile)
         if self.adaptive_level is not None and not 0.0 <= float(self.adaptive_level) <= 1.0:
             raise ValueError(f"adaptive_level must be in [0, 1], got {self.adaptive_level}")
+        if isinstance(self.decide_every, bool) or not isinstance(self.decide_every, int) or self.decide_every < 1:
+            raise ValueError(f"decide_every must be an integer >= 1 (1: every block decides), "
+                             f"got {self.decide_every!r}")
         for name in ("force_pause", "force_restart"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= float(value) <= 1.0:
@@ -71,6 +78,10 @@ class ExecutionPolicy:
         if self.keep_profile is not None:
             keep *= self.keep_profile[min(controlled, len(self.keep_profile) - 1)]
         return max(1, min(num_patches, round(keep * num_patches)))
+
+    def decides(self, controlled: int) -> bool:
+        """Whether controlled block number ``controlled`` of a stage (0 = its first) decides anew."""
+        return controlled % self.decide_every == 0
 
     def thresholds(self, default: float) -> tuple[float, float]:
         """Adaptive mode's ``(pause, restart)`` thresholds on the probabilities (see ``adaptive_level``)."""

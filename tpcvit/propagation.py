@@ -170,6 +170,7 @@ class Propagation:
         self.prev_probs: torch.Tensor | None = None
         self.lean = not self.sample and not torch.is_grad_enabled()
         self.active: torch.Tensor | None = None  # lean path: the last block's bool decisions
+        self._last: Decision | None = None  # what repeat() gives a block that does not decide
         self.force_pause = self.policy.force_pause
         self.force_restart = self.policy.force_restart
         if self.cfg.restart is False and self.force_restart is None:
@@ -229,7 +230,18 @@ class Propagation:
         if self.record:
             self.a = C.active_recursion(self.a, pause, restart)
             self._append(active, pause, restart, raw[..., 0], raw[..., 1], self.a, None if self.lean else states)
-        return Decision(states, active, index)
+        self._last = Decision(states, active, index)
+        return self._last
+
+    def repeat(self) -> Decision:
+        """The last decision again, for a block that does not decide (``ExecutionPolicy.decide_every``): the same
+        tokens stay active, recorded in the trace like a decided block (the probabilities it was made with)."""
+        last = self._last
+        if self.record:
+            rec = self._records
+            self._append(last.active, rec["pause"][-1], rec["restart"][-1], rec["pause_raw"][-1],
+                         rec["restart_raw"][-1], rec["a"][-1], None if self.lean else last.states)
+        return last
 
     def _append(self, active, pause, restart, pause_raw, restart_raw, a, states) -> None:
         rec = self._records

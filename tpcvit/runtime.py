@@ -129,6 +129,7 @@ class TPCRuntime:
             prop = Propagation(cfg, policy, tokens.shape[0], grid[0] * grid[1], grid, x.device,
                                sample=self.training and not fast, forced_active=None if forced is None else forced[s],
                                record=with_trace)
+            controlled, k = 0, 0  # controlled blocks of this stage so far (decide_every counts them); budget k
             for j, blk in enumerate(stage.blocks):
                 if str(g) in self.stabilizers:
                     x = self._tpc_restore(self.stabilizers[str(g)](self._tpc_tokens(x)[0], prefix, grid), x)
@@ -137,14 +138,22 @@ class TPCRuntime:
                     score = seeded if seeded is not None else score
                     prop.dense_block()
                 else:
-                    tokens = self._tpc_tokens(x)[0]
-                    logits = self.controller[g - cfg.start_layer](tokens, prefix) if len(self.controller) else None
-                    if attention:
-                        free = C.attention_logits(score[:, prefix:], cfg.attention_threshold, cfg.attention_sharpness)
-                        logits = free if logits is None else free + logits
-                    k = policy.budget_k(prop.num_patches, g - cfg.start_layer, cfg.target_keep)
-                    step = BlockStep(prop.step(j, logits, k), fast, policy, forced is not None, k, attention)
-                    x, score = self._tpc_run_block(blk, x, step)
+                    # the class attention is read only by the next block's decision
+                    wants_score = attention and (j + 1 == len(stage.blocks) or policy.decides(controlled + 1))
+                    if forced is None and not policy.decides(controlled):  # reuse the last decision as it is
+                        step = BlockStep(prop.repeat(), fast, policy, False, k, wants_score)
+                    else:
+                        tokens = self._tpc_tokens(x)[0]
+                        logits = self.controller[g - cfg.start_layer](tokens, prefix) if len(self.controller) else None
+                        if attention:
+                            free = C.attention_logits(score[:, prefix:], cfg.attention_threshold,
+                                                      cfg.attention_sharpness)
+                            logits = free if logits is None else free + logits
+                        k = policy.budget_k(prop.num_patches, g - cfg.start_layer, cfg.target_keep)
+                        step = BlockStep(prop.step(j, logits, k), fast, policy, forced is not None, k, wants_score)
+                    x, seen = self._tpc_run_block(blk, x, step)
+                    score = seen if seen is not None else score
+                    controlled += 1
                 g += 1
             props.append(prop)
         return self._tpc_finish(x, props, with_trace)
