@@ -81,6 +81,25 @@ def test_gmacs_target_and_trace_and_count(x):
     assert 0.5 < count_gmacs(keep_half, x) / dense < 0.8  # paused tokens still pay for their keys/values
 
 
+@pytest.mark.parametrize("mode", ["budget", "adaptive"])
+def test_patch_deciding_every_few_blocks_still_hits_its_target(x, mode):
+    """decide_every=2: the attention controller decides in controlled blocks 1, 3, 5 only (6 blocks, start 1); the
+    GMACs target (budget) or mean keep (adaptive) is still met, masked == fast."""
+    kwargs = {"gmacs": 0.5} if mode == "budget" else {"keep": 0.5, "images": x}
+    model = tpcvit.patch(_model("deit_small_patch16_224"), mode=mode, decide_every=2, **kwargs)
+    assert tpcvit.runtime.current_policy(model).decide_every == 2
+    with torch.no_grad():
+        fast, trace = model.forward_with_trace(x)
+        masked, tm = model.forward_with_trace(x, path="masked")
+    assert torch.equal(trace.active, tm.active) and torch.allclose(fast, masked, atol=1e-4, rtol=1e-4)
+    assert torch.equal(trace.active[:, 2], trace.active[:, 1]) and torch.equal(trace.active[:, 4], trace.active[:, 3])
+    if mode == "budget":
+        dense = count_gmacs(set_mode(tpcvit.patch(_model("deit_small_patch16_224")), "dense"), x)
+        assert count_gmacs(model, x) / dense == pytest.approx(0.5, abs=0.03)
+    else:
+        assert trace.active[:, 1:].float().mean().item() == pytest.approx(0.5, abs=0.08)
+
+
 def test_decay_profile_falls_geometrically_with_mean_one():
     from tpcvit.patch import decay_profile
 

@@ -189,8 +189,12 @@ def test_avit_halting_distribution_sums_to_one_per_token():
 def test_specs_parse_with_clear_errors():
     assert parse_spec("tome@0.5").target == 0.5 and parse_spec("evit=0.7").knob == 0.7
     assert parse_spec("tpc@0.35").label == "tpc@35%"
+    strided = parse_spec("tpc-keys@0.45/2")
+    assert (strided.method, strided.target, strided.every, strided.label) == ("tpc-keys", 0.45, 2, "tpc-keys@45%/2")
+    assert parse_spec("tpc-adaptive/3").every == 3 and parse_spec("tpc@0.5/1").label == "tpc@50%"
     for bad, msg in (("foo@0.5", "unknown method"), ("tome", "needs a budget"), ("dense@0.5", "no budget knob"),
-                     ("evit@1.5", "must be in"), ("evit@abc", "must be a number")):
+                     ("evit@1.5", "must be in"), ("evit@abc", "must be a number"), ("tome@0.5/2", "TPC spec only"),
+                     ("tpc@0.5/0", "K >= 1"), ("tpc@0.5/x", "K >= 1")):
         with pytest.raises(ConfigError, match=msg):
             parse_spec(bad)
 

@@ -339,14 +339,16 @@ def test_bench_methods_compares_tpc_and_peers_on_real_images(tmp_path):
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
     # dense weights for TPC / A-ViT only when asked for explicitly (here: to check the harness itself)
     _cli("bench", "-c", "configs/fmnist_main.yaml", "--methods",
-         "dense,tpc@0.6,tome@0.6,tome-ft@0.6,evit@0.8,avit=3,tpc-free@0.6",
+         "dense,tpc@0.6,tome@0.6,tome-ft@0.6,evit@0.8,avit=3,tpc-free@0.6,tpc-free@0.6/2",
          "--weights", f"dense={ckpt}", "--weights", f"tome-ft={ckpt}", "--weights", f"tpc={ckpt}",
          "--weights", f"avit={ckpt}", "--batch-sizes", "1", "8", "--rounds", "1",
          "--calib-images", "16", "--quiet", "--out", str(tmp_path / "cmp"), *sets)
     result = json.loads((tmp_path / "cmp.json").read_text())
     points = result["points"]
-    assert list(points) == ["dense", "tpc@60%", "tome@60%", "tome-ft@60%", "evit@80%", "avit=3", "tpc-free@60%"]
-    assert points["tpc-free@60%"]["matched"]
+    assert list(points) == ["dense", "tpc@60%", "tome@60%", "tome-ft@60%", "evit@80%", "avit=3", "tpc-free@60%",
+                            "tpc-free@60%/2"]
+    assert points["tpc-free@60%"]["matched"] and points["tpc-free@60%/2"]["matched"]
+    assert points["tpc-free@60%/2"]["knob"] != points["tpc-free@60%"]["knob"]  # other decisions: another keep
     assert points["tome-ft@60%"]["top1"] == points["tome@60%"]["top1"]  # same weights here: same model
     assert points["tome@60%"]["matched"] and points["tpc@60%"]["matched"]
     assert all(0 <= p["top1"] <= 100 and p["images"] == 48 for p in points.values())

@@ -7,7 +7,8 @@ with a knob: ``tpc`` (budget-mode keep ratio; ``tpc-keys``: the ``paused_keys`` 
 keys/values), ``tome`` (tokens merged per block; ``tome-ft``: ToMe with its own fine-tuned weights, trained with
 merging on), ``evit`` (keep rate), ``avit`` (halting threshold),
 ``idlevit`` (share of tokens computed per block), ``dynamicvit`` (keep rate per stage), ``tpc-free`` (training-free
-TPC, ``tpcvit.patch`` on the dense weights: keep ratio).
+TPC, ``tpcvit.patch`` on the dense weights: keep ratio). A TPC spec may end in ``/K``: the controller decides in
+every K-th controlled block only (``ExecutionPolicy.decide_every``), e.g. ``tpc-keys@0.45/2``.
 
 Every variant is evaluated on the same images (top-1/top-5, GMACs per image averaged over the evaluation set,
 counting only the work done) and timed in one interleaved loop (medians, warm-up, machine named).
@@ -31,7 +32,7 @@ from .data import take_batches
 from .flops import count_gmacs
 from .models import PEER_METHODS, image_geometry, variant_name
 from .reporting import markdown_table
-from .runtime import set_mode
+from .runtime import current_policy, set_mode, set_policy
 
 # harness method -> the token-reduction method of its registered model (None: the dense model)
 MODEL_METHOD = {"dense": None, "tpc-adaptive": "tpc", "tpc": "tpc", "tpc-keys-adaptive": "tpc", "tpc-keys": "tpc",
@@ -50,16 +51,28 @@ class Spec:
     method: str
     target: float | None = None
     knob: float | None = None
+    every: int = 1  # TPC: decide in every k-th controlled block (ExecutionPolicy.decide_every)
 
     @property
     def label(self) -> str:
         if self.target is not None:
-            return f"{self.method}@{self.target:.0%}"
-        return self.method if self.knob is None else f"{self.method}={self.knob:g}"
+            label = f"{self.method}@{self.target:.0%}"
+        else:
+            label = self.method if self.knob is None else f"{self.method}={self.knob:g}"
+        return label if self.every == 1 else f"{label}/{self.every}"
 
 
 def parse_spec(text: str) -> Spec:
-    """``dense`` | ``tpc-adaptive`` | ``METHOD@FRACTION`` | ``METHOD=KNOB`` -> :class:`Spec` (clear errors)."""
+    """``dense`` | ``tpc-adaptive`` | ``METHOD@FRACTION`` | ``METHOD=KNOB``, TPC ones optionally ``/K`` ->
+    :class:`Spec` (clear errors)."""
+    if "/" in text:
+        head, _, tail = text.rpartition("/")
+        if not head.startswith("tpc") or not tail.isdigit() or int(tail) < 1:
+            raise ConfigError(f"{text!r}: '/K' (decide in every K-th controlled block, K >= 1) follows a TPC spec "
+                              "only, e.g. tpc-keys@0.45/2")
+        spec = parse_spec(head)
+        spec.every = int(tail)
+        return spec
     sep = "@" if "@" in text else "=" if "=" in text else None
     method, value = (text.split(sep, 1) if sep else (text, None))
     if method not in METHODS:
@@ -141,6 +154,8 @@ def build_variant(cfg: dict, spec: Spec, num_classes: int, weights: dict[str, st
         patch(model)
     if spec.method.endswith("-adaptive"):
         set_mode(model, "adaptive")
+    if spec.every > 1:
+        set_policy(model, current_policy(model).replace(decide_every=spec.every))
     return model.eval()
 
 

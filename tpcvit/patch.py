@@ -90,6 +90,7 @@ def patch(
     start_layer: int | None = None,
     images: torch.Tensor | None = None,
     schedule: Schedule = DEFAULT_DECAY,
+    decide_every: int = 1,
     **tpc_options,
 ) -> nn.Module:
     """Give TPC to a timm ``VisionTransformer`` in place (and return it).
@@ -102,7 +103,9 @@ def patch(
     kept tokens are spread over the controlled blocks: a decay strength (keep factors falling geometrically, first /
     last = e^decay), ``"uniform"`` (the same keep everywhere), ``"auto"`` (the decay whose predictions agree best with
     the dense model's on ``images``; label-free) or explicit factors, one per controlled block. ``keep`` is then the
-    mean share over the controlled blocks. Other :class:`TPCConfig` fields go in ``tpc_options``.
+    mean share over the controlled blocks. ``decide_every``: decide in every k-th controlled block only, the blocks
+    between keep the same tokens (fewer small ops: lower batch-1 latency). Other :class:`TPCConfig` fields go in
+    ``tpc_options``.
     """
     check_patchable(model)
     if mode not in ("budget", "adaptive"):
@@ -116,6 +119,7 @@ def patch(
     was_training = model.training
     model.__class__ = _patched_class(type(model))
     model._init_tpc(cfg)
+    set_policy(model, current_policy(model).replace(decide_every=decide_every))
     model.to(device=param.device, dtype=param.dtype).train(was_training)
     if mode == "budget":
         fit_schedule(model, schedule, keep=model.tpc_cfg.target_keep if gmacs is None else None, gmacs=gmacs,
