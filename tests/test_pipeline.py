@@ -443,7 +443,8 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
             str(tmp_path / "evidence_tiny"), *TINY, "data.train_limit=300", "data.val_limit=200", "train.epochs=2",
             "train.cooldown_epochs=0",
             "train.batch_size=32",
-            "evidence.methods=[tpc,idlevit,tome,tpc-free,dense,tpc-norestart,tpc-uniform,tpc-adaptive]",
+            "evidence.methods=[tpc,idlevit,tome,tpc-free,dense,tpc-norestart,tpc-uniform,tpc-adaptive,tpc-every2,"
+            "tpc-free-every2]",
             "evidence.seeds=[0,1]",
             "evidence.budgets=[0.6,0.8]", "evidence.train_budget=0.7", "evidence.finetune_epochs=1",
             "evidence.finetune_train_limit=200", "evidence.calib_images=32", "model.tpc={target_keep: 0.6}"]
@@ -455,9 +456,9 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     assert {(r["method"], r["seed"]) for r in runs if r["budget"] == 0.6} == {
         ("tpc", 0), ("tpc", 1), ("idlevit", 0), ("idlevit", 1), ("tome", None), ("tpc-free", None),
         ("tpc-norestart", 0), ("tpc-norestart", 1), ("tpc-uniform", 0), ("tpc-uniform", 1), ("tpc-adaptive", 0),
-        ("tpc-adaptive", 1)}
+        ("tpc-adaptive", 1), ("tpc-every2", 0), ("tpc-every2", 1), ("tpc-free-every2", None)}
     # tpc-uniform: TPC's own weights (no fine-tune of its own) in budget mode without the learned schedule
-    assert not (out / "ft" / "tpc-uniform").exists() and not (out / "ft" / "tpc-adaptive").exists()
+    assert not any((out / "ft" / m).exists() for m in ("tpc-uniform", "tpc-adaptive", "tpc-every2"))
     ledger = tmp_path / "evidence_tiny_runs"
     tpc0, uniform0 = (json.loads((ledger / f"{m}_seed0.json").read_text()) for m in ("tpc", "tpc-uniform"))
     assert len(tpc0["keep_profile"]) == 2 and "keep_profile" not in uniform0 and tpc0["curve"] == uniform0["curve"]
@@ -467,7 +468,11 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
             assert abs(r["gmacs_ratio"] - r["budget"]) < 0.1, r
     summary = result["summary"]
     assert summary["tpc_vs_best_peer"]["0.6"]["best_peer"] in ("idlevit", "tome")
-    assert summary["tpc_vs_best_peer"]["0.6"]["n"] == 2 and {"tpc-norestart", "tpc-uniform"} <= set(summary["claims"])
+    assert summary["tpc_vs_best_peer"]["0.6"]["n"] == 2
+    assert {"tpc-norestart", "tpc-uniform", "tpc-every2"} <= set(summary["claims"])
+    every2 = json.loads((ledger / "tpc-every2_seed0.json").read_text())
+    assert every2["keep_profile"] == tpc0["keep_profile"]  # TPC's weights and learned schedule, fewer decisions
+    assert json.loads((ledger / "tpc-free-every2.json").read_text())["options"]["decide_every"] == 2
     assert set(summary["tpc_free_minus_tome"]) == {"0.6", "0.8"}
     assert set(summary["tpc_vs_peers"]) == {"idlevit", "tome"} and summary["tpc_vs_dense"]["0.6"]["n"] == 2
     assert summary["tpc_vs_peers"][summary["tpc_vs_best_peer"]["0.6"]["best_peer"]]["0.6"] == {

@@ -49,11 +49,15 @@ TPC_VARIANTS = {"tpc": {}, "tpc-norestart": {"restart": False}, "tpc-nosmooth": 
 # evaluation-only variants: the weights of another method's fine-tune, evaluated another way (no CPU for training).
 # Every TPC variant is evaluated in budget mode following the schedule it learned (docs/METHOD.md: "k from the
 # learned mean schedule"; calibrate_keep_profile). tpc-uniform: TPC's weights, the same keep in every block.
-# tpc-adaptive: TPC's weights in adaptive mode (per-image decisions; the knob is adaptive_level).
-EVAL_VARIANTS = {"tpc-uniform": "tpc", "tpc-adaptive": "tpc"}
+# tpc-adaptive: TPC's weights in adaptive mode (per-image decisions; the knob is adaptive_level). tpc-every2: TPC's
+# weights and learned schedule, deciding in every 2nd controlled block only (ExecutionPolicy.decide_every: what
+# the batch-1 speed-up of fewer decisions costs in accuracy).
+EVAL_VARIANTS = {"tpc-uniform": "tpc", "tpc-adaptive": "tpc", "tpc-every2": "tpc"}
 PEERS = ("idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome")
-TRAINING_FREE = ("tome", "tpc-free")  # evaluated on the dense weights, no fine-tune, no seeds
-METHODS = ("dense", *TPC_VARIANTS, *EVAL_VARIANTS, *PEERS, "tpc-free")
+# training-free TPC (tpcvit.patch on the dense weights), deciding in every k-th controlled block
+FREE_TPC = {"tpc-free": 1, "tpc-free-every2": 2}
+TRAINING_FREE = ("tome", *FREE_TPC)  # evaluated on the dense weights, no fine-tune, no seeds
+METHODS = ("dense", *TPC_VARIANTS, *EVAL_VARIANTS, *PEERS, *FREE_TPC)
 CLAIM_VARIANTS = tuple(m for m in (*TPC_VARIANTS, *EVAL_VARIANTS) if m != "tpc")
 # static-shape peers: trained with the knob that gives ``train_budget`` GMACs (the model kwarg that holds it)
 KNOB_KWARG = {"idlevit": "keep_rate", "dynamicvit": "keep_rate", "evit": "keep_rate", "tome": "tome_r"}
@@ -61,7 +65,7 @@ KNOB_KWARG = {"idlevit": "keep_rate", "dynamicvit": "keep_rate", "evit": "keep_r
 
 def model_name(cfg: dict, method: str) -> str:
     method = EVAL_VARIANTS.get(method, method)
-    if method in ("dense", "tpc-free"):
+    if method == "dense" or method in FREE_TPC:
         return variant_name(None, cfg["model"]["name"])
     if method in TPC_VARIANTS:
         return variant_name("tpc", cfg["model"]["name"])
@@ -303,12 +307,15 @@ class Evidence:
 
     def prepare_eval(self, model: torch.nn.Module, method: str) -> dict:
         """Put a loaded model in the form ``method`` is evaluated in; what to record about it."""
-        if method == "tpc-free":
-            patch(model)  # training-free TPC: the attention controller on the dense weights
+        if method in FREE_TPC:  # training-free TPC: the attention controller on the dense weights
+            patch(model, decide_every=FREE_TPC[method])
         elif method == "tpc-adaptive":  # the knob becomes adaptive mode's level
             set_policy(model, current_policy(model).replace(mode="adaptive", keep=None, adaptive_level=0.5))
-        elif method in TPC_VARIANTS:  # budget mode follows the schedule the model learned (adaptive mode)
-            return {"keep_profile": calibrate_keep_profile(model, self.calib)}
+        elif method in TPC_VARIANTS or method == "tpc-every2":  # budget mode follows the learned schedule
+            profile = calibrate_keep_profile(model, self.calib)  # measured deciding in every block, as trained
+            if method == "tpc-every2":
+                set_policy(model, current_policy(model).replace(decide_every=2))
+            return {"keep_profile": profile}
         return {}
 
     def match_budget(self, model: torch.nn.Module, method: str, budget: float,
@@ -316,7 +323,7 @@ class Evidence:
         """Move ``method``'s knob to ``budget`` x the dense GMACs: its value and what to record about it.
         Training-free TPC also picks its token schedule per budget, label-free, as ``tpcvit.patch(model, gmacs=...,
         schedule="auto", images=...)`` does for a user (the calibration images, compared with the dense output)."""
-        if method == "tpc-free":
+        if method in FREE_TPC:
             keep, profile = fit_schedule(model, "auto", gmacs=budget, images=self.calib)
             return keep, {"keep_profile": profile}
         return match_gmacs(model, self.calib, budget * dense_gmacs)[0], {}
@@ -324,7 +331,10 @@ class Evidence:
     @staticmethod
     def method_options(method: str) -> dict:
         """How a method is evaluated beyond the recipe: a ledger record made otherwise is redone."""
-        return {"schedule": "auto", "decays": list(AUTO_DECAYS)} if method == "tpc-free" else {}
+        if method not in FREE_TPC:
+            return {}
+        return {"schedule": "auto", "decays": list(AUTO_DECAYS), **({"decide_every": FREE_TPC[method]}
+                                                                    if FREE_TPC[method] > 1 else {})}
 
     def run_dir(self, method: str, seed: int) -> Path:
         return self.out / "ft" / method / f"seed{seed}"

@@ -177,7 +177,7 @@ def plot_evidence(result: dict, path: Path) -> Path:
     palette = plt.get_cmap("tab20").colors
     style = {m: (palette[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], "os^vD<>ph*"[i % 10])
              for i, m in enumerate(methods)}
-    variants = [m for m in methods if m.startswith("tpc-") and m != "tpc-free"]
+    variants = [m for m in methods if m.startswith("tpc-") and not m.startswith("tpc-free")]
     peers = [m for m in methods if m not in variants]
     dense = result["dense"]["top1"]
     best = max((c["mean"] for cells in s["table"].values() for c in cells.values()), default=dense)
