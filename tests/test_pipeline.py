@@ -698,3 +698,39 @@ def test_evidence_keeps_the_trained_dense_backbone_and_a_fresh_machine_fine_tune
     res = _cli(*args, "evidence.seeds=[0,1,2]", timeout=600)
     assert "not trained here" not in res.stdout and (out / "dense" / "last.safetensors").is_file()
     assert weights_digest(kept) == digest  # same recipe on the same machine: the same weights, kept again
+
+
+def test_evidence_stopped_while_training_the_dense_backbone_keeps_it_resumable_for_a_fresh_machine(tmp_path):
+    """A job stopped (SIGINT) during the dense stage keeps the run's resumable state beside evidence.dense_copy; a
+    later session without runs/ continues it from there and ends with the weights of an uninterrupted run."""
+    import signal
+    import time
+
+    from tpcvit.checkpoint import weights_digest
+
+    def args(root):
+        return ["evidence", "-c", "configs/evidence_fmnist49.yaml", "-o", str(root / "ev"), "--out",
+                str(root / "evidence_tiny"), *TINY, "data.train_limit=2000", "data.val_limit=64", "train.epochs=4",
+                "train.cooldown_epochs=0", "train.batch_size=32", "evidence.methods=[dense]", "evidence.seeds=[0]",
+                "evidence.budgets=[0.6]", "evidence.finetune_epochs=1", "evidence.finetune_train_limit=64",
+                "evidence.calib_images=16", f"evidence.dense_copy={root / 'kept' / 'dense.safetensors'}"]
+
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    _cli(*args(clean), "--quiet", timeout=600)
+    proc = subprocess.Popen([sys.executable, "-m", "tpcvit", *args(stopped)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while not (stopped / "ev" / "dense" / "last.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    partial = stopped / "kept" / "dense.partial.tar"
+    assert proc.returncode == 130 and "Traceback" not in err and partial.is_file(), (out + err)[-1500:]
+    shutil.rmtree(stopped / "ev")  # a fresh machine: only what is committed is left
+    res = _cli(*args(stopped), timeout=600)
+    assert "continuing the unfinished run" in res.stdout and not partial.exists()
+    epochs = [json.loads(ln)["epoch"] for ln in (stopped / "ev" / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+    kept = [weights_digest(root / "kept" / "dense.safetensors") for root in (stopped, clean)]
+    assert kept[0] == kept[1]  # exactly the weights of the run that was never stopped

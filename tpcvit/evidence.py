@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import shutil
+import tarfile
 import time
 from pathlib import Path
 
@@ -87,6 +88,24 @@ def method_config(cfg: dict, method: str) -> dict:
 def _done(run: Path, epochs: int) -> bool:
     last = run / "last.json"
     return last.exists() and json.loads(last.read_text()).get("epoch") == epochs and (run / "last.safetensors").exists()
+
+
+def keep_resumable(run: Path, archive: Path) -> bool:
+    """Write ``run``'s resumable state (its last checkpoint, logs and config; not its other checkpoints) to the tar
+    ``archive``, atomically. False when the run has no checkpoint yet."""
+    meta = _read_json(run / "last.json", None)
+    if meta is None:
+        return False
+    names = [n for n in ("config.yaml", "metrics.jsonl", "steps.jsonl", "timing.json") if (run / n).exists()]
+    names += [meta["checkpoint"], "last.json"]
+
+    def write(tmp: str) -> None:
+        with tarfile.open(tmp, "w") as tar:
+            for name in names:
+                tar.add(run / name, arcname=name)
+
+    atomic_write(archive, write)
+    return True
 
 
 def _read_json(path: Path, default):
@@ -207,16 +226,37 @@ class Evidence:
         atomic_write(kept, lambda t: shutil.copyfile(source, t))
         self.log(f"kept the dense backbone in {kept} (commit it: later sessions fine-tune from it)")
 
+    @property
+    def dense_partial(self) -> Path | None:
+        """Beside ``evidence.dense_copy``: the unfinished dense run's resumable state, kept when the job is stopped
+        (Ctrl-C, a deadline's SIGINT) so that a later session on a fresh machine continues it (commit it too)."""
+        kept = self.dense_copy
+        return kept.with_name(kept.name.removesuffix(".safetensors") + ".partial.tar") if kept else None
+
     def _train_dense(self, c: dict) -> None:
         init = c["model"].get("init")
         if init and not Path(init).exists():
             raise ConfigError(f"model.init: {init} not found: this setting's dense backbone starts from another "
                               "model's weights; train that one first (e.g. `tpcvit evidence -c "
                               "configs/evidence_fmnist49.yaml` keeps it in its evidence.dense_copy)")
+        partial = self.dense_partial
+        if partial is not None and partial.is_file() and not (self.dense_dir / "last.json").exists():
+            with tarfile.open(partial) as tar:
+                tar.extractall(self.dense_dir, filter="data")
+            epoch = _read_json(self.dense_dir / "last.json", {}).get("epoch")
+            self.log(f"== dense backbone: continuing the unfinished run kept in {partial} (after epoch {epoch})")
         self.log(f"== dense backbone: {total_epochs(c['train'])} epochs (resumable)")
         t0 = time.time()
-        fit(c, resume=(self.dense_dir / "last.json").exists(), progress=self.progress, model_name=c["model"]["name"])
+        try:
+            fit(c, resume=(self.dense_dir / "last.json").exists(), progress=self.progress,
+                model_name=c["model"]["name"])
+        except KeyboardInterrupt:
+            if partial is not None and keep_resumable(self.dense_dir, partial):
+                self.log(f"kept the unfinished dense run in {partial} (commit it: the next session continues it)")
+            raise
         _add_seconds(self.dense_dir, "train_s", time.time() - t0)
+        if partial is not None and partial.is_file():
+            partial.unlink()  # finished: the copy of the weights replaces it
 
     def dense_recipe(self) -> dict:
         return dense_recipe(self.cfg)
