@@ -38,7 +38,9 @@ if [ -n "${OUT:-}" ]; then
   # the dense backbone's kept copy (evidence.dense_copy) travels too: later fine-tunes start from it on any machine
   KEPT=$($PY -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1])).get('evidence', {}).get('dense_copy') or '')" \
     "$CFG")
+  PARTIAL=""  # or the unfinished dense run's resumable state, when the deadline came during the dense stage
+  [ -n "$KEPT" ] && [ -f "${KEPT%.safetensors}.partial.tar" ] && PARTIAL="${KEPT%.safetensors}.partial.tar"
   [ -n "$KEPT" ] && [ -f "$KEPT" ] || KEPT=""
-  tar czf "$OUT/evidence_$SETTING.tgz" "${RESULTS}_runs" "$RESULTS".* ${KEPT:+"$KEPT"}
+  tar czf "$OUT/evidence_$SETTING.tgz" "${RESULTS}_runs" "$RESULTS".* ${KEPT:+"$KEPT"} ${PARTIAL:+"$PARTIAL"}
   echo "gpu_evidence: packed $OUT/evidence_$SETTING.tgz"
 fi
