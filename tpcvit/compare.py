@@ -253,7 +253,8 @@ def compare_markdown(result: dict) -> str:
         knob = "-" if p["knob"] is None else f"{p['knob']:.3g}"
         target = "-" if p["target"] is None else f"{p['target']:.0%}"
         target += "" if p.get("matched") in (None, True) else " (unmatched)"
-        cells = [p["method"], target, knob] + ([f"{p['top1']:.2f}", f"{p['top5']:.2f}"] if acc else [])
+        every = label[label.rfind("/"):] if "/" in label else ""  # TPC deciding every K-th block: "/K"
+        cells = [p["method"] + every, target, knob] + ([f"{p['top1']:.2f}", f"{p['top5']:.2f}"] if acc else [])
         cells += [f"{p['gmacs']:.4f}", f"{p['gmacs_ratio']:.0%}"]
         for b in batches:
             r = speed[(label, b)]
