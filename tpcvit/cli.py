@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "evidence_<output folder name>")
     ev.epilog = ("Start from a converged dense model you already have (a pretrained DeiT, say) instead of training "
                  "one: evidence.dense_weights=FILE (.safetensors/.pth; the ledger then keys every run to its digest). "
-                 "Keep the dense model trained here for later sessions (commit it): evidence.dense_copy=FILE; a "
+                 "Keep the dense model trained here for later sessions (a disk that outlives the machine): "
+                 "evidence.dense_copy=FILE; a "
                  "fresh machine then fine-tunes from it instead of re-training.")
     ev.add_argument("--report-only", action="store_true", help="train and evaluate nothing: write the report from the "
                     "finished runs in the ledger (unfinished ones are listed as missing)")

@@ -103,7 +103,7 @@ DEFAULTS: dict[str, Any] = {
         # a converged dense model you already have (e.g. a pretrained DeiT, .safetensors/.pth): every method starts
         # from it and the dense training stage is skipped (its curve is then unknown); null: train it here
         "dense_weights": None,
-        # where the dense backbone trained here is kept once trained (commit it): a later session on a fresh machine
+        # where the dense backbone trained here is kept once trained (outside git): a later session on a fresh machine
         # or another kind of CPU then fine-tunes from the ledger's very weights instead of re-training; null: not kept
         "dense_copy": None,
     },

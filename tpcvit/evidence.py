@@ -138,7 +138,7 @@ class Evidence:
     ``ledger``: a folder (committed beside the results) with one JSON per finished run: its evaluations at every
     budget, training curve and seconds. A run found there is reused as it is, so the job continues in a later
     session even when the run folders (``<output>``, not committed) are gone. The dense backbone is then needed only
-    if a fine-tune still is: taken from ``evidence.dense_copy`` (a committed copy of it, written once it is trained)
+    if a fine-tune still is: taken from ``evidence.dense_copy`` (a kept copy of it, written once it is trained)
     when that file holds the ledger's weights, else re-trained (same recipe: deterministic on one kind of CPU).
     """
 
@@ -175,7 +175,8 @@ class Evidence:
 
     @property
     def dense_copy(self) -> Path | None:
-        """``evidence.dense_copy``: where the trained dense backbone is kept (committed), so a later session on a
+        """``evidence.dense_copy``: where the trained dense backbone is kept (a disk that outlives the machine, never
+        git: weights stay out of the repository), so a later session on a
         fresh machine, or on another kind of CPU, fine-tunes from the very weights the ledger's runs started from."""
         return Path(self.ev["dense_copy"]) if self.ev.get("dense_copy") else None
 
@@ -224,12 +225,12 @@ class Evidence:
         if weights_digest(source) != self.dense_digest:
             return  # not the ledger's weights (ensure_dense says so when a run needs them)
         atomic_write(kept, lambda t: shutil.copyfile(source, t))
-        self.log(f"kept the dense backbone in {kept} (commit it: later sessions fine-tune from it)")
+        self.log(f"kept the dense backbone in {kept} (later sessions fine-tune from it)")
 
     @property
     def dense_partial(self) -> Path | None:
         """Beside ``evidence.dense_copy``: the unfinished dense run's resumable state, kept when the job is stopped
-        (Ctrl-C, a deadline's SIGINT) so that a later session on a fresh machine continues it (commit it too)."""
+        (Ctrl-C, a deadline's SIGINT) so that a later session on a fresh machine continues it."""
         kept = self.dense_copy
         return kept.with_name(kept.name.removesuffix(".safetensors") + ".partial.tar") if kept else None
 
@@ -252,7 +253,7 @@ class Evidence:
                 model_name=c["model"]["name"])
         except KeyboardInterrupt:
             if partial is not None and keep_resumable(self.dense_dir, partial):
-                self.log(f"kept the unfinished dense run in {partial} (commit it: the next session continues it)")
+                self.log(f"kept the unfinished dense run in {partial} (the next session continues it)")
             raise
         _add_seconds(self.dense_dir, "train_s", time.time() - t0)
         if partial is not None and partial.is_file():
