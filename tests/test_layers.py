@@ -48,14 +48,18 @@ def test_block_forward_leaves_other_blocks_training_and_hooks_to_timm():
     assert calls == [1]  # training: timm's modules (dropout, drop-path) run
 
 
+@torch.no_grad()  # the cache serves inference; with autograd on, a block's views are made afresh
 def test_plain_block_cache_follows_replaced_weights_and_parts():
     blk = _block()
     first = plain_block(blk)
     assert plain_block(blk) is first  # cached
     blk.attn.qkv.weight = nn.Parameter(torch.zeros_like(blk.attn.qkv.weight))
-    assert plain_block(blk).qkv[0] is blk.attn.qkv.weight
-    blk.double()  # data moved in place: the cached parameters follow
+    assert plain_block(blk).qkv[0].data_ptr() == blk.attn.qkv.weight.data_ptr()
+    x = _tokens()
+    blk.double()  # new data under the same parameter objects: rebuilt, the views follow the data
     assert plain_block(blk).qkv[0].dtype == torch.float64 and plain_block(blk).fc2[1].dtype == torch.float64
+    assert plain_block(blk).kv[0].data_ptr() != first.kv[0].data_ptr()
+    assert torch.equal(block_forward(blk, x.double()), blk(x.double()))
     blk.mlp.act = nn.ReLU()
     assert plain_block(blk) is None
 

@@ -346,3 +346,34 @@ def test_pretrained_weights_missing_offline_is_one_clear_error(tmp_path, monkeyp
     with pytest.raises(CheckpointError, match=r"deit_tiny_patch16_224 \(timm/deit_tiny_patch16_224.fb_in1k\).*"
                                               "pretrained_cfg_overlay"):
         timm.create_model("tpc_deit_tiny_patch16_224", pretrained=True)
+
+
+@pytest.mark.parametrize("paused_keys", [False, True])
+@pytest.mark.parametrize("mode", ["budget", "adaptive"])
+def test_blocks_sharing_a_decision_gather_their_tokens_once(images, mode, paused_keys):
+    """decide_every=5 (one decision for the 5 controlled blocks): the selection is gathered once for the group, and
+    scattered back once (paused tokens masked) or after every block (paused keys: the buffer is the next block's
+    keys); the result is the per-block execution's (forced decisions run block by block)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = small_tpc(depth=6, paused_keys=paused_keys, pause_bias_init=0.0).eval()
+    policy = tpcvit.ExecutionPolicy(mode=mode, keep=0.4 if mode == "budget" else None, decide_every=5)
+    x = images[:1] if mode == "adaptive" else images  # adaptive batches pad (or pack): those run block by block
+    with torch.no_grad():
+        fast, trace = model.forward_with_trace(x, policy=policy)
+        assert 0 < trace.active_counts()[0, 1] < trace.active.shape[-1]  # a real selection, not every token
+        with Count() as count:
+            model.forward_with_trace(x, policy=policy)
+        forced, _ = model.forward_with_trace(x, policy=policy, forced_active=trace.active)
+    assert count.calls.count("index_select") == 1
+    assert count.calls.count("index_copy_") == (5 if paused_keys else 1)
+    assert torch.allclose(fast, forced, atol=1e-5, rtol=1e-4)

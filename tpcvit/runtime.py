@@ -81,6 +81,16 @@ class TPCRuntime:
         """Run a controlled block on the decided selection: ``(x, class attention or None)``."""
         raise NotImplementedError
 
+    def _tpc_run_group(self, blocks: list[nn.Module], x: torch.Tensor, steps: list[BlockStep]):
+        """Run consecutive controlled blocks that share one decision (``steps[0]`` decided, the rest repeat it;
+        ``ExecutionPolicy.decide_every``): ``(x, the last class attention or None)``. One block at a time here; a
+        family may keep the selection gathered across the group instead (see ViT)."""
+        seen = None
+        for blk, step in zip(blocks, steps):
+            x, score = self._tpc_run_block(blk, x, step)
+            seen = score if score is not None else seen
+        return x, seen
+
     def _tpc_finish(self, x: torch.Tensor, props: list[Propagation], with_trace: bool):
         """Final features and the trace (``None`` when ``with_trace`` is False)."""
         raise NotImplementedError
@@ -121,6 +131,10 @@ class TPCRuntime:
         forced = self._tpc_check_forced(forced_active, x.shape[0])
         attention = cfg.reads_attention and policy.mode != "dense"
         score = None  # training-free controller: relative class attention of every token, from the last block
+
+        def wants_score(controlled: int, last: bool) -> bool:  # the class attention feeds the next decision only
+            return attention and (last or policy.decides(controlled + 1))
+
         props, g = [], 0
         for s, stage in enumerate(self._tpc_stages()):
             if stage.enter is not None:
@@ -129,32 +143,39 @@ class TPCRuntime:
             prop = Propagation(cfg, policy, tokens.shape[0], grid[0] * grid[1], grid, x.device,
                                sample=self.training and not fast, forced_active=None if forced is None else forced[s],
                                record=with_trace)
-            controlled, k = 0, 0  # controlled blocks of this stage so far (decide_every counts them); budget k
-            for j, blk in enumerate(stage.blocks):
+            blocks, j, controlled, k = stage.blocks, 0, 0, 0  # controlled: blocks of this stage decide_every counts
+            while j < len(blocks):
                 if str(g) in self.stabilizers:
                     x = self._tpc_restore(self.stabilizers[str(g)](self._tpc_tokens(x)[0], prefix, grid), x)
                 if policy.mode == "dense" or g < cfg.start_layer:
-                    x, seeded = self._tpc_dense_block(blk, x, attention and g == cfg.start_layer - 1)
+                    x, seeded = self._tpc_dense_block(blocks[j], x, attention and g == cfg.start_layer - 1)
                     score = seeded if seeded is not None else score
                     prop.dense_block()
+                    j, g = j + 1, g + 1
+                    continue
+
+                if forced is None and not policy.decides(controlled):  # a run cut by a stabilizer: reuse
+                    first = BlockStep(prop.repeat(), fast, policy, False, k,
+                                      wants_score(controlled, j + 1 == len(blocks)))
                 else:
-                    # the class attention is read only by the next block's decision
-                    wants_score = attention and (j + 1 == len(stage.blocks) or policy.decides(controlled + 1))
-                    if forced is None and not policy.decides(controlled):  # reuse the last decision as it is
-                        step = BlockStep(prop.repeat(), fast, policy, False, k, wants_score)
-                    else:
-                        tokens = self._tpc_tokens(x)[0]
-                        logits = self.controller[g - cfg.start_layer](tokens, prefix) if len(self.controller) else None
-                        if attention:
-                            free = C.attention_logits(score[:, prefix:], cfg.attention_threshold,
-                                                      cfg.attention_sharpness)
-                            logits = free if logits is None else free + logits
-                        k = policy.budget_k(prop.num_patches, g - cfg.start_layer, cfg.target_keep)
-                        step = BlockStep(prop.step(j, logits, k), fast, policy, forced is not None, k, wants_score)
-                    x, seen = self._tpc_run_block(blk, x, step)
-                    score = seen if seen is not None else score
-                    controlled += 1
-                g += 1
+                    tokens = self._tpc_tokens(x)[0]
+                    logits = self.controller[g - cfg.start_layer](tokens, prefix) if len(self.controller) else None
+                    if attention:
+                        free = C.attention_logits(score[:, prefix:], cfg.attention_threshold,
+                                                  cfg.attention_sharpness)
+                        logits = free if logits is None else free + logits
+                    k = policy.budget_k(prop.num_patches, g - cfg.start_layer, cfg.target_keep)
+                    first = BlockStep(prop.step(j, logits, k), fast, policy, forced is not None, k,
+                                      wants_score(controlled, j + 1 == len(blocks)))
+                # the blocks after it that reuse this decision (decide_every) run with it as one group
+                run = [first]
+                while (forced is None and j + len(run) < len(blocks) and not policy.decides(controlled + len(run))
+                       and str(g + len(run)) not in self.stabilizers):
+                    run.append(BlockStep(prop.repeat(), fast, policy, False, k,
+                                         wants_score(controlled + len(run), j + len(run) + 1 == len(blocks))))
+                x, seen = self._tpc_run_group(blocks[j:j + len(run)], x, run)
+                score = seen if seen is not None else score
+                j, g, controlled = j + len(run), g + len(run), controlled + len(run)
             props.append(prop)
         return self._tpc_finish(x, props, with_trace)
 

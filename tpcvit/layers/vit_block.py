@@ -48,36 +48,54 @@ def packed_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor, num_pref
 class PlainBlock:
     """The tensors of a plain timm pre-norm ``Block``: LayerNorms, ``Attention`` with no q/k norm, output norm or
     gate, no LayerScale, an exact-GELU ``Mlp``. Such a block is a fixed formula of these tensors, so inference can
-    call the tensor ops directly instead of a dozen module calls (:func:`block_forward`)."""
+    call the tensor ops directly instead of a dozen module calls (:func:`block_forward`).
+
+    Every linear is kept as ``(weight.t(), bias)``, views of its parameters (``q`` / ``kv``: the rows of ``qkv``
+    for the selected queries / for every key), so a linear is one ``addmm`` (:func:`_affine`): what ``F.linear``
+    computes, without its transpose and slicing dispatches."""
 
     heads: int
     eps: float
     norm1: tuple[torch.Tensor, torch.Tensor]
     qkv: tuple[torch.Tensor, torch.Tensor | None]
+    q: tuple[torch.Tensor, torch.Tensor | None]
+    kv: tuple[torch.Tensor, torch.Tensor | None]
     proj: tuple[torch.Tensor, torch.Tensor | None]
     norm2: tuple[torch.Tensor, torch.Tensor]
     fc1: tuple[torch.Tensor, torch.Tensor | None]
     fc2: tuple[torch.Tensor, torch.Tensor | None]
 
 
+def _affine(rows: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """``F.linear(rows, weight, bias)`` for ``[M, C]`` rows from a :class:`PlainBlock` ``(weight.t(), bias)``: the
+    same ``addmm`` ``F.linear`` calls (bitwise the same result)."""
+    weight_t, bias = linear
+    return rows.mm(weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
+
+
 _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (what it was built from, PlainBlock)
 
 
 def _makeup(blk: nn.Module) -> tuple:
-    """Identity of every submodule and parameter of a block (read from the module dicts: a few microseconds), so a
-    cached :class:`PlainBlock` is rebuilt when a part or a weight is replaced (``load_state_dict(assign=True)``, the
-    fake parameters of ``torch.export``); ``.to()`` / ``.half()`` keep the parameter objects, and so the cache."""
+    """Identity of every submodule and parameter of a block and where its data lives (read from the module dicts:
+    a few microseconds), so a cached :class:`PlainBlock` is rebuilt when a part or a weight is replaced
+    (``load_state_dict(assign=True)``, the fake parameters of ``torch.export``) or moved (``.to()`` / ``.half()``
+    give a parameter new data, which the cached transposed views would not follow)."""
     inner = [m for m in blk._modules.values() if m is not None]
     inner += [m for sub in inner for m in sub._modules.values() if m is not None]
-    return tuple(id(m) for m in inner) + tuple(id(t) for m in inner for t in m._parameters.values())
+    params = [t for m in inner for t in m._parameters.values() if t is not None]
+    return tuple(id(m) for m in inner) + tuple(id(t) for t in params) + tuple(t.data_ptr() for t in params)
 
 
 def plain_block(blk: nn.Module) -> PlainBlock | None:
     """``blk``'s tensors when it is a plain timm pre-norm ``Block`` (see :class:`PlainBlock`), else ``None``.
 
-    Cached per block (checking the structure reads ~40 module attributes, as long as the block itself at batch 1).
+    Cached per block under no_grad (checking the structure reads ~40 module attributes, as long as the block itself
+    at batch 1); with autograd on, built afresh.
     """
-    if torch.compiler.is_compiling():  # traced (torch.compile / export): the graph holds the result, no cache
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        # traced (torch.compile / export): the graph holds the result; autograd: views made now carry the gradient
+        # to the parameters (cached ones made under no_grad would not)
         return _plain_block(blk)
     makeup = _makeup(blk)
     cached = _PLAIN.get(blk)
@@ -102,10 +120,13 @@ def _plain_block(blk: nn.Module) -> PlainBlock | None:
             or not all(type(n) in layer_norm and n.elementwise_affine and n.bias is not None for n in norms)
             or blk.norm1.eps != blk.norm2.eps or attention_dim(attn) != blk.norm1.normalized_shape[0]):
         return None
+    d = attention_dim(attn)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    split = lambda rows: (weight[rows].t(), None if bias is None else bias[rows])  # noqa: E731
     return PlainBlock(attn.num_heads, blk.norm1.eps, (blk.norm1.weight, blk.norm1.bias),
-                      (attn.qkv.weight, attn.qkv.bias), (attn.proj.weight, attn.proj.bias),
-                      (blk.norm2.weight, blk.norm2.bias), (mlp.fc1.weight, mlp.fc1.bias),
-                      (mlp.fc2.weight, mlp.fc2.bias))
+                      split(slice(None)), split(slice(None, d)), split(slice(d, None)),
+                      (attn.proj.weight.t(), attn.proj.bias), (blk.norm2.weight, blk.norm2.bias),
+                      (mlp.fc1.weight.t(), mlp.fc1.bias), (mlp.fc2.weight.t(), mlp.fc2.bias))
 
 
 def _has_hooks(blk: nn.Module) -> bool:
@@ -129,11 +150,19 @@ def block_forward(blk: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | Non
     if p is None:
         return blk(x, attn_mask=attn_mask)
     b, n, d = x.shape
-    qkv = F.linear(F.layer_norm(x, (d,), *p.norm1, p.eps), *p.qkv)
-    q, k, v = qkv.reshape(b, n, 3, p.heads, d // p.heads).permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b, n, d)
-    x = x + F.linear(o, *p.proj)
-    return x + F.linear(F.gelu(F.linear(F.layer_norm(x, (d,), *p.norm2, p.eps), *p.fc1)), *p.fc2)
+    # per-token layers on the flattened [B * n, D] rows: a linear on 2-D input is one addmm (what F.linear does
+    # to 3-D input after two views), so the block is 5 dispatches shorter, bitwise the same
+    rows = x.reshape(b * n, d)
+    qkv = _affine(F.layer_norm(rows, (d,), *p.norm1, p.eps), p.qkv)
+    q, k, v = qkv.view(b, n, 3, p.heads, d // p.heads).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b * n, d)
+    return _plain_tail(p, rows + _affine(o, p.proj)).view(b, n, d)
+
+
+def _plain_tail(p: PlainBlock, rows: torch.Tensor) -> torch.Tensor:
+    """The MLP half of a plain block on ``[M, D]`` rows (after the attention residual)."""
+    d = rows.shape[-1]
+    return rows + _affine(F.gelu(_affine(F.layer_norm(rows, (d,), *p.norm2, p.eps), p.fc1)), p.fc2)
 
 
 def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, class_attention: bool = False,
@@ -150,30 +179,33 @@ def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, c
     training-free controller, one extra query row.
     """
     attn = blk.attn
-    d, heads, b = attn.num_heads * attn.head_dim, attn.num_heads, tokens.shape[0]
+    d, heads, b, n = attn.num_heads * attn.head_dim, attn.num_heads, tokens.shape[0], tokens.shape[1]
     p = None if blk.training else plain_block(blk)
-    norm1 = blk.norm1 if p is None else lambda t: F.layer_norm(t, (t.shape[-1],), *p.norm1, p.eps)
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(norm1(tokens), weight[:d], None if bias is None else bias[:d])
-    kv = F.linear(norm1(context), weight[d:], None if bias is None else bias[d:])
-    q = q.view(b, -1, heads, attn.head_dim).transpose(1, 2)
+    rows = tokens.reshape(b * n, d)  # per-token layers on [M, D] rows: one addmm per linear (see block_forward)
+    if p is None:
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(blk.norm1(rows), weight[:d], None if bias is None else bias[:d])
+        kv = F.linear(blk.norm1(context.reshape(-1, d)), weight[d:], None if bias is None else bias[d:])
+    else:
+        q = _affine(F.layer_norm(rows, (d,), *p.norm1, p.eps), p.q)
+        kv = _affine(F.layer_norm(context.reshape(-1, d), (d,), *p.norm1, p.eps), p.kv)
+    q = q.view(b, n, heads, attn.head_dim).transpose(1, 2)
     k, v = kv.view(b, context.shape[1], 2, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     if p is None:
         q, k = attn.q_norm(q), attn.k_norm(k)
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, d)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * n, d)
     if p is None:
-        tokens = tokens + blk.ls1(attn.proj(attention_out_norm(attn)(o)))
-        out = tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
+        rows = rows + blk.ls1(attn.proj(attention_out_norm(attn)(o)))
+        out = (rows + blk.ls2(blk.mlp(blk.norm2(rows)))).view(b, n, d)
     else:
-        tokens = tokens + F.linear(o, *p.proj)
-        hidden = F.gelu(F.linear(F.layer_norm(tokens, (d,), *p.norm2, p.eps), *p.fc1))
-        out = tokens + F.linear(hidden, *p.fc2)
+        out = _plain_tail(p, rows + _affine(o, p.proj)).view(b, n, d)
     if not class_attention:
         return out
     if num_prefix:
         query = q[:, :, :1]
     else:  # no class token: the query of the buffer's mean (normed) token, the same whatever is selected
-        mean = F.linear(norm1(context).mean(dim=1, keepdim=True), weight[:d], None if bias is None else bias[:d])
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        mean = F.linear(blk.norm1(context).mean(dim=1, keepdim=True), weight[:d], None if bias is None else bias[:d])
         query = attn.q_norm(mean.view(b, 1, heads, attn.head_dim).transpose(1, 2))
     row = ((query * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0].mean(dim=1)
     return out, row * context.shape[1]

@@ -18,7 +18,16 @@ from timm.models.vision_transformer import VisionTransformer
 from ..layers import block_forward, context_block, embed_tokens, packed_block, supports_packing
 from ..propagation import Propagation, TokenTrace, TPCConfig
 from ..runtime import BlockStep, Stage, TPCRuntime
-from ..tokens import masked_update, run_on_selection, select_active, select_topk
+from ..tokens import (
+    TokenSelection,
+    flat_index,
+    gather_tokens,
+    masked_update,
+    run_on_selection,
+    scatter_tokens,
+    select_active,
+    select_topk,
+)
 from ._builder import DEIT_SIZES, build_reducer, dense_name
 
 
@@ -65,15 +74,43 @@ class TPCViT(TPCRuntime):
                 return out
 
         if not step.fast:
-            x = masked_update(run, x, d.states, prefix, mask_keys=not cfg.paused_keys)
-        elif step.budget_selection:
-            x = run_on_selection(run, x, select_topk(d.active, step.budget_k, prefix, d.index))
-        elif (step.policy.packed and not cfg.paused_keys and not self.training and x.shape[0] > 1
-              and supports_packing(blk)):
+            return masked_update(run, x, d.states, prefix, mask_keys=not cfg.paused_keys), seen.get("score")
+        sel = self._tpc_selection(blk, x, step)
+        if sel is None:
             x = packed_block(blk, x, d.active, prefix)
         else:
-            x = run_on_selection(run, x, select_active(d.active, prefix, x.dtype))
+            x = run_on_selection(run, x, sel)
         return x, seen.get("score")
+
+    def _tpc_selection(self, blk: nn.Module, x: torch.Tensor, step: BlockStep) -> TokenSelection | None:
+        """The tokens a fast-path block computes (``None``: packed adaptive execution, :func:`packed_block`)."""
+        d = step.decision
+        if step.budget_selection:
+            return select_topk(d.active, step.budget_k, self.num_prefix_tokens, d.index)
+        if (step.policy.packed and not self.tpc_cfg.paused_keys and not self.training and x.shape[0] > 1
+                and supports_packing(blk)):
+            return None
+        return select_active(d.active, self.num_prefix_tokens, x.dtype)
+
+    def _tpc_run_group(self, blocks: list[nn.Module], x: torch.Tensor, steps: list[BlockStep]):
+        """Blocks sharing one decision keep their tokens gathered: one gather for the group (and, with paused
+        tokens masked, one scatter), instead of a gather and a scatter per block. With ``paused_keys`` the buffer
+        is updated after every block (it is the next block's keys and values), the gather still happens once."""
+        sel = self._tpc_selection(blocks[0], x, steps[0]) if len(steps) > 1 and steps[0].fast else None
+        if sel is None or sel.full or sel.valid is not None:  # one block, masked path, packed or padded: per block
+            return super()._tpc_run_group(blocks, x, steps)
+        rows = flat_index(sel.index, x.shape[1])
+        tokens, seen, keys = gather_tokens(x, rows), None, self.tpc_cfg.paused_keys
+        for blk, step in zip(blocks, steps):
+            if not keys:
+                tokens = block_forward(blk, tokens)
+                continue
+            if step.attention:
+                tokens, seen = context_block(blk, tokens, x, class_attention=True, num_prefix=self.num_prefix_tokens)
+            else:
+                tokens = context_block(blk, tokens, x)
+            x = scatter_tokens(x, rows, tokens)
+        return (x if keys else scatter_tokens(x, rows, tokens)), seen
 
     def _tpc_finish(self, x: torch.Tensor, props: list[Propagation], with_trace: bool):
         return self.norm(x), props[0].trace(self.tpc_cfg.start_layer, self.num_prefix_tokens) if with_trace else None
