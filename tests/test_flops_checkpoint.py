@@ -148,12 +148,15 @@ def test_bench_breakdown_times_every_part_of_a_controlled_block():
     from tpcvit.breakdown import breakdown, breakdown_markdown
 
     kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=3)
-    result = breakdown("tpc_deit_tiny_patch16_224", [1.0, 0.5], [1, 4], rounds=2, **kw)
+    result = breakdown("tpc_deit_tiny_patch16_224", [1.0, 0.5], [1, 4], rounds=2, decide_every=(1, 2), **kw)
     for batch in ("1", "4"):
         r = result["batches"][batch]
-        assert set(r["model_ms"]) == {"dense", "tpc@100%", "tpc@50%", "cut once@50%"}
-        assert min(r["model_ms"].values()) > 0 and set(r["ceiling_fraction"]) == {"0.5"}
-        assert r["aten_ops"]["tpc@100%"] > r["aten_ops"]["dense"] > 20  # the controller adds calls
+        assert set(r["model_ms"]) == {"dense", "tpc@100%", "tpc@50%", "tpc@50%/2", "cut once@50%"}
+        assert min(r["model_ms"].values()) > 0 and set(r["ceiling_fraction"]) == {"0.5", "0.5/2"}
+        ops = r["aten_ops"]
+        assert ops["tpc@50%"] > ops["tpc@50%/2"] > ops["dense"] > 20  # decisions add calls; reusing one, fewer
+        # keep 100%: no controller runs (every token is kept anyway); leaner blocks than timm's, plus the stabilizer
+        assert ops["tpc@100%"] < ops["tpc@50%/2"]
         parts = r["block_us"]["0.5"]
         assert {"controller head", "decision (probabilities, smoothing, top-k)", "selection + gather/scatter",
                 "block on its selection (incl. gather/scatter)", "block on every token (dense)"} == set(parts)

@@ -377,3 +377,24 @@ def test_blocks_sharing_a_decision_gather_their_tokens_once(images, mode, paused
     assert count.calls.count("index_select") == 1
     assert count.calls.count("index_copy_") == (5 if paused_keys else 1)
     assert torch.allclose(fast, forced, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("paused_keys", [False, True])
+def test_budget_keeping_every_token_skips_the_controller_when_untraced(images, paused_keys):
+    """keep=1.0 in every controlled block: a plain forward runs no controller head (the decisions are all-active
+    anyway) and gives the traced pass's logits; a profile that drops tokens in one block keeps the controller."""
+    model = small_tpc(depth=6, paused_keys=paused_keys).eval()
+    called = []
+    hooks = [head.register_forward_hook(lambda m, a, o: called.append(1)) for head in model.controller]
+    policy = tpcvit.ExecutionPolicy(mode="budget", keep=1.0)
+    with torch.no_grad():
+        traced, trace = model.forward_with_trace(images, policy=policy)
+        assert len(called) == 5 and bool(trace.active.all())
+        called.clear()
+        tpcvit.set_policy(model, policy)
+        assert torch.allclose(model(images), traced, atol=1e-5, rtol=1e-4) and called == []
+        tpcvit.set_policy(model, policy.replace(keep=0.9, keep_profile=(1.2, 1.2, 1.2, 1.2, 0.5)))
+        model(images)
+        assert len(called) == 5
+    for h in hooks:
+        h.remove()

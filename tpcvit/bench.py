@@ -217,15 +217,17 @@ def bench_tpc_speed(
     device: str = "cpu",
     dtype: str = "float32",
     compile: bool = False,
+    decide_every: tuple[int, ...] = (1,),
     **model_kwargs,
 ) -> tuple[list[SpeedRow], dict]:
     """Dense timm backbone vs the TPC model in ``budget`` mode at each keep ratio (random weights: speed only);
-    ``compile``: all of them through ``torch.compile``."""
+    ``compile``: all of them through ``torch.compile``; ``decide_every``: one TPC variant per value below keep
+    100% (``tpc@30%/5``: the controller decides in every 5th controlled block, :class:`ExecutionPolicy`)."""
     import timm
 
     from .flops import count_gmacs
     from .models import dense_name, image_geometry
-    from .runtime import set_mode
+    from .runtime import current_policy, set_policy
 
     dev, dt = torch.device(device), getattr(torch, dtype)
     tpc = timm.create_model(model_name, **model_kwargs).eval()
@@ -233,10 +235,11 @@ def bench_tpc_speed(
     size = image_geometry(tpc)
     variants: dict[str, tuple[nn.Module, float | None]] = {"dense": (dense, None)}
     for keep in keeps:
-        m = timm.create_model(model_name, **model_kwargs).eval()
-        m.load_state_dict(tpc.state_dict())
-        set_mode(m, "budget", keep)
-        variants[f"tpc@{keep:.0%}"] = (m, keep)
+        for every in decide_every if keep < 1.0 else (1,):
+            m = timm.create_model(model_name, **model_kwargs).eval()
+            m.load_state_dict(tpc.state_dict())
+            set_policy(m, current_policy(m).replace(mode="budget", keep=keep, decide_every=every))
+            variants[f"tpc@{keep:.0%}" + (f"/{every}" if every > 1 else "")] = (m, keep)
     probe = torch.randn(2, *size)
     gmacs = {name: count_gmacs(m, probe) for name, (m, _) in variants.items()}
     for m, _ in variants.values():
@@ -244,6 +247,6 @@ def bench_tpc_speed(
     rows = speed_table(variants, gmacs, lambda b: torch.randn(b, *size), list(batch_sizes), dev, dt, rounds,
                        baseline="dense", compile=compile)
     meta = {"model": model_name, "dense": dense_name(model_name), "machine": machine_info(dev), "rounds": rounds,
-            "mode": "budget", "compiled": compile,
+            "mode": "budget", "compiled": compile, "decide_every": list(decide_every),
             "note": "random weights (speed only); medians over interleaved rounds"}
     return rows, meta

@@ -109,9 +109,11 @@ def cut_forward(dense: nn.Module, x: torch.Tensor, start: int, keep: float, paus
 
 @torch.inference_mode()
 def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float], rounds: int = 7,
-                device: str | torch.device = "cpu") -> tuple[dict[str, float], dict[str, int]]:
+                device: str | torch.device = "cpu",
+                decide_every: tuple[int, ...] = (1,)) -> tuple[dict[str, float], dict[str, int]]:
     """Milliseconds per forward (and ATen calls per forward): the dense model, TPC in budget mode at each keep
-    ratio (1.0 included), and the zero-overhead ceiling at each keep below 1 (:func:`cut_forward`)."""
+    ratio (1.0 included; below it once per ``decide_every`` value, ``tpc@30%/5``), and the zero-overhead ceiling
+    at each keep below 1 (:func:`cut_forward`)."""
     device = torch.device(device)
     m = unwrap(tpc).eval()
     torch.manual_seed(0)
@@ -119,8 +121,10 @@ def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float]
     fns = {"dense": lambda: dense(x)}
     start = m.tpc_cfg.start_layer
     for keep in sorted({1.0, *keeps}, reverse=True):
-        policy = ExecutionPolicy(mode="budget", keep=keep)
-        fns[f"tpc@{keep:.0%}"] = lambda p=policy: m.forward_head(m._propagate(x, p, with_trace=False)[0])
+        for every in decide_every if keep < 1.0 else (1,):
+            policy = ExecutionPolicy(mode="budget", keep=keep, decide_every=every)
+            name = f"tpc@{keep:.0%}" + (f"/{every}" if every > 1 else "")
+            fns[name] = lambda p=policy: m.forward_head(m._propagate(x, p, with_trace=False)[0])
         if keep < 1.0:
             fns[f"cut once@{keep:.0%}"] = lambda k=keep: cut_forward(dense, x, start, k, m.tpc_cfg.paused_keys)
     iters = max(1, 16 // batch) if device.type == "cpu" else 10
@@ -130,7 +134,7 @@ def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float]
 
 
 def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], rounds: int = 7, device: str = "cpu",
-              tpc_options: dict | None = None, **model_kwargs) -> dict:
+              tpc_options: dict | None = None, decide_every: tuple[int, ...] = (1,), **model_kwargs) -> dict:
     """The per-block parts and whole-model times at every batch size (random weights: speed only).
     ``model_kwargs``: the backbone's (both models); ``tpc_options``: :class:`TPCConfig` fields (TPC only)."""
     import timm
@@ -141,13 +145,16 @@ def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], round
     dense = timm.create_model(dense_name(model_name), **model_kwargs).eval().to(device)
     controlled = len(tpc.blocks) - tpc.tpc_cfg.start_layer
     result = {"model": model_name, "kwargs": model_kwargs, "tpc": tpc_options or {}, "keeps": keeps,
-              "controlled_blocks": controlled, "machine": machine_info(device), "rounds": rounds, "batches": {}}
+              "decide_every": list(decide_every), "controlled_blocks": controlled, "machine": machine_info(device),
+              "rounds": rounds, "batches": {}}
     for batch in batch_sizes:
-        times, ops = model_times(tpc, dense, batch, keeps, rounds, device)
+        times, ops = model_times(tpc, dense, batch, keeps, rounds, device, decide_every)
         parts = {f"{keep:g}": block_parts(tpc, batch, keep, rounds, device=device) for keep in keeps}
         overhead = times["tpc@100%"] / times["dense"] - 1
-        ceiling = {f"{keep:g}": round(times[f"cut once@{keep:.0%}"] / times[f"tpc@{keep:.0%}"], 4)
-                   for keep in keeps if keep < 1.0}
+        ceiling = {f"{keep:g}" + (f"/{every}" if every > 1 else ""):
+                   round(times[f"cut once@{keep:.0%}"] / times[f"tpc@{keep:.0%}" + (f"/{every}" if every > 1 else "")],
+                         4)
+                   for keep in keeps if keep < 1.0 for every in decide_every}
         result["batches"][str(batch)] = {"model_ms": times, "aten_ops": ops, "block_us": parts,
                                          "overhead_at_keep_100": overhead, "ceiling_fraction": ceiling}
     return result
@@ -169,7 +176,8 @@ def breakdown_markdown(result: dict) -> str:
                                  [[k, f"{v:.3f}", f"{r['model_ms']['dense'] / v:.2f}x", r["aten_ops"][k]]
                                   for k, v in r["model_ms"].items()]), ""]
         if r.get("ceiling_fraction"):
-            reached = ", ".join(f"keep {float(k):.0%}: {v:.0%}" for k, v in r["ceiling_fraction"].items())
+            reached = ", ".join(f"keep {float(k.split('/')[0]):.0%}{'/' + k.split('/')[1] if '/' in k else ''}: "
+                                f"{v:.0%}" for k, v in r["ceiling_fraction"].items())
             lines += ["TPC's speed as a fraction of the zero-overhead ceiling (the dense model cut once to the same "
                       "number of tokens per block, paused ones kept as keys where TPC keeps them; 100% = TPC costs "
                       f"nothing beyond those blocks): {reached}", ""]

@@ -32,7 +32,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _bench_methods(args, command)
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     rows, meta = bench_tpc_speed(args.model, tuple(args.keeps), tuple(args.batch_sizes), args.rounds,
-                                 args.device, args.dtype, compile=args.compile, **kwargs)
+                                 args.device, args.dtype, compile=args.compile,
+                                 decide_every=tuple(args.decide_every), **kwargs)
     meta["command"] = command
     print(f"{meta['model']} vs {meta['dense']} on {meta['machine']['cpu']} "
           f"({meta['machine']['threads']} threads, {args.device}, {args.dtype}{', compiled' if args.compile else ''})")
@@ -57,7 +58,8 @@ def _bench_breakdown(args: argparse.Namespace, command: str) -> int:
 
         cfg = load_config(args.config, [*(args.set or []), *args.overrides])
         name, kwargs, tpc = cfg["model"]["name"], dict(cfg["model"]["kwargs"]), dict(cfg["model"]["tpc"])
-    result = breakdown(name, list(args.keeps), list(args.batch_sizes), args.rounds, args.device, tpc, **kwargs)
+    result = breakdown(name, list(args.keeps), list(args.batch_sizes), args.rounds, args.device, tpc,
+                       tuple(args.decide_every), **kwargs)
     result["command"] = command
     md = breakdown_markdown(result)
     print(md)
@@ -312,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--img-size", type=int, default=None)
     b.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    b.add_argument("--decide-every", type=_positive_int, nargs="+", default=[1], metavar="K",
+                   help="TPC variants deciding in every K-th controlled block (the others reuse the decision): "
+                        "one per K below keep 100%% (tpc@30%%/5); with --methods use the spec suffix METHOD@F/K")
     b.add_argument("--compile", action="store_true", help="time every variant through torch.compile (not with "
                    "--methods)")
     b.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --methods)")
