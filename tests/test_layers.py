@@ -98,3 +98,30 @@ def test_context_block_keeps_the_gradient_after_an_inference_call():
     context_block(blk, x[:, :3], x).square().sum().backward()
     assert blk.attn.qkv.weight.grad is not None and blk.attn.qkv.weight.grad[:32].abs().sum() > 0
     assert blk.attn.qkv.weight.grad[32:].abs().sum() > 0
+
+
+def test_stabilizer_picks_its_faster_layout_once_per_shape_at_inference_only():
+    """Inference times the depthwise convolution in both memory layouts once per shape and keeps the faster (the
+    same result either way); training, FLOP/op counting and tracing use one fixed layout and time nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tpcvit.layers import TokenGridStabilizer
+    from tpcvit.layers import stabilizer as S
+
+    torch.manual_seed(0)
+    stab = TokenGridStabilizer(8)
+    nn.init.normal_(stab.conv.weight)
+    x = torch.randn(2, 1 + 12, 8)
+    S._LAYOUT.clear()
+    stab(x, 1, (3, 4)).sum().backward()  # training: nothing timed
+    with FlopCounterMode(display=False), torch.no_grad():
+        stab(x, 1, (3, 4))
+    assert S._LAYOUT == {}
+    with torch.no_grad():
+        out = stab(x, 1, (3, 4))
+        key = (x.device, x.dtype, 2, 3, 4, 8)
+        assert set(S._LAYOUT) == {key} and S._LAYOUT[key] in (torch.channels_last, torch.contiguous_format)
+        for layout in (torch.channels_last, torch.contiguous_format):
+            S._LAYOUT[key] = layout
+            torch.testing.assert_close(stab(x, 1, (3, 4)), out)
+        assert torch.equal(stab(x, 1, (3, 4))[:, :1], x[:, :1])  # the prefix token is untouched

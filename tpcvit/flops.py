@@ -117,8 +117,10 @@ def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
     """GMACs per image ``[B]`` of a TPC ViT's fast path, from the active counts in ``trace``."""
     m = unwrap(model)
     dim, n = m.embed_dim, trace.active.shape[2]
-    dense = m.tpc_policy.mode == "dense"
+    dense, policy = m.tpc_policy.mode == "dense", m.tpc_policy
     controlled = 0 if dense else len(m.blocks) - m.tpc_cfg.start_layer
+    if policy.keeps_every_token(n, range(controlled), m.tpc_cfg.target_keep):
+        controlled = 0  # every token kept in every block: inference runs no controller (the runtime's shortcut)
     extra = 0.0
     if m.tpc_cfg.reads_attention:  # the class query against every key, in each controlled block + the seed block
         extra += (controlled + 1 if controlled else 0) * (n + m.num_prefix_tokens) * dim
@@ -154,8 +156,12 @@ def swin_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
             per_token = blk.mlp.fc1.in_features * blk.mlp.fc1.out_features * 2 + blk.attn.proj.in_features ** 2
             saved += (~t.active[:, j]).sum(dim=1).double() * per_token
             g += 1
-    controlled = 0.0
-    if m.tpc_policy.mode != "dense":  # controller heads: 2 logits from each token of every controlled block
-        tokens = [t.active.shape[2] for t in trace.stages for _ in range(t.active.shape[1])]
-        controlled = sum(blocks[i].dim * 2 * tokens[i] for i in range(m.tpc_cfg.start_layer, len(blocks)))
+    controlled, start, policy = 0.0, m.tpc_cfg.start_layer, m.tpc_policy
+    if policy.mode != "dense":  # controller heads: 2 logits from each token of every controlled block
+        first = 0  # a stage keeping every token in budget mode runs no controller at inference (runtime shortcut)
+        for t in trace.stages:
+            last, n = first + t.active.shape[1], t.active.shape[2]
+            if not policy.keeps_every_token(n, range(max(first, start) - start, last - start), m.tpc_cfg.target_keep):
+                controlled += sum(blocks[i].dim * 2 * n for i in range(max(first, start), last))
+            first = last
     return m._dense_gmacs - saved / 1e9 + controlled / 1e9

@@ -79,6 +79,12 @@ class ExecutionPolicy:
             keep *= self.keep_profile[min(controlled, len(self.keep_profile) - 1)]
         return max(1, min(num_patches, round(keep * num_patches)))
 
+    def keeps_every_token(self, num_patches: int, controlled, default_keep: float) -> bool:
+        """Budget mode keeping all ``num_patches`` tokens in each of the ``controlled`` blocks (indices as in
+        :meth:`budget_k`): their decisions are known without the controller (every token active)."""
+        return self.mode == "budget" and all(self.budget_k(num_patches, c, default_keep) == num_patches
+                                             for c in controlled)
+
     def decides(self, controlled: int) -> bool:
         """Whether controlled block number ``controlled`` of a stage (0 = its first) decides anew."""
         return controlled % self.decide_every == 0

@@ -146,14 +146,15 @@ class TPCRuntime:
             blocks, j, controlled, k = stage.blocks, 0, 0, 0  # controlled: blocks of this stage decide_every counts
             # budget mode keeping every token in every controlled block of the stage: the decisions are known
             # (all active), so an inference pass nobody traces skips the controller (keep-100% overhead: none)
-            keeps_all = (policy.mode == "budget" and forced is None and not with_trace and not self.training
-                         and all(policy.budget_k(prop.num_patches, c - cfg.start_layer, cfg.target_keep)
-                                 == prop.num_patches for c in range(max(g, cfg.start_layer), g + len(blocks))))
+            keeps_all = forced is None and not with_trace and not self.training and policy.keeps_every_token(
+                prop.num_patches, range(max(g, cfg.start_layer) - cfg.start_layer, g + len(blocks) - cfg.start_layer),
+                cfg.target_keep)
             while j < len(blocks):
                 if str(g) in self.stabilizers:
                     x = self._tpc_restore(self.stabilizers[str(g)](self._tpc_tokens(x)[0], prefix, grid), x)
                 if policy.mode == "dense" or g < cfg.start_layer or keeps_all:
-                    x, seeded = self._tpc_dense_block(blocks[j], x, attention and g == cfg.start_layer - 1)
+                    x, seeded = self._tpc_dense_block(blocks[j], x,
+                                                      attention and not keeps_all and g == cfg.start_layer - 1)
                     score = seeded if seeded is not None else score
                     prop.dense_block()
                     j, g = j + 1, g + 1
