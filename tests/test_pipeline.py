@@ -445,7 +445,7 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
             "train.cooldown_epochs=0",
             "train.batch_size=32",
             "evidence.methods=[tpc,idlevit,tome,tpc-free,dense,tpc-norestart,tpc-uniform,tpc-adaptive,tpc-every2,"
-            "tpc-free-every2]",
+            "tpc-every5,tpc-free-every2]",
             "evidence.seeds=[0,1]",
             "evidence.budgets=[0.6,0.8]", "evidence.train_budget=0.7", "evidence.finetune_epochs=1",
             "evidence.finetune_train_limit=200", "evidence.calib_images=32", "model.tpc={target_keep: 0.6}"]
@@ -457,7 +457,8 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     assert {(r["method"], r["seed"]) for r in runs if r["budget"] == 0.6} == {
         ("tpc", 0), ("tpc", 1), ("idlevit", 0), ("idlevit", 1), ("tome", None), ("tpc-free", None),
         ("tpc-norestart", 0), ("tpc-norestart", 1), ("tpc-uniform", 0), ("tpc-uniform", 1), ("tpc-adaptive", 0),
-        ("tpc-adaptive", 1), ("tpc-every2", 0), ("tpc-every2", 1), ("tpc-free-every2", None)}
+        ("tpc-adaptive", 1), ("tpc-every2", 0), ("tpc-every2", 1), ("tpc-every5", 0), ("tpc-every5", 1),
+        ("tpc-free-every2", None)}
     # tpc-uniform: TPC's own weights (no fine-tune of its own) in budget mode without the learned schedule
     assert not any((out / "ft" / m).exists() for m in ("tpc-uniform", "tpc-adaptive", "tpc-every2"))
     ledger = tmp_path / "evidence_tiny_runs"
@@ -473,6 +474,7 @@ def test_evidence_runs_end_to_end_reuses_finished_runs_and_writes_the_schema(tmp
     assert {"tpc-norestart", "tpc-uniform", "tpc-every2"} <= set(summary["claims"])
     every2 = json.loads((ledger / "tpc-every2_seed0.json").read_text())
     assert every2["keep_profile"] == tpc0["keep_profile"]  # TPC's weights and learned schedule, fewer decisions
+    assert json.loads((ledger / "tpc-every5_seed0.json").read_text())["curve"] == tpc0["curve"]
     assert json.loads((ledger / "tpc-free-every2.json").read_text())["options"]["decide_every"] == 2
     assert set(summary["tpc_free_minus_tome"]) == {"0.6", "0.8"}
     assert set(summary["tpc_vs_peers"]) == {"idlevit", "tome"} and summary["tpc_vs_dense"]["0.6"]["n"] == 2

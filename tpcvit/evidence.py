@@ -50,10 +50,11 @@ TPC_VARIANTS = {"tpc": {}, "tpc-norestart": {"restart": False}, "tpc-nosmooth": 
 # evaluation-only variants: the weights of another method's fine-tune, evaluated another way (no CPU for training).
 # Every TPC variant is evaluated in budget mode following the schedule it learned (docs/METHOD.md: "k from the
 # learned mean schedule"; calibrate_keep_profile). tpc-uniform: TPC's weights, the same keep in every block.
-# tpc-adaptive: TPC's weights in adaptive mode (per-image decisions; the knob is adaptive_level). tpc-every2: TPC's
-# weights and learned schedule, deciding in every 2nd controlled block only (ExecutionPolicy.decide_every: what
-# the batch-1 speed-up of fewer decisions costs in accuracy).
-EVAL_VARIANTS = {"tpc-uniform": "tpc", "tpc-adaptive": "tpc", "tpc-every2": "tpc"}
+# tpc-adaptive: TPC's weights in adaptive mode (per-image decisions; the knob is adaptive_level). tpc-everyK: TPC's
+# weights and learned schedule, deciding in every K-th controlled block only (ExecutionPolicy.decide_every: what
+# the batch-1 speed-up of fewer decisions costs in accuracy; every5 on a 6-block model decides once).
+DECIDE_EVERY = {"tpc-every2": 2, "tpc-every5": 5}
+EVAL_VARIANTS = {"tpc-uniform": "tpc", "tpc-adaptive": "tpc", **dict.fromkeys(DECIDE_EVERY, "tpc")}
 PEERS = ("idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome")
 # training-free TPC (tpcvit.patch on the dense weights), deciding in every k-th controlled block
 FREE_TPC = {"tpc-free": 1, "tpc-free-every2": 2}
@@ -352,10 +353,10 @@ class Evidence:
             patch(model, decide_every=FREE_TPC[method])
         elif method == "tpc-adaptive":  # the knob becomes adaptive mode's level
             set_policy(model, current_policy(model).replace(mode="adaptive", keep=None, adaptive_level=0.5))
-        elif method in TPC_VARIANTS or method == "tpc-every2":  # budget mode follows the learned schedule
+        elif method in TPC_VARIANTS or method in DECIDE_EVERY:  # budget mode follows the learned schedule
             profile = calibrate_keep_profile(model, self.calib)  # measured deciding in every block, as trained
-            if method == "tpc-every2":
-                set_policy(model, current_policy(model).replace(decide_every=2))
+            if method in DECIDE_EVERY:
+                set_policy(model, current_policy(model).replace(decide_every=DECIDE_EVERY[method]))
             return {"keep_profile": profile}
         return {}
 
