@@ -30,6 +30,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25], help="GMACs fractions of dense")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--decide-every", type=int, nargs="+", default=[1, 3], metavar="K",
+                   help="TPC variants deciding in every K-th controlled block (the blocks between reuse the decision "
+                        "and keep their tokens gathered): one per K, e.g. tpc@0.25/3")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", required=True, help="output prefix")
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run (CPU) or on a GPU machine", file=sys.stderr)
         return 2
-    specs = ["dense"] + [f"{m}@{b:g}" for b in args.budgets for m in args.methods]
+    specs = ["dense"] + [f"{m}@{b:g}" + (f"/{k}" if k > 1 else "") for b in args.budgets for m in args.methods
+                         for k in (args.decide_every if m.startswith("tpc") else [1])]
     summary = []
     for name in args.models:
         for dtype_name in args.dtypes:

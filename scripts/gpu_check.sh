@@ -16,5 +16,6 @@ else
   $PY -m pytest -q -m cuda tests || [ $? -eq 5 ]   # 5 = every test deselected/skipped: fine without a GPU
   OUT=$(mktemp -d)
   $PY benchmarks/gpu_bench.py --dry-run --out "$OUT/gpu_dry" > "$OUT/log.txt"
-  grep -q "tpc-free" "$OUT/gpu_dry_summary.md" && echo "gpu_check: dry run ok ($OUT)"
+  grep -q "tpc-free" "$OUT/gpu_dry_summary.md" && grep -q "tpc/3" "$OUT/gpu_dry_summary.md" \
+    && echo "gpu_check: dry run ok ($OUT)"
 fi
