@@ -227,6 +227,7 @@ def bench_tpc_speed(
 
     from .flops import count_gmacs
     from .models import dense_name, image_geometry
+    from .policy import every_suffix
     from .runtime import current_policy, set_policy
 
     dev, dt = torch.device(device), getattr(torch, dtype)
@@ -239,7 +240,7 @@ def bench_tpc_speed(
             m = timm.create_model(model_name, **model_kwargs).eval()
             m.load_state_dict(tpc.state_dict())
             set_policy(m, current_policy(m).replace(mode="budget", keep=keep, decide_every=every))
-            variants[f"tpc@{keep:.0%}" + (f"/{every}" if every > 1 else "")] = (m, keep)
+            variants[f"tpc@{keep:.0%}{every_suffix(every)}"] = (m, keep)
     probe = torch.randn(2, *size)
     gmacs = {name: count_gmacs(m, probe) for name, (m, _) in variants.items()}
     for m, _ in variants.values():

@@ -20,7 +20,7 @@ from . import controller as C
 from .bench import machine_info, time_interleaved
 from .layers import context_block, embed_tokens, image_geometry, unwrap
 from .models import TPCViT
-from .policy import ExecutionPolicy
+from .policy import ExecutionPolicy, every_suffix
 from .propagation import Propagation
 from .reporting import markdown_table
 from .runtime import BlockStep
@@ -123,7 +123,7 @@ def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float]
     for keep in sorted({1.0, *keeps}, reverse=True):
         for every in decide_every if keep < 1.0 else (1,):
             policy = ExecutionPolicy(mode="budget", keep=keep, decide_every=every)
-            name = f"tpc@{keep:.0%}" + (f"/{every}" if every > 1 else "")
+            name = f"tpc@{keep:.0%}{every_suffix(every)}"
             fns[name] = lambda p=policy: m.forward_head(m._propagate(x, p, with_trace=False)[0])
         if keep < 1.0:
             fns[f"cut once@{keep:.0%}"] = lambda k=keep: cut_forward(dense, x, start, k, m.tpc_cfg.paused_keys)
@@ -151,9 +151,8 @@ def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], round
         times, ops = model_times(tpc, dense, batch, keeps, rounds, device, decide_every)
         parts = {f"{keep:g}": block_parts(tpc, batch, keep, rounds, device=device) for keep in keeps}
         overhead = times["tpc@100%"] / times["dense"] - 1
-        ceiling = {f"{keep:g}" + (f"/{every}" if every > 1 else ""):
-                   round(times[f"cut once@{keep:.0%}"] / times[f"tpc@{keep:.0%}" + (f"/{every}" if every > 1 else "")],
-                         4)
+        ceiling = {f"{keep:g}{every_suffix(every)}":
+                   round(times[f"cut once@{keep:.0%}"] / times[f"tpc@{keep:.0%}{every_suffix(every)}"], 4)
                    for keep in keeps if keep < 1.0 for every in decide_every}
         result["batches"][str(batch)] = {"model_ms": times, "aten_ops": ops, "block_us": parts,
                                          "overhead_at_keep_100": overhead, "ceiling_fraction": ceiling}

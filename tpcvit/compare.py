@@ -31,6 +31,7 @@ from .config import ConfigError
 from .data import take_batches
 from .flops import count_gmacs
 from .models import PEER_METHODS, image_geometry, variant_name
+from .policy import every_suffix
 from .reporting import markdown_table
 from .runtime import current_policy, set_mode, set_policy
 
@@ -59,7 +60,7 @@ class Spec:
             label = f"{self.method}@{self.target:.0%}"
         else:
             label = self.method if self.knob is None else f"{self.method}={self.knob:g}"
-        return label if self.every == 1 else f"{label}/{self.every}"
+        return label + every_suffix(self.every)
 
 
 def parse_spec(text: str) -> Spec:

@@ -14,6 +14,11 @@ MODES = ("dense", "adaptive", "budget")
 PATHS = (None, "fast", "masked")
 
 
+def every_suffix(decide_every: int) -> str:
+    """How reports name a variant deciding in every K-th controlled block: ``"/K"`` (nothing for K = 1)."""
+    return f"/{decide_every}" if decide_every > 1 else ""
+
+
 @dataclass(frozen=True)
 class ExecutionPolicy:
     """``mode``: ``"dense"`` (every token, the backbone), ``"adaptive"`` (per-image decisions) or ``"budget"``
