@@ -398,3 +398,37 @@ def test_budget_keeping_every_token_skips_the_controller_when_untraced(images, p
         assert len(called) == 5
     for h in hooks:
         h.remove()
+
+
+def test_deciding_once_untraced_builds_no_token_mask(images):
+    """Budget-mode inference keeps the kept indices only: a plain forward deciding once (decide_every=5) builds no
+    [B, N] mask (no scatter, no all-ones state), and gives the traced pass's logits, whose trace builds it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tpcvit.propagation import Decision
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = small_tpc(depth=6, paused_keys=True, pause_bias_init=0.0).eval()
+    policy = tpcvit.ExecutionPolicy(mode="budget", keep=0.4, decide_every=5)
+    tpcvit.set_policy(model, policy)
+    with torch.no_grad():
+        traced, trace = model.forward_with_trace(images)
+        with Count() as count:
+            plain = model(images)
+    assert not [c for c in count.calls if c.startswith(("scatter", "ones", "where"))], count.calls
+    assert torch.equal(plain, traced)
+    kept = trace.active[:, 1]
+    assert bool((kept.sum(dim=1) == round(0.4 * kept.shape[1])).all())
+    # the lazy mask of an index-only decision is the mask the trace recorded
+    index = kept.to(torch.uint8).topk(int(kept[0].sum()), dim=1).indices
+    decision = Decision(index=index, num_patches=kept.shape[1])
+    assert torch.equal(decision.active, kept) and decision.states.dtype == torch.float32
+    assert torch.equal(decision.states, kept.float())

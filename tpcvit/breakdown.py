@@ -24,7 +24,7 @@ from .policy import ExecutionPolicy, every_suffix
 from .propagation import Propagation
 from .reporting import markdown_table
 from .runtime import BlockStep
-from .tokens import run_on_selection, select_topk
+from .tokens import run_on_selection
 
 
 def _median_us(samples: list[float]) -> float:
@@ -53,7 +53,7 @@ def block_parts(model: nn.Module, batch: int, keep: float, rounds: int = 7, iter
     step = BlockStep(decision, True, policy, False, k, attention=False)
 
     def gather_scatter() -> torch.Tensor:
-        sel = select_topk(decision.active, k, prefix, decision.index)
+        sel = m._tpc_selection(blk, x, step)
         return run_on_selection(lambda tokens, mask: tokens, x, sel)
 
     def selected_block() -> torch.Tensor:

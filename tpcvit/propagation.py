@@ -137,15 +137,41 @@ class TokenTrace:
         return self.active.sum(dim=2)
 
 
-@dataclass(frozen=True)
 class Decision:
     """One controlled block's decision: ``states`` straight-through float ``[B, N]`` (keep their gradient),
     ``active`` their bool value, ``index`` ``[B, k]`` the kept patch indices in budget-mode inference (else
-    ``None``: the selection is computed from ``active``)."""
+    ``None``: the selection is computed from ``active``).
 
-    states: torch.Tensor
-    active: torch.Tensor
-    index: torch.Tensor | None = None
+    In budget-mode inference only ``index`` is made; ``active`` and ``states`` are built from it when something
+    reads them (the masked path, the next decision, a trace): a model that decides once and gathers by index never
+    pays the two to three ops of building a mask (batch-1 latency)."""
+
+    __slots__ = ("_states", "_active", "index", "num_patches", "_dtype")
+
+    def __init__(self, states: torch.Tensor | None = None, active: torch.Tensor | None = None,
+                 index: torch.Tensor | None = None, num_patches: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if states is None and active is None and (index is None or num_patches is None):
+            raise ValueError("a Decision needs states, active, or index with num_patches")
+        self._states, self._active, self.index, self._dtype = states, active, index, dtype
+        known = active if active is not None else states
+        self.num_patches = known.shape[-1] if known is not None else num_patches
+
+    @property
+    def active(self) -> torch.Tensor:
+        if self._active is None:
+            if self._states is not None:
+                self._active = self._states.detach() > 0.5
+            else:
+                empty = torch.zeros(self.index.shape[0], self.num_patches, dtype=torch.bool, device=self.index.device)
+                self._active = empty.scatter_(-1, self.index, True)
+        return self._active
+
+    @property
+    def states(self) -> torch.Tensor:
+        if self._states is None:
+            self._states = self.active.to(self._dtype)
+        return self._states
 
 
 @dataclass
@@ -165,11 +191,12 @@ class Propagation:
         "active", "pause", "restart", "pause_raw", "restart_raw", "a", "states")})
 
     def __post_init__(self) -> None:
-        self.state = torch.ones(self.batch, self.num_patches, device=self.device)
-        self.a = torch.ones(self.batch, self.num_patches, device=self.device)
-        self.prev_probs: torch.Tensor | None = None
         self.lean = not self.sample and not torch.is_grad_enabled()
-        self.active: torch.Tensor | None = None  # lean path: the last block's bool decisions
+        # the straight-through states and the active probabilities: the lean path (inference) reads neither unless
+        # it records a trace, so it allocates nothing (every token is active before the first decision)
+        self.state = None if self.lean else torch.ones(self.batch, self.num_patches, device=self.device)
+        self.a = torch.ones(self.batch, self.num_patches, device=self.device) if self.record else None
+        self.prev_probs: torch.Tensor | None = None
         self._last: Decision | None = None  # what repeat() gives a block that does not decide
         self.force_pause = self.policy.force_pause
         self.force_restart = self.policy.force_restart
@@ -203,35 +230,39 @@ class Propagation:
         if self.force_restart is not None:
             restart = torch.full_like(restart, self.force_restart)
 
-        index, active = None, None
         if self.forced_active is not None:
-            states = self.forced_active[:, block].to(pause.dtype)
+            decision = Decision(states=self.forced_active[:, block].to(pause.dtype))
         elif self.lean:  # inference: hard decisions only, no straight-through bookkeeping
-            prev = self.active if self.active is not None else self.state > 0.5
-            if self.mode == "budget":  # keep_score for 0/1 states, exactly: s (1 - p) + (1 - s) r
-                score = torch.where(prev, 1.0 - pause, restart)
-                index = score.topk(budget_k, dim=-1, sorted=False).indices
-                active = torch.zeros_like(prev).scatter_(-1, index, True)
-            else:
-                thr_pause, thr_restart = self.policy.thresholds(self.cfg.threshold)
-                active = torch.where(prev, pause <= thr_pause, restart > thr_restart)
-            self.active = active
-            states = active.to(pause.dtype)
+            decision = self._lean_step(pause, restart, budget_k)
         elif self.mode == "budget":
-            states = C.topk_states(C.keep_score(self.state, pause, restart), budget_k)
+            decision = Decision(states=C.topk_states(C.keep_score(self.state, pause, restart), budget_k))
         else:
             tau, (thr_pause, thr_restart) = self.cfg.gumbel_tau, self.policy.thresholds(self.cfg.threshold)
             pause_ev = C.sample_events(pause, tau, thr_pause, noise=self.sample)
             restart_ev = C.sample_events(restart, tau, thr_restart, noise=self.sample)
-            states = C.active_recursion(self.state, pause_ev, restart_ev)
-        self.state = states
-        if active is None:
-            active = states.detach() > 0.5
+            decision = Decision(states=C.active_recursion(self.state, pause_ev, restart_ev))
+        if not self.lean:
+            self.state = decision.states
         if self.record:
             self.a = C.active_recursion(self.a, pause, restart)
-            self._append(active, pause, restart, raw[..., 0], raw[..., 1], self.a, None if self.lean else states)
-        self._last = Decision(states, active, index)
-        return self._last
+            self._append(decision.active, pause, restart, raw[..., 0], raw[..., 1], self.a,
+                         None if self.lean else decision.states)
+        self._last = decision
+        return decision
+
+    def _lean_step(self, pause: torch.Tensor, restart: torch.Tensor, budget_k: int) -> Decision:
+        """Inference decisions from the previous block's hard ones (``keep_score`` for 0/1 states, exactly)."""
+        prev = None if self._last is None else self._last.active  # None: every token active so far
+        if self.mode == "budget":
+            if prev is None:  # s = 1 everywhere: the score is 1 - p, so keep the k least likely to pause
+                index = pause.topk(budget_k, dim=-1, largest=False, sorted=False).indices
+            else:  # s (1 - p) + (1 - s) r
+                index = torch.where(prev, 1.0 - pause, restart).topk(budget_k, dim=-1, sorted=False).indices
+            return Decision(index=index, num_patches=self.num_patches, dtype=pause.dtype)
+        thr_pause, thr_restart = self.policy.thresholds(self.cfg.threshold)
+        if prev is None:
+            return Decision(active=pause <= thr_pause, dtype=pause.dtype)
+        return Decision(active=torch.where(prev, pause <= thr_pause, restart > thr_restart), dtype=pause.dtype)
 
     def repeat(self) -> Decision:
         """The last decision again, for a block that does not decide (``ExecutionPolicy.decide_every``): the same

@@ -65,16 +65,20 @@ def select_active(active: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> 
     return TokenSelection(index=index, valid=valid, key_bias=key_bias)
 
 
-def select_topk(active: torch.Tensor, k: int, num_prefix: int, index: torch.Tensor | None = None) -> TokenSelection:
-    """Budget selection: exactly ``k`` active patch tokens per image (``active`` has k True per row).
+def select_topk(num_patches: int, k: int, num_prefix: int, index: torch.Tensor | None = None,
+                active: torch.Tensor | None = None) -> TokenSelection:
+    """Budget selection: exactly ``k`` of the ``num_patches`` patch tokens of every image.
 
-    ``index`` ``[B, k]``: the kept patch indices when the caller already has them (saves a top-k).
+    ``index`` ``[B, k]``: the kept patch indices; else ``active`` ``[B, N]`` with k True per row (a top-k finds
+    them). A caller that has the indices passes no mask (building one costs ops at batch 1).
     """
-    n = active.shape[1]
-    if k == n:
+    if k == num_patches:
         return TokenSelection(index=None, full=True)
-    order = index if index is not None else active.to(torch.uint8).topk(k, dim=1, sorted=False).indices
-    return TokenSelection(index=_with_prefix(order, num_prefix))
+    if index is None:
+        if active is None:
+            raise ValueError("select_topk needs the kept indices or the active mask")
+        index = active.to(torch.uint8).topk(k, dim=1, sorted=False).indices
+    return TokenSelection(index=_with_prefix(index, num_prefix))
 
 
 def flat_index(index: torch.Tensor, tokens_per_image: int) -> torch.Tensor:

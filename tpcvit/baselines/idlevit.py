@@ -97,7 +97,7 @@ class IdleViTVisionTransformer(PeerMixin, VisionTransformer):
                 return out
 
             if fast:
-                x = run_on_selection(run, x, select_topk(active, k, p, index=top))
+                x = run_on_selection(run, x, select_topk(active.shape[1], k, p, index=top))
                 score = score.scatter(1, top, seen["cls"][:, p:] * (p + k))
             else:
                 x = masked_update(run, x, active.to(x.dtype), p)

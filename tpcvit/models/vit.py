@@ -86,7 +86,8 @@ class TPCViT(TPCRuntime):
         """The tokens a fast-path block computes (``None``: packed adaptive execution, :func:`packed_block`)."""
         d = step.decision
         if step.budget_selection:
-            return select_topk(d.active, step.budget_k, self.num_prefix_tokens, d.index)
+            return select_topk(d.num_patches, step.budget_k, self.num_prefix_tokens, d.index,
+                               None if d.index is not None else d.active)
         if (step.policy.packed and not self.tpc_cfg.paused_keys and not self.training and x.shape[0] > 1
                 and supports_packing(blk)):
             return None
