@@ -99,14 +99,24 @@ def gather_tokens(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * t, d).index_select(0, rows).view(b, -1, d)
 
 
+def _in_place(buffer: torch.Tensor) -> bool:
+    """Write into the buffer itself (inference: no copy of the whole buffer every block), or into a copy when
+    autograd records (out of place) or the buffer is not one block of memory."""
+    return not torch.is_grad_enabled() and buffer.is_contiguous()
+
+
 def scatter_tokens(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Write ``values`` back at ``rows`` of the flattened buffer: into a copy of ``x`` when autograd records
-    (out of place), else into ``x`` itself (inference: no copy of the whole buffer every block)."""
+    """Write ``values`` back at ``rows`` of the flattened buffer (in place when :func:`_in_place`)."""
     b, t, d = x.shape
-    if torch.is_grad_enabled() or not x.is_contiguous():
+    if not _in_place(x):
         return x.reshape(b * t, d).index_copy(0, rows, values.reshape(-1, d)).view(b, t, d)
     x.view(b * t, d).index_copy_(0, rows, values.reshape(-1, d))
     return x
+
+
+def scatter_rows(flat: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """:func:`scatter_tokens` on the flattened ``[B * T, D]`` buffer and ``[M, D]`` values: one op."""
+    return flat.index_copy_(0, rows, values) if _in_place(flat) else flat.index_copy(0, rows, values)
 
 
 def run_on_selection(fn, x: torch.Tensor, sel: TokenSelection) -> torch.Tensor:

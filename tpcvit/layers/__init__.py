@@ -12,12 +12,13 @@ from .vit_block import (
     attention_parts,
     block_forward,
     context_block,
+    context_rows,
     packed_block,
     plain_block,
     supports_packing,
 )
 
 __all__ = ["ControllerHead", "PlainBlock", "TokenGridStabilizer", "attend", "attention_output", "attention_parts",
-           "check_images", "context_block", "embed_tokens", "image_geometry", "block_forward", "packed_block",
-           "plain_block", "sparse_swin_block",
-           "supports_packing", "unwrap", "upsample_tokens", "window_attention_heads"]
+           "block_forward", "check_images", "context_block", "context_rows", "embed_tokens", "image_geometry",
+           "packed_block", "plain_block", "sparse_swin_block", "supports_packing", "unwrap", "upsample_tokens",
+           "window_attention_heads"]

@@ -178,37 +178,50 @@ def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, c
     (``[B, T]``, 1 = uniform; the mean query stands in for models without a class token): the signal of the
     training-free controller, one extra query row.
     """
+    b, n, d = tokens.shape
+    out = context_rows(blk, tokens.reshape(b * n, d), context.reshape(-1, d), b, class_attention, num_prefix)
+    if not class_attention:
+        return out.view(b, n, d)
+    return out[0].view(b, n, d), out[1]
+
+
+def context_rows(blk: nn.Module, rows: torch.Tensor, context: torch.Tensor, batch: int,
+                 class_attention: bool = False, num_prefix: int = 1):
+    """:func:`context_block` on flattened rows: ``rows`` ``[B * n, D]`` (n tokens of each of ``batch`` images),
+    ``context`` ``[B * T, D]``; returns ``[B * n, D]``. Blocks that share one selection (a group deciding once)
+    pass rows from block to block and write them into the flattened buffer, with no reshape in between."""
     attn = blk.attn
-    d, heads, b, n = attn.num_heads * attn.head_dim, attn.num_heads, tokens.shape[0], tokens.shape[1]
+    d, heads, b = attn.num_heads * attn.head_dim, attn.num_heads, batch
+    n, t = rows.shape[0] // b, context.shape[0] // b
     p = None if blk.training else plain_block(blk)
-    rows = tokens.reshape(b * n, d)  # per-token layers on [M, D] rows: one addmm per linear (see block_forward)
     if p is None:
         weight, bias = attn.qkv.weight, attn.qkv.bias
         q = F.linear(blk.norm1(rows), weight[:d], None if bias is None else bias[:d])
-        kv = F.linear(blk.norm1(context.reshape(-1, d)), weight[d:], None if bias is None else bias[d:])
+        kv = F.linear(blk.norm1(context), weight[d:], None if bias is None else bias[d:])
     else:
         q = _affine(F.layer_norm(rows, (d,), *p.norm1, p.eps), p.q)
-        kv = _affine(F.layer_norm(context.reshape(-1, d), (d,), *p.norm1, p.eps), p.kv)
+        kv = _affine(F.layer_norm(context, (d,), *p.norm1, p.eps), p.kv)
     q = q.view(b, n, heads, attn.head_dim).transpose(1, 2)
-    k, v = kv.view(b, context.shape[1], 2, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    k, v = kv.view(b, t, 2, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     if p is None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * n, d)
     if p is None:
         rows = rows + blk.ls1(attn.proj(attention_out_norm(attn)(o)))
-        out = (rows + blk.ls2(blk.mlp(blk.norm2(rows)))).view(b, n, d)
+        out = rows + blk.ls2(blk.mlp(blk.norm2(rows)))
     else:
-        out = _plain_tail(p, rows + _affine(o, p.proj)).view(b, n, d)
+        out = _plain_tail(p, rows + _affine(o, p.proj))
     if not class_attention:
         return out
     if num_prefix:
         query = q[:, :, :1]
     else:  # no class token: the query of the buffer's mean (normed) token, the same whatever is selected
         weight, bias = attn.qkv.weight, attn.qkv.bias
-        mean = F.linear(blk.norm1(context).mean(dim=1, keepdim=True), weight[:d], None if bias is None else bias[:d])
+        mean = F.linear(blk.norm1(context.view(b, t, d)).mean(dim=1, keepdim=True), weight[:d],
+                        None if bias is None else bias[:d])
         query = attn.q_norm(mean.view(b, 1, heads, attn.head_dim).transpose(1, 2))
     row = ((query * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0].mean(dim=1)
-    return out, row * context.shape[1]
+    return out, row * t
 
 
 def attention_parts(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

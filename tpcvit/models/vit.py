@@ -15,7 +15,7 @@ from timm.models import register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import block_forward, context_block, embed_tokens, packed_block, supports_packing
+from ..layers import block_forward, context_block, context_rows, embed_tokens, packed_block, supports_packing
 from ..propagation import Propagation, TokenTrace, TPCConfig
 from ..runtime import BlockStep, Stage, TPCRuntime
 from ..tokens import (
@@ -24,6 +24,7 @@ from ..tokens import (
     gather_tokens,
     masked_update,
     run_on_selection,
+    scatter_rows,
     scatter_tokens,
     select_active,
     select_topk,
@@ -96,22 +97,30 @@ class TPCViT(TPCRuntime):
     def _tpc_run_group(self, blocks: list[nn.Module], x: torch.Tensor, steps: list[BlockStep]):
         """Blocks sharing one decision keep their tokens gathered: one gather for the group (and, with paused
         tokens masked, one scatter), instead of a gather and a scatter per block. With ``paused_keys`` the buffer
-        is updated after every block (it is the next block's keys and values), the gather still happens once."""
-        sel = self._tpc_selection(blocks[0], x, steps[0]) if len(steps) > 1 and steps[0].fast else None
-        if sel is None or sel.full or sel.valid is not None:  # one block, masked path, packed or padded: per block
+        is updated after every block (it is the next block's keys and values), the gather still happens once.
+        A group of one block (deciding in every block) runs here too: the fewest ops per gathered selection."""
+        sel = self._tpc_selection(blocks[0], x, steps[0]) if steps[0].fast else None
+        if sel is None or sel.full or sel.valid is not None:  # masked path, packed, padded or full: per block
             return super()._tpc_run_group(blocks, x, steps)
-        rows = flat_index(sel.index, x.shape[1])
-        tokens, seen, keys = gather_tokens(x, rows), None, self.tpc_cfg.paused_keys
-        for blk, step in zip(blocks, steps):
-            if not keys:
+        rows, seen = flat_index(sel.index, x.shape[1]), None
+        if not self.tpc_cfg.paused_keys:
+            tokens = gather_tokens(x, rows)
+            for blk in blocks:
                 tokens = block_forward(blk, tokens)
-                continue
+            return scatter_tokens(x, rows, tokens), seen
+        # paused keys: the selected rows go from block to block flattened, written into the flattened buffer (the
+        # next block's keys and values) after each; no reshapes in between (batch-1 latency)
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        tokens = flat.index_select(0, rows)
+        for blk, step in zip(blocks, steps):
             if step.attention:
-                tokens, seen = context_block(blk, tokens, x, class_attention=True, num_prefix=self.num_prefix_tokens)
+                tokens, seen = context_rows(blk, tokens, flat, b, class_attention=True,
+                                            num_prefix=self.num_prefix_tokens)
             else:
-                tokens = context_block(blk, tokens, x)
-            x = scatter_tokens(x, rows, tokens)
-        return (x if keys else scatter_tokens(x, rows, tokens)), seen
+                tokens = context_rows(blk, tokens, flat, b)
+            flat = scatter_rows(flat, rows, tokens)
+        return flat.view(b, t, d), seen
 
     def _tpc_finish(self, x: torch.Tensor, props: list[Propagation], with_trace: bool):
         return self.norm(x), props[0].trace(self.tpc_cfg.start_layer, self.num_prefix_tokens) if with_trace else None
