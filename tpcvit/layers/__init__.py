@@ -11,6 +11,7 @@ from .vit_block import (
     attention_output,
     attention_parts,
     block_forward,
+    block_rows,
     context_block,
     context_rows,
     packed_block,
@@ -19,6 +20,6 @@ from .vit_block import (
 )
 
 __all__ = ["ControllerHead", "PlainBlock", "TokenGridStabilizer", "attend", "attention_output", "attention_parts",
-           "block_forward", "check_images", "context_block", "context_rows", "embed_tokens", "image_geometry",
-           "packed_block", "plain_block", "sparse_swin_block", "supports_packing", "unwrap", "upsample_tokens",
-           "window_attention_heads"]
+           "block_forward", "block_rows", "check_images", "context_block", "context_rows", "embed_tokens",
+           "image_geometry", "packed_block", "plain_block", "sparse_swin_block", "supports_packing", "unwrap",
+           "upsample_tokens", "window_attention_heads"]

@@ -146,17 +146,35 @@ def block_forward(blk: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | Non
     the same tensor ops in the same order; anything else is ``blk(x)``. Every token reducer runs its blocks
     through this, so the dense timm model is the only baseline that pays the module calls.
     """
-    p = None if blk.training or _has_hooks(blk) or not blk.attn.fused_attn else plain_block(blk)
+    p = _lean(blk)
     if p is None:
         return blk(x, attn_mask=attn_mask)
     b, n, d = x.shape
-    # per-token layers on the flattened [B * n, D] rows: a linear on 2-D input is one addmm (what F.linear does
-    # to 3-D input after two views), so the block is 5 dispatches shorter, bitwise the same
-    rows = x.reshape(b * n, d)
+    return _plain_rows(p, x.reshape(b * n, d), b, attn_mask).view(b, n, d)
+
+
+def block_rows(blk: nn.Module, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """:func:`block_forward` on flattened ``[B * n, D]`` rows of ``batch`` images (blocks sharing one selection
+    pass rows from block to block, no reshape in between)."""
+    p = _lean(blk)
+    if p is None:
+        return blk(rows.view(batch, -1, rows.shape[-1])).flatten(0, 1)
+    return _plain_rows(p, rows, batch, None)
+
+
+def _lean(blk: nn.Module) -> PlainBlock | None:
+    """The block's tensors when it can run as tensor ops (plain, eval, no forward hooks, fused attention)."""
+    return None if blk.training or _has_hooks(blk) or not blk.attn.fused_attn else plain_block(blk)
+
+
+def _plain_rows(p: PlainBlock, rows: torch.Tensor, b: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """A plain block on ``[B * n, D]`` rows: per-token layers on the flattened rows, where a linear is one addmm
+    (what F.linear does to 3-D input after two views), so the block is 5 dispatches shorter, bitwise the same."""
+    d = rows.shape[-1]
     qkv = _affine(F.layer_norm(rows, (d,), *p.norm1, p.eps), p.qkv)
-    q, k, v = qkv.view(b, n, 3, p.heads, d // p.heads).permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b * n, d)
-    return _plain_tail(p, rows + _affine(o, p.proj)).view(b, n, d)
+    q, k, v = qkv.view(b, -1, 3, p.heads, d // p.heads).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(-1, d)
+    return _plain_tail(p, rows + _affine(o, p.proj))
 
 
 def _plain_tail(p: PlainBlock, rows: torch.Tensor) -> torch.Tensor:

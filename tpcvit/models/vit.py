@@ -15,17 +15,23 @@ from timm.models import register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import block_forward, context_block, context_rows, embed_tokens, packed_block, supports_packing
+from ..layers import (
+    block_forward,
+    block_rows,
+    context_block,
+    context_rows,
+    embed_tokens,
+    packed_block,
+    supports_packing,
+)
 from ..propagation import Propagation, TokenTrace, TPCConfig
 from ..runtime import BlockStep, Stage, TPCRuntime
 from ..tokens import (
     TokenSelection,
     flat_index,
-    gather_tokens,
     masked_update,
     run_on_selection,
     scatter_rows,
-    scatter_tokens,
     select_active,
     select_topk,
 )
@@ -102,25 +108,23 @@ class TPCViT(TPCRuntime):
         sel = self._tpc_selection(blocks[0], x, steps[0]) if steps[0].fast else None
         if sel is None or sel.full or sel.valid is not None:  # masked path, packed, padded or full: per block
             return super()._tpc_run_group(blocks, x, steps)
-        rows, seen = flat_index(sel.index, x.shape[1]), None
-        if not self.tpc_cfg.paused_keys:
-            tokens = gather_tokens(x, rows)
-            for blk in blocks:
-                tokens = block_forward(blk, tokens)
-            return scatter_tokens(x, rows, tokens), seen
-        # paused keys: the selected rows go from block to block flattened, written into the flattened buffer (the
-        # next block's keys and values) after each; no reshapes in between (batch-1 latency)
+        # the selected rows go from block to block flattened (no reshapes in between: batch-1 latency); with paused
+        # keys they are written into the flattened buffer (the next block's keys and values) after every block
         b, t, d = x.shape
+        rows, keys, seen = flat_index(sel.index, t), self.tpc_cfg.paused_keys, None
         flat = x.reshape(b * t, d)
         tokens = flat.index_select(0, rows)
         for blk, step in zip(blocks, steps):
-            if step.attention:
+            if not keys:
+                tokens = block_rows(blk, tokens, b)
+            elif step.attention:
                 tokens, seen = context_rows(blk, tokens, flat, b, class_attention=True,
                                             num_prefix=self.num_prefix_tokens)
             else:
                 tokens = context_rows(blk, tokens, flat, b)
-            flat = scatter_rows(flat, rows, tokens)
-        return flat.view(b, t, d), seen
+            if keys:
+                flat = scatter_rows(flat, rows, tokens)
+        return (flat if keys else scatter_rows(flat, rows, tokens)).view(b, t, d), seen
 
     def _tpc_finish(self, x: torch.Tensor, props: list[Propagation], with_trace: bool):
         return self.norm(x), props[0].trace(self.tpc_cfg.start_layer, self.num_prefix_tokens) if with_trace else None
