@@ -224,7 +224,7 @@ class Propagation:
             probs = C.smooth_probs(raw, self.prev_probs, self.grid, self.cfg.smooth_max_dev,
                                    self.cfg.smooth_momentum)
         self.prev_probs = probs
-        pause, restart = probs[..., 0], probs[..., 1]
+        pause, restart = probs.unbind(-1)
         if self.force_pause is not None:
             pause = torch.full_like(pause, self.force_pause)
         if self.force_restart is not None:
@@ -252,13 +252,16 @@ class Propagation:
 
     def _lean_step(self, pause: torch.Tensor, restart: torch.Tensor, budget_k: int) -> Decision:
         """Inference decisions from the previous block's hard ones (``keep_score`` for 0/1 states, exactly)."""
-        prev = None if self._last is None else self._last.active  # None: every token active so far
+        last = self._last
         if self.mode == "budget":
-            if prev is None:  # s = 1 everywhere: the score is 1 - p, so keep the k least likely to pause
+            if last is None:  # s = 1 everywhere: the score is 1 - p, so keep the k least likely to pause
                 index = pause.topk(budget_k, dim=-1, largest=False, sorted=False).indices
-            else:  # s (1 - p) + (1 - s) r
-                index = torch.where(prev, 1.0 - pause, restart).topk(budget_k, dim=-1, sorted=False).indices
+            else:  # s (1 - p) + (1 - s) r: r, with 1 - p written at the kept tokens (no mask to build)
+                score = (restart.scatter(-1, last.index, 1.0 - pause.gather(-1, last.index)) if last.index is not None
+                         else torch.where(last.active, 1.0 - pause, restart))
+                index = score.topk(budget_k, dim=-1, sorted=False).indices
             return Decision(index=index, num_patches=self.num_patches, dtype=pause.dtype)
+        prev = None if last is None else last.active  # None: every token active so far
         thr_pause, thr_restart = self.policy.thresholds(self.cfg.threshold)
         if prev is None:
             return Decision(active=pause <= thr_pause, dtype=pause.dtype)
