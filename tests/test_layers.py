@@ -4,6 +4,7 @@ wherever it would not be (training, hooks, blocks with other parts)."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 import tpcvit  # noqa: F401  (import guard before timm's torchvision import)
@@ -100,9 +101,11 @@ def test_context_block_keeps_the_gradient_after_an_inference_call():
     assert blk.attn.qkv.weight.grad[32:].abs().sum() > 0
 
 
-def test_stabilizer_picks_its_faster_layout_once_per_shape_at_inference_only():
-    """Inference times the depthwise convolution in both memory layouts once per shape and keeps the faster (the
-    same result either way); training, FLOP/op counting and tracing use one fixed layout and time nothing."""
+def test_stabilizer_picks_its_fastest_execution_once_per_shape_at_inference_only():
+    """Inference times the stabilizer's executions (the depthwise convolution in both memory layouts, the gather of
+    each token's neighbourhood) once per shape and keeps the fastest (the same result every way, the prefix token
+    untouched); training, FLOP/op counting and tracing use one fixed execution and time nothing. The gather's
+    tables follow the weights (an in-place update rebuilds them)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from tpcvit.layers import TokenGridStabilizer
@@ -111,17 +114,29 @@ def test_stabilizer_picks_its_faster_layout_once_per_shape_at_inference_only():
     torch.manual_seed(0)
     stab = TokenGridStabilizer(8)
     nn.init.normal_(stab.conv.weight)
+    nn.init.normal_(stab.conv.bias)
     x = torch.randn(2, 1 + 12, 8)
-    S._LAYOUT.clear()
+    S._EXECUTION.clear()
     stab(x, 1, (3, 4)).sum().backward()  # training: nothing timed
     with FlopCounterMode(display=False), torch.no_grad():
         stab(x, 1, (3, 4))
-    assert S._LAYOUT == {}
+    assert S._EXECUTION == {}
     with torch.no_grad():
+        expected = x.clone()  # the definition: prefix untouched, patches + depthwise conv (zero padding) + bias
+        grid = x[:, 1:].reshape(2, 3, 4, 8).permute(0, 3, 1, 2)
+        local = F.conv2d(grid, stab.conv.weight, stab.conv.bias, padding=1, groups=8)
+        expected[:, 1:] += local.flatten(2).transpose(1, 2)
         out = stab(x, 1, (3, 4))
-        key = (x.device, x.dtype, 2, 3, 4, 8)
-        assert set(S._LAYOUT) == {key} and S._LAYOUT[key] in (torch.channels_last, torch.contiguous_format)
-        for layout in (torch.channels_last, torch.contiguous_format):
-            S._LAYOUT[key] = layout
-            torch.testing.assert_close(stab(x, 1, (3, 4)), out)
-        assert torch.equal(stab(x, 1, (3, 4))[:, :1], x[:, :1])  # the prefix token is untouched
+        key = (x.device, x.dtype, 2, 13, 8, 1, 3, 4)
+        assert set(S._EXECUTION) == {key} and S._EXECUTION[key] in S.EXECUTIONS
+        torch.testing.assert_close(out, expected)
+        for execution in S.EXECUTIONS:
+            S._EXECUTION[key] = execution
+            torch.testing.assert_close(stab(x, 1, (3, 4)), expected)
+            assert torch.equal(stab(x, 1, (3, 4))[:, :1], x[:, :1])  # the prefix token is untouched
+        stab.conv.weight.mul_(2.0)  # in place (an optimizer step, load_state_dict): the tables follow
+        doubled = stab.run(x, 1, (3, 4), "gather")
+        torch.testing.assert_close(doubled, stab.run(x, 1, (3, 4), "conv-nchw"))
+        assert not torch.allclose(doubled, out)
+        torch.testing.assert_close(stab.run(x[:, 1:], 0, (3, 4), "gather"),
+                                   stab.run(x[:, 1:], 0, (3, 4), "conv-channels-last"))  # no prefix (Swin)

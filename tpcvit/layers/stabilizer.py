@@ -15,10 +15,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-# Inference: the faster memory layout of the depthwise convolution per (device, dtype, shape), timed once. oneDNN's
-# depthwise kernels differ by CPU: on an Intel Xeon (torch 2.13) channels-last runs 1.5x faster at batch 1 but NCHW
-# 4x faster at batch 32-256, where an AMD EPYC favoured channels-last at every batch (~20x at DeiT-S, batch 32).
-_LAYOUT: dict[tuple, torch.memory_format] = {}
+# Inference: the fastest way to run the stabilizer per (device, dtype, shape), timed once. The depthwise convolution
+# in either memory layout, or as a gather of each token's 3x3 neighbourhood times per-position weights (the residual
+# and the zero padding folded in: 4 ops, no convolution). oneDNN's depthwise kernels differ by CPU and batch: on an
+# Intel Xeon (torch 2.13) channels-last runs 1.5x faster than NCHW at batch 1 but NCHW 4x faster at batch 32-256
+# (an AMD EPYC favoured channels-last at every batch); at batch 1 on a 7x7 grid the convolution call itself costs
+# ~70 us, the gather ~20 us.
+_EXECUTION: dict[tuple, str] = {}
+EXECUTIONS = ("conv-channels-last", "conv-nchw", "gather")
+_GATHER_MAX_ELEMENTS = 1 << 22  # 16 MB of float32 neighbourhoods (DeiT-S at batch 1: 0.7M elements)
 
 
 class TokenGridStabilizer(nn.Module):
@@ -29,17 +34,24 @@ class TokenGridStabilizer(nn.Module):
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
+        self._tables: tuple | None = None  # (what they were built from, neighbour rows, weights, bias): gather
 
     def forward(self, x: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
-        b, t, d = x.shape
-        h, w = grid
-        patches = x[:, num_prefix:]
-        layout = torch.channels_last  # training, tracing, compiling and counting (FLOPs, ops): one fixed layout
+        execution = "conv-channels-last"  # training, tracing, compiling and counting (FLOPs, ops): one fixed way
         if not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or is_in_torch_dispatch_mode()):
-            key = (x.device, x.dtype, b, h, w, d)
-            layout = _LAYOUT.get(key) or _LAYOUT.setdefault(key, self._fastest_layout(patches, h, w))
-        local = self._local(patches, h, w, layout)
+            key = (x.device, x.dtype, *x.shape, num_prefix, *grid)
+            execution = _EXECUTION.get(key) or _EXECUTION.setdefault(key, self._fastest(x, num_prefix, grid))
+        return self.run(x, num_prefix, grid, execution)
+
+    def run(self, x: torch.Tensor, num_prefix: int, grid: tuple[int, int], execution: str) -> torch.Tensor:
+        """The stabilizer executed one way (:data:`EXECUTIONS`); every way computes the same function."""
+        if execution == "gather":
+            rows, weights, bias = self._gather_tables(x, num_prefix, grid)
+            b, t, d = x.shape
+            return torch.linalg.vecdot(x.index_select(1, rows).view(b, t, -1, d), weights, dim=2) + bias
+        layout = torch.channels_last if execution == "conv-channels-last" else torch.contiguous_format
+        local = self._local(x[:, num_prefix:], *grid, layout)
         # the prefix rows get zeros: two ops (clone + in-place add on a slice are five: batch-1 latency)
         return x + F.pad(local, (0, 0, num_prefix, 0)) if num_prefix else x + local
 
@@ -49,19 +61,59 @@ class TokenGridStabilizer(nn.Module):
         img = patches.reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         return self.conv(img).permute(0, 2, 3, 1).reshape(b, h * w, d)
 
-    def _fastest_layout(self, patches: torch.Tensor, h: int, w: int) -> torch.memory_format:
-        """Time both layouts on these tokens (best of three calls after a warm-up) and keep the faster."""
+    def _gather_tables(self, x: torch.Tensor, num_prefix: int, grid: tuple[int, int]):
+        """For every token row (prefix rows included): the rows of its k x k neighbourhood ``[T * k * k]`` and their
+        weights ``[T, k * k, D]``, plus the bias ``[T, D]``, so that ``out = sum_j x[rows_j] * weight_j + bias`` is
+        the whole stabilizer. A neighbour outside the grid (the convolution's zero padding) points at the row itself
+        with weight 0; the residual adds 1 to the centre weight; a prefix row is itself times 1. Built under
+        no_grad, kept until the weights change (their version counters) or the shape does."""
+        weight, bias = self.conv.weight, self.conv.bias
+        made_of = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr(), x.device, x.dtype,
+                   num_prefix, grid)
+        if self._tables is not None and self._tables[0] == made_of:
+            return self._tables[1:]
+        h, w = grid
+        k, d = weight.shape[-1], weight.shape[0]
+        r = k // 2
+        t = num_prefix + h * w
+        rows = torch.arange(t).repeat_interleave(k * k).view(t, k * k)
+        mask = torch.zeros(t, k * k)
+        mask[:num_prefix, (k * k) // 2] = 1.0  # a prefix row: itself, through the centre tap
+        taps = weight.detach().reshape(d, k * k).t().to(x.dtype)  # [k*k, D]
+        per_row = torch.zeros(t, k * k, d, dtype=x.dtype)
+        for i in range(h):
+            for j in range(w):
+                row = num_prefix + i * w + j
+                for tap in range(k * k):
+                    di, dj = tap // k - r, tap % k - r
+                    if 0 <= i + di < h and 0 <= j + dj < w:
+                        rows[row, tap] = num_prefix + (i + di) * w + (j + dj)
+                        per_row[row, tap] = taps[tap]
+        per_row[:, (k * k) // 2] += 1.0  # the residual (prefix rows: 0 + 1)
+        per_row[:num_prefix] *= mask[:num_prefix, :, None].to(x.dtype)
+        full_bias = torch.zeros(t, d, dtype=x.dtype)
+        full_bias[num_prefix:] = bias.detach().to(x.dtype)
+        tables = (rows.reshape(-1).to(x.device), per_row.to(x.device), full_bias.to(x.device))
+        self._tables = (made_of, *tables)
+        return tables
+
+    def _fastest(self, x: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> str:
+        """Time every execution on these tokens (best of three calls after a warm-up) and keep the fastest."""
         seconds = {}
-        for layout in (torch.channels_last, torch.contiguous_format):
-            self._local(patches, h, w, layout)
+        b, t, d = x.shape
+        k = self.conv.kernel_size[0]
+        # the gather materialises every token's k x k neighbourhood: for small batches only (bounded memory)
+        candidates = EXECUTIONS if b * t * k * k * d <= _GATHER_MAX_ELEMENTS else EXECUTIONS[:2]
+        for execution in candidates:
+            self.run(x, num_prefix, grid, execution)
             best = float("inf")
             for _ in range(3):
-                if patches.device.type == "cuda":
-                    torch.cuda.synchronize(patches.device)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
                 start = time.perf_counter()
-                self._local(patches, h, w, layout)
-                if patches.device.type == "cuda":
-                    torch.cuda.synchronize(patches.device)
+                self.run(x, num_prefix, grid, execution)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
                 best = min(best, time.perf_counter() - start)
-            seconds[layout] = best
+            seconds[execution] = best
         return min(seconds, key=seconds.get)
