@@ -73,36 +73,47 @@ def _affine(rows: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None]
     return rows.mm(weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
 
 
-_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (what it was built from, PlainBlock)
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (generation, parameters, PlainBlock)
+
+# Bumped whenever any module anywhere registers a parameter or a submodule (torch's global registration hooks: a
+# part or a weight replaced, ``load_state_dict(assign=True)``, the fake parameters of ``torch.export``): every
+# cached PlainBlock is then checked afresh. A weight whose data moves (``.to()`` / ``.half()`` swap ``param.data``)
+# changes its data pointer, which the cache compares too.
+_GENERATION = [0]
 
 
-def _makeup(blk: nn.Module) -> tuple:
-    """Identity of every submodule and parameter of a block and where its data lives (read from the module dicts:
-    a few microseconds), so a cached :class:`PlainBlock` is rebuilt when a part or a weight is replaced
-    (``load_state_dict(assign=True)``, the fake parameters of ``torch.export``) or moved (``.to()`` / ``.half()``
-    give a parameter new data, which the cached transposed views would not follow)."""
-    inner = [m for m in blk._modules.values() if m is not None]
-    inner += [m for sub in inner for m in sub._modules.values() if m is not None]
-    params = [t for m in inner for t in m._parameters.values() if t is not None]
-    return tuple(id(m) for m in inner) + tuple(id(t) for t in params) + tuple(t.data_ptr() for t in params)
+def _registered(*_args) -> None:
+    _GENERATION[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
+torch.nn.modules.module.register_module_module_registration_hook(_registered)
+
+
+def _parameters(plain: PlainBlock) -> tuple[torch.Tensor, ...]:
+    """The parameters a PlainBlock's views come from (their ``_base``), to compare data pointers."""
+    views = (plain.norm1, plain.qkv, plain.proj, plain.norm2, plain.fc1, plain.fc2)
+    return tuple(t if t._base is None else t._base for pair in views for t in pair if t is not None)
 
 
 def plain_block(blk: nn.Module) -> PlainBlock | None:
     """``blk``'s tensors when it is a plain timm pre-norm ``Block`` (see :class:`PlainBlock`), else ``None``.
 
     Cached per block under no_grad (checking the structure reads ~40 module attributes, as long as the block itself
-    at batch 1); with autograd on, built afresh.
+    at batch 1); a cached entry is trusted while no module registered a parameter or submodule since and its
+    weights' data pointers are unchanged (~2 us); with autograd on, built afresh.
     """
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         # traced (torch.compile / export): the graph holds the result; autograd: views made now carry the gradient
         # to the parameters (cached ones made under no_grad would not)
         return _plain_block(blk)
-    makeup = _makeup(blk)
     cached = _PLAIN.get(blk)
-    if cached is not None and cached[0] == makeup:
-        return cached[1]
+    if cached is not None and cached[0] == _GENERATION[0] and all(
+            t.data_ptr() == ptr for t, ptr in cached[1]):
+        return cached[2]
     plain = _plain_block(blk)
-    _PLAIN[blk] = (makeup, plain)
+    params = () if plain is None else tuple((t, t.data_ptr()) for t in _parameters(plain))
+    _PLAIN[blk] = (_GENERATION[0], params, plain)
     return plain
 
 
