@@ -73,7 +73,7 @@ def _affine(rows: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None]
     return rows.mm(weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
 
 
-_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (generation, parameters, PlainBlock)
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (generation, params, pointers, PlainBlock)
 
 # Bumped whenever any module anywhere registers a parameter or a submodule (torch's global registration hooks: a
 # part or a weight replaced, ``load_state_dict(assign=True)``, the fake parameters of ``torch.export``): every
@@ -108,12 +108,11 @@ def plain_block(blk: nn.Module) -> PlainBlock | None:
         # to the parameters (cached ones made under no_grad would not)
         return _plain_block(blk)
     cached = _PLAIN.get(blk)
-    if cached is not None and cached[0] == _GENERATION[0] and all(
-            t.data_ptr() == ptr for t, ptr in cached[1]):
-        return cached[2]
+    if cached is not None and cached[0] == _GENERATION[0] and [t.data_ptr() for t in cached[1]] == cached[2]:
+        return cached[3]
     plain = _plain_block(blk)
-    params = () if plain is None else tuple((t, t.data_ptr()) for t in _parameters(plain))
-    _PLAIN[blk] = (_GENERATION[0], params, plain)
+    params = () if plain is None else _parameters(plain)
+    _PLAIN[blk] = (_GENERATION[0], params, [t.data_ptr() for t in params], plain)
     return plain
 
 
