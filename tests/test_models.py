@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 from conftest import SMALL, small_tpc
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tpcvit
 from tpcvit.runtime import current_policy
@@ -348,30 +349,31 @@ def test_pretrained_weights_missing_offline_is_one_clear_error(tmp_path, monkeyp
         timm.create_model("tpc_deit_tiny_patch16_224", pretrained=True)
 
 
+class CountCalls(TorchDispatchMode):
+    """The ATen operators a block of code dispatches, by name (what bounds batch-1 latency)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("paused_keys", [False, True])
 @pytest.mark.parametrize("mode", ["budget", "adaptive"])
 def test_blocks_sharing_a_decision_gather_their_tokens_once(images, mode, paused_keys):
     """decide_every=5 (one decision for the 5 controlled blocks): the selection is gathered once for the group, and
     scattered back once (paused tokens masked) or after every block (paused keys: the buffer is the next block's
     keys); the result is the per-block execution's (forced decisions run block by block)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     model = small_tpc(depth=6, paused_keys=paused_keys, pause_bias_init=0.0).eval()
     policy = tpcvit.ExecutionPolicy(mode=mode, keep=0.4 if mode == "budget" else None, decide_every=5)
     x = images[:1] if mode == "adaptive" else images  # adaptive batches pad (or pack): those run block by block
     with torch.no_grad():
         fast, trace = model.forward_with_trace(x, policy=policy)
         assert 0 < trace.active_counts()[0, 1] < trace.active.shape[-1]  # a real selection, not every token
-        with Count() as count:
+        with CountCalls() as count:
             model.forward_with_trace(x, policy=policy)
         forced, _ = model.forward_with_trace(x, policy=policy, forced_active=trace.active)
     assert count.calls.count("index_select") == 1
@@ -403,25 +405,14 @@ def test_budget_keeping_every_token_skips_the_controller_when_untraced(images, p
 def test_deciding_once_untraced_builds_no_token_mask(images):
     """Budget-mode inference keeps the kept indices only: a plain forward deciding once (decide_every=5) builds no
     [B, N] mask (no scatter, no all-ones state), and gives the traced pass's logits, whose trace builds it."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from tpcvit.propagation import Decision
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     model = small_tpc(depth=6, paused_keys=True, pause_bias_init=0.0).eval()
     policy = tpcvit.ExecutionPolicy(mode="budget", keep=0.4, decide_every=5)
     tpcvit.set_policy(model, policy)
     with torch.no_grad():
         traced, trace = model.forward_with_trace(images)
-        with Count() as count:
+        with CountCalls() as count:
             plain = model(images)
     assert not [c for c in count.calls if c.startswith(("scatter", "ones", "where"))], count.calls
     assert torch.equal(plain, traced)
