@@ -27,5 +27,7 @@ def test_paired_difference_gives_the_known_interval():
     assert d.verdict == "within noise"  # the interval [-0.48, 4.48] includes 0
     assert paired_difference([11.0, 11.1, 10.9], [10.0]).verdict == "better"  # one deterministic value, paired
     assert paired_difference([9.0, 9.1, 8.9], [10.0, 10.0, 10.0]).verdict == "worse"
+    # two seeds that differ by the same amount: a zero-width interval, which must not read as "better"
+    assert paired_difference([11.0, 12.0], [10.0, 11.0]).verdict == "2 seeds: no claim (needs 3)"
     with pytest.raises(ValueError, match="equal"):
         paired_difference([1.0, 2.0], [1.0, 2.0, 3.0])

@@ -1,6 +1,7 @@
 """Statistics for accuracy claims over fine-tuning seeds: mean +- std and paired differences with a t-interval.
 
-"Better" is said only where the 95% confidence interval of the paired difference excludes 0. Pure functions on
+"Better" is said only where the 95% confidence interval of the paired difference excludes 0, and only from at
+least :data:`MIN_SEEDS` seeds (with two, a zero spread gives a zero-width interval: no claim). Pure functions on
 lists of floats; no SciPy needed (the Student-t quantile is computed here, checked against tables in the tests).
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+
+MIN_SEEDS = 3  # the project's evidence standard: accuracy claims from >= 3 seeds
 
 
 def t_cdf(t: float, df: int) -> float:
@@ -59,8 +62,8 @@ class PairedDifference:
 
     @property
     def verdict(self) -> str:
-        if self.n < 2:
-            return "one seed: no interval"
+        if self.n < MIN_SEEDS:
+            return f"{self.n} seed{'s' if self.n > 1 else ''}: no claim (needs {MIN_SEEDS})"
         if self.low > 0:
             return "better"
         if self.high < 0:
