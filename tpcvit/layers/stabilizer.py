@@ -77,8 +77,6 @@ class TokenGridStabilizer(nn.Module):
         r = k // 2
         t = num_prefix + h * w
         rows = torch.arange(t).repeat_interleave(k * k).view(t, k * k)
-        mask = torch.zeros(t, k * k)
-        mask[:num_prefix, (k * k) // 2] = 1.0  # a prefix row: itself, through the centre tap
         taps = weight.detach().reshape(d, k * k).t().to(x.dtype)  # [k*k, D]
         per_row = torch.zeros(t, k * k, d, dtype=x.dtype)
         for i in range(h):
@@ -89,8 +87,7 @@ class TokenGridStabilizer(nn.Module):
                     if 0 <= i + di < h and 0 <= j + dj < w:
                         rows[row, tap] = num_prefix + (i + di) * w + (j + dj)
                         per_row[row, tap] = taps[tap]
-        per_row[:, (k * k) // 2] += 1.0  # the residual (prefix rows: 0 + 1)
-        per_row[:num_prefix] *= mask[:num_prefix, :, None].to(x.dtype)
+        per_row[:, (k * k) // 2] += 1.0  # the residual; a prefix row (no taps set): itself through the centre
         full_bias = torch.zeros(t, d, dtype=x.dtype)
         full_bias[num_prefix:] = bias.detach().to(x.dtype)
         tables = (rows.reshape(-1).to(x.device), per_row.to(x.device), full_bias.to(x.device))
