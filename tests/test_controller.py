@@ -106,3 +106,19 @@ def test_neighbour_mean_product_equals_border_aware_pooling():
         pooled = F.avg_pool2d(probs.transpose(1, 2).reshape(2, 2, *grid), 3, stride=1, padding=1,
                               count_include_pad=False).reshape(2, 2, -1).transpose(1, 2)
         assert torch.allclose(out, pooled + (probs - pooled).clamp(-0.1, 0.1), atol=1e-6)
+
+
+def test_pooled_paused_keys_are_window_means_with_counts():
+    from tpcvit.tokens import pool_paused, window_ids
+
+    torch.manual_seed(0)
+    patches, paused = torch.randn(2, 49, 3), torch.rand(2, 49) > 0.4
+    means, counts = pool_paused(patches, paused, (7, 7), 2)
+    ids = window_ids((7, 7), 2)
+    assert means.shape == (2, 16, 3) and ids.max().item() == 15 and ids[48].item() == 15  # edge windows cut
+    for b in range(2):
+        for w in range(16):
+            members = (ids == w) & paused[b]
+            assert counts[b, w].item() == members.sum().item()
+            if members.any():
+                assert torch.allclose(means[b, w], patches[b, members].mean(dim=0), atol=1e-6)

@@ -338,6 +338,40 @@ def test_paused_keys_variant_masked_equals_fast_and_counts_kv_of_paused_tokens(i
         tpcvit.count_gmacs(model, images), rel=0.01)
 
 
+@pytest.mark.parametrize("controller", ["learned", "attention"])
+def test_pooled_paused_keys_masked_equals_fast_in_every_mode_and_gmacs_count_the_work(images, controller):
+    model = small_tpc(paused_keys=True, paused_key_pool=2, controller=controller).eval()
+    per_token = small_tpc(paused_keys=True, controller=controller).eval()
+    torch.manual_seed(5)
+    forced = torch.rand(images.shape[0], 4, 16) > 0.5
+    forced[:, : model.tpc_cfg.start_layer] = True
+    with torch.no_grad():
+        fast, _ = model.forward_with_trace(images, forced_active=forced, path="fast")  # padded selections
+        masked, _ = model.forward_with_trace(images, forced_active=forced, path="masked")  # equal keys per window
+        other, _ = per_token.forward_with_trace(images, forced_active=forced, path="fast")
+        assert torch.allclose(fast, masked, atol=1e-5, rtol=1e-4) and not torch.allclose(fast, other, atol=1e-3)
+        tpcvit.set_mode(model, "adaptive")
+        fast, tf = model.forward_with_trace(images)
+        masked, tm = model.forward_with_trace(images, path="masked")
+        alone, _ = model.forward_with_trace(images[:1])
+        assert torch.equal(tf.active, tm.active) and 0.1 < tf.active[:, 1:].float().mean() < 0.95  # restarts agree
+        assert torch.allclose(fast, masked, atol=1e-5, rtol=1e-4) and torch.allclose(alone, fast[:1], atol=1e-5)
+        assert tpcvit.vit_gmacs_from_trace(model, tf).mean().item() == pytest.approx(
+            tpcvit.count_gmacs(model, images), rel=0.01)
+        for every in (1, 2):  # budget mode: the gathered group path, one pooling per decision
+            tpcvit.set_policy(model, current_policy(model).replace(mode="budget", keep=0.4, decide_every=every))
+            tpcvit.set_policy(per_token, current_policy(model))
+            fast, tf = model.forward_with_trace(images)
+            masked, tm = model.forward_with_trace(images, path="masked")
+            assert torch.equal(tf.active, tm.active) and torch.allclose(fast, masked, atol=1e-5, rtol=1e-4)
+            assert torch.equal(model(images), fast)
+            pooled_gmacs = tpcvit.vit_gmacs_from_trace(model, tf).mean().item()
+            assert pooled_gmacs == pytest.approx(tpcvit.count_gmacs(model, images), rel=0.01)
+            assert pooled_gmacs < tpcvit.count_gmacs(per_token, images)  # fewer keys at the same keep
+    with pytest.raises(ValueError, match="needs paused_keys=True"):
+        small_tpc(paused_key_pool=2)
+
+
 def test_pretrained_weights_missing_offline_is_one_clear_error(tmp_path, monkeypatch):
     import huggingface_hub.constants
 

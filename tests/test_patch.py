@@ -100,6 +100,22 @@ def test_patch_deciding_every_few_blocks_still_hits_its_target(x, mode):
         assert trace.active[:, 1:].float().mean().item() == pytest.approx(0.5, abs=0.08)
 
 
+def test_at_deits_14x14_grid_paused_keys_are_pooled_per_window_and_the_gmacs_target_holds():
+    images = torch.randn(4, 3, 224, 224)
+    model = tpcvit.patch(_model("deit_small_patch16_224", img_size=224, embed_dim=48, depth=4, num_heads=2),
+                         gmacs=0.4, images=images)
+    assert model.tpc_cfg.paused_key_pool == 2  # 14 x 14 grid: 2 x 2 windows (tpcvit.patch.default_key_pool)
+    got = count_gmacs(model, images) / count_gmacs(set_mode(model, "dense"), images)
+    assert got == pytest.approx(0.4, abs=0.03)  # matched on the images: the pooled keys' cost depends on them
+    assert tpcvit.patch(_model("deit_small_patch16_224"), keep=0.5).tpc_cfg.paused_key_pool == 1  # 4 x 4 grid
+    nocls = _model("vit_small_patch16_224", img_size=224, embed_dim=48, depth=4, num_heads=2, class_token=False,
+                   global_pool="avg")
+    assert tpcvit.patch(nocls, keep=0.5).tpc_cfg.paused_key_pool == 1  # pooled keys are read by a class token
+    own = tpcvit.patch(_model("deit_small_patch16_224", img_size=224, embed_dim=48, depth=4, num_heads=2),
+                       keep=0.5, paused_key_pool=1)
+    assert own.tpc_cfg.paused_key_pool == 1  # the user's choice stands
+
+
 def test_decay_profile_falls_geometrically_with_mean_one():
     from tpcvit.patch import decay_profile
 

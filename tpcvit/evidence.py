@@ -37,16 +37,17 @@ from .config import ConfigError
 from .data import take_batches
 from .engine import build_model, build_val_data, evaluate, fit, init_distributed, total_epochs
 from .models import image_geometry, variant_name
-from .patch import AUTO_DECAYS, fit_schedule, patch
+from .patch import AUTO_DECAYS, default_key_pool, fit_schedule, patch
 from .reporting import plot_evidence
 from .runtime import calibrate_keep_profile, current_policy, set_policy
 from .stats import mean_std, paired_difference
 
 # TPC variants -> their model.tpc overrides; peers read their options from model.peer.<method>
 # (tpc-hybrid: a candidate improvement, not a claim: the training-free attention signal plus a learned correction
-# that starts at zero, fine-tuned like TPC)
+# that starts at zero, fine-tuned like TPC; tpc-pool2: paused tokens' keys pooled per 2 x 2 window, fine-tuned so)
 TPC_VARIANTS = {"tpc": {}, "tpc-norestart": {"restart": False}, "tpc-nosmooth": {"smoothing": False},
-                "tpc-nostab": {"stabilizer": False}, "tpc-hybrid": {"controller": "hybrid"}}
+                "tpc-nostab": {"stabilizer": False}, "tpc-hybrid": {"controller": "hybrid"},
+                "tpc-pool2": {"paused_key_pool": 2}}
 # evaluation-only variants: the weights of another method's fine-tune, evaluated another way (no CPU for training).
 # Every TPC variant is evaluated in budget mode following the schedule it learned (docs/METHOD.md: "k from the
 # learned mean schedule"; calibrate_keep_profile). tpc-uniform: TPC's weights, the same keep in every block.
@@ -56,8 +57,11 @@ TPC_VARIANTS = {"tpc": {}, "tpc-norestart": {"restart": False}, "tpc-nosmooth": 
 DECIDE_EVERY = {"tpc-every2": 2, "tpc-every5": 5}
 EVAL_VARIANTS = {"tpc-uniform": "tpc", "tpc-adaptive": "tpc", **dict.fromkeys(DECIDE_EVERY, "tpc")}
 PEERS = ("idlevit", "dynamicvit", "evit", "tome-ft", "avit", "tome")
-# training-free TPC (tpcvit.patch on the dense weights), deciding in every k-th controlled block
-FREE_TPC = {"tpc-free": 1, "tpc-free-every2": 2}
+# training-free TPC (tpcvit.patch on the dense weights) -> its patch options beyond the defaults: deciding in every
+# k-th controlled block; paused tokens' keys pooled per window of p x p patches (the default picks p from the grid:
+# tpcvit.patch.default_key_pool; these rows measure that choice)
+FREE_TPC = {"tpc-free": {}, "tpc-free-every2": {"decide_every": 2}, "tpc-free-pool1": {"paused_key_pool": 1},
+            "tpc-free-pool2": {"paused_key_pool": 2}}
 TRAINING_FREE = ("tome", *FREE_TPC)  # evaluated on the dense weights, no fine-tune, no seeds
 METHODS = ("dense", *TPC_VARIANTS, *EVAL_VARIANTS, *PEERS, *FREE_TPC)
 CLAIM_VARIANTS = tuple(m for m in (*TPC_VARIANTS, *EVAL_VARIANTS) if m != "tpc")
@@ -159,6 +163,7 @@ class Evidence:
         probe = build_model(method_config(cfg, "dense"), 1, name=model_name(cfg, "dense"))
         self.geometry = image_geometry(probe)
         self.num_patches = probe.patch_embed.num_patches
+        self.grid = tuple(probe.patch_embed.grid_size)
         val_ds, self.val_loader = build_val_data(cfg, self.geometry[0], self.geometry[1], self.info)
         self.num_classes = val_ds.num_classes
         pool = torch.cat([x for x, _ in take_batches(self.val_loader, self.ev["calib_images"])])
@@ -350,7 +355,7 @@ class Evidence:
     def prepare_eval(self, model: torch.nn.Module, method: str) -> dict:
         """Put a loaded model in the form ``method`` is evaluated in; what to record about it."""
         if method in FREE_TPC:  # training-free TPC: the attention controller on the dense weights
-            patch(model, decide_every=FREE_TPC[method])
+            patch(model, **FREE_TPC[method])
         elif method == "tpc-adaptive":  # the knob becomes adaptive mode's level
             set_policy(model, current_policy(model).replace(mode="adaptive", keep=None, adaptive_level=0.5))
         elif method in TPC_VARIANTS or method in DECIDE_EVERY:  # budget mode follows the learned schedule
@@ -370,13 +375,13 @@ class Evidence:
             return keep, {"keep_profile": profile}
         return match_gmacs(model, self.calib, budget * dense_gmacs)[0], {}
 
-    @staticmethod
-    def method_options(method: str) -> dict:
+    def method_options(self, method: str) -> dict:
         """How a method is evaluated beyond the recipe: a ledger record made otherwise is redone."""
         if method not in FREE_TPC:
             return {}
-        return {"schedule": "auto", "decays": list(AUTO_DECAYS), **({"decide_every": FREE_TPC[method]}
-                                                                    if FREE_TPC[method] > 1 else {})}
+        options = {"decide_every": 1, "paused_key_pool": default_key_pool(self.grid), **FREE_TPC[method]}
+        return {"schedule": "auto", "decays": list(AUTO_DECAYS),
+                **{k: v for k, v in options.items() if v > 1}}  # defaults left out: records made before them
 
     def run_dir(self, method: str, seed: int) -> Path:
         return self.out / "ft" / method / f"seed{seed}"

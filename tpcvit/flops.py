@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import image_geometry, unwrap
@@ -92,9 +93,10 @@ def vit_block_macs(tokens, dim: int, mlp_hidden: int, context=None):
 
 
 def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: float = 0.0,
-                          paused_keys: bool = False) -> torch.Tensor:
+                          paused_keys: bool | torch.Tensor = False) -> torch.Tensor:
     """GMACs per image ``[B]`` of a timm ViT whose block ``l`` computes ``counts[:, l]`` patch tokens (plus the
-    prefix tokens): patch embedding, blocks, classifier head(s), plus ``extra_macs`` per image."""
+    prefix tokens): patch embedding, blocks, classifier head(s), plus ``extra_macs`` per image. ``paused_keys``:
+    every token is a key/value; or ``[B, depth]`` keys/values besides the computed tokens (pooled paused keys)."""
     m = unwrap(model)
     dim = m.embed_dim
     n = m.patch_embed.num_patches
@@ -108,7 +110,10 @@ def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: fl
     tokens = counts.double() + m.num_prefix_tokens
     heads = 2 if getattr(m, "head_dist", None) is not None else 1
     heads += n if getattr(m, "aux_head", None) is not None else 0  # token-labelling head on every patch token
-    context = n + m.num_prefix_tokens if paused_keys else None  # every token is a key/value
+    if isinstance(paused_keys, torch.Tensor):
+        context = tokens + paused_keys.double()
+    else:
+        context = n + m.num_prefix_tokens if paused_keys else None  # every token is a key/value
     total = vit_block_macs(tokens, dim, mlp_hidden, context).sum(dim=1) + macs + heads * dim * m.num_classes
     return total / 1e9
 
@@ -128,7 +133,16 @@ def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
         extra += controlled * (n * dim * 2 + dim * 2)  # controller heads: token + context linears
     extra += len(m.stabilizers) * n * dim * 9  # depthwise 3x3
     keys = m.tpc_cfg.paused_keys and not dense
+    if keys and m.tpc_cfg.paused_key_pool > 1:  # one key/value per window holding paused tokens
+        keys = pooled_key_counts(trace, m.tpc_cfg.paused_key_pool)
     return vit_gmacs_from_counts(m, trace.active_counts(), extra, paused_keys=keys)
+
+
+def pooled_key_counts(trace: TokenTrace, window: int) -> torch.Tensor:
+    """``[B, depth]``: windows (``window`` x ``window`` patches) holding a paused token, per image and block."""
+    b, depth, n = trace.active.shape
+    paused = (~trace.active).to(torch.float32).view(b * depth, 1, *trace.grid)
+    return F.max_pool2d(paused, window, ceil_mode=True).view(b, depth, -1).sum(dim=2)
 
 
 def swin_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:

@@ -39,6 +39,12 @@ class TPCConfig:
     # their frozen features (k/v projections for them, ~2/12 of a token's block cost) and skip only their own
     # query, attention output and MLP; information in paused tokens keeps reaching the class token.
     paused_keys: bool = False
+    # With paused_keys: the paused tokens of each paused_key_pool x paused_key_pool window of the grid show as one
+    # key/value (their mean, with ToMe's proportional attention: the sum of their attention is kept), so a paused
+    # region costs one key/value projection per block instead of one per token; restarts read the window's
+    # attention. 1: every paused token is its own key. [ours] At 196 tokens the per-token keys cost 1/6 of a dense
+    # block in every controlled block (benchmarks/results/evidence_fmnist196.md).
+    paused_key_pool: int = 1
     # "learned": a linear head per block (fine-tuned). "attention": training-free, no parameters: decisions from the
     # class token's attention to every token (paused tokens stay keys, so their attention is known every block).
     # "hybrid": attention logits + a learned head initialised to zero: starts as the training-free controller,
@@ -58,6 +64,10 @@ class TPCConfig:
             self.stabilizer_layers = tuple(int(i) for i in self.stabilizer_layers)
         if self.controller not in ("learned", "attention", "hybrid"):
             raise ValueError(f"controller must be 'learned', 'attention' or 'hybrid', got {self.controller!r}")
+        if self.paused_key_pool < 1:
+            raise ValueError(f"paused_key_pool must be >= 1 (a window side in patches), got {self.paused_key_pool}")
+        if self.paused_key_pool > 1 and not self.paused_keys:
+            raise ValueError("paused_key_pool pools paused tokens' keys: it needs paused_keys=True")
         if self.reads_attention and not self.paused_keys:
             raise ValueError(f"controller={self.controller!r} reads the class token's attention to paused tokens: it "
                              "needs paused_keys=True")

@@ -110,6 +110,9 @@ class TPCRuntime:
         if cfg.reads_attention and cfg.start_layer < 1:
             raise ValueError(f"controller={cfg.controller!r} reads the previous block's class attention: "
                              "start_layer >= 1")
+        if cfg.paused_key_pool > 1 and not getattr(self, "num_prefix_tokens", 0):
+            raise ValueError("paused_key_pool needs a class token (its query reads the pooled keys): use "
+                             "paused_key_pool=1 on a model without one")
         self.tpc_cfg = cfg
         heads = range(cfg.start_layer, depth) if cfg.controller != "attention" else ()  # training-free: none
         self.controller = nn.ModuleList(ControllerHead(dims[i], cfg.pause_bias_init, cfg.restart_bias_init)

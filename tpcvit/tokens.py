@@ -151,6 +151,32 @@ def masked_update(fn, x: torch.Tensor, states: torch.Tensor, num_prefix: int, ma
     return s * y + (1.0 - s) * x
 
 
+def window_ids(grid: tuple[int, int], window: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[N]``: the window (``window`` x ``window`` patches, row-major, edge windows cut) of every patch."""
+    h, w = grid
+    rows = torch.arange(h, device=device) // window
+    cols = torch.arange(w, device=device) // window
+    return (rows[:, None] * -(-w // window) + cols[None, :]).flatten()
+
+
+def pool_paused(patches: torch.Tensor, paused: torch.Tensor, grid: tuple[int, int],
+                window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paused patch tokens pooled per ``window`` x ``window`` window of the grid: what they show as keys.
+
+    ``patches`` ``[B, N, D]``, ``paused`` ``[B, N]`` (1 = paused; float straight-through states keep their
+    gradient). Returns the weighted means ``[B, W, D]`` and the counts ``[B, W]`` (0: no paused token there).
+    One pooled key with an additive bias ``log(count)`` gets the attention of ``count`` copies of it (ToMe's
+    proportional attention), so a paused region costs one key/value projection instead of one per token.
+    """
+    b, n, d = patches.shape
+    h, w = grid
+    weights = paused.to(patches.dtype)
+    sums = F.avg_pool2d((patches * weights[..., None]).transpose(1, 2).reshape(b, d, h, w), window,
+                        ceil_mode=True, divisor_override=1)
+    counts = F.avg_pool2d(weights.view(b, 1, h, w), window, ceil_mode=True, divisor_override=1).flatten(1)
+    return sums.flatten(2).transpose(1, 2) / counts.clamp_min(1e-6)[..., None], counts
+
+
 @dataclass
 class PackedSelection:
     """Every active token of the batch in one flat list (no padding), plus the padded layout for attention.

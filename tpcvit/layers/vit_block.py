@@ -194,7 +194,7 @@ def _plain_tail(p: PlainBlock, rows: torch.Tensor) -> torch.Tensor:
 
 
 def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, class_attention: bool = False,
-                  num_prefix: int = 1):
+                  num_prefix: int = 1, key_bias: torch.Tensor | None = None):
     """A timm ``Block`` (eval) updating ``tokens`` ``[B, n, D]`` while attending to ``context`` ``[B, T, D]``.
 
     For ``paused_keys``: the queries, attention output and MLP run on the selected tokens only; keys and values
@@ -204,17 +204,19 @@ def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, c
 
     ``class_attention=True`` also returns the class token's attention over every key, times the number of keys
     (``[B, T]``, 1 = uniform; the mean query stands in for models without a class token): the signal of the
-    training-free controller, one extra query row.
+    training-free controller, one extra query row. ``key_bias`` ``[B, 1, 1, T]``: added to the attention logits
+    (padding keys, pooled paused keys).
     """
     b, n, d = tokens.shape
-    out = context_rows(blk, tokens.reshape(b * n, d), context.reshape(-1, d), b, class_attention, num_prefix)
+    out = context_rows(blk, tokens.reshape(b * n, d), context.reshape(-1, d), b, class_attention, num_prefix,
+                       key_bias)
     if not class_attention:
         return out.view(b, n, d)
     return out[0].view(b, n, d), out[1]
 
 
 def context_rows(blk: nn.Module, rows: torch.Tensor, context: torch.Tensor, batch: int,
-                 class_attention: bool = False, num_prefix: int = 1):
+                 class_attention: bool = False, num_prefix: int = 1, key_bias: torch.Tensor | None = None):
     """:func:`context_block` on flattened rows: ``rows`` ``[B * n, D]`` (n tokens of each of ``batch`` images),
     ``context`` ``[B * T, D]``; returns ``[B * n, D]``. Blocks that share one selection (a group deciding once)
     pass rows from block to block and write them into the flattened buffer, with no reshape in between."""
@@ -233,7 +235,7 @@ def context_rows(blk: nn.Module, rows: torch.Tensor, context: torch.Tensor, batc
     k, v = kv.view(b, t, 2, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     if p is None:
         q, k = attn.q_norm(q), attn.k_norm(k)
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * n, d)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias).transpose(1, 2).reshape(b * n, d)
     if p is None:
         rows = rows + blk.ls1(attn.proj(attention_out_norm(attn)(o)))
         out = rows + blk.ls2(blk.mlp(blk.norm2(rows)))
@@ -248,7 +250,8 @@ def context_rows(blk: nn.Module, rows: torch.Tensor, context: torch.Tensor, batc
         mean = F.linear(blk.norm1(context.view(b, t, d)).mean(dim=1, keepdim=True), weight[:d],
                         None if bias is None else bias[:d])
         query = attn.q_norm(mean.view(b, 1, heads, attn.head_dim).transpose(1, 2))
-    row = ((query * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0].mean(dim=1)
+    logits = (query * attn.scale) @ k.transpose(-2, -1)
+    row = (logits if key_bias is None else logits + key_bias).softmax(dim=-1)[:, :, 0].mean(dim=1)
     return out, row * t
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
@@ -30,10 +31,12 @@ from ..tokens import (
     TokenSelection,
     flat_index,
     masked_update,
+    pool_paused,
     run_on_selection,
     scatter_rows,
     select_active,
     select_topk,
+    window_ids,
 )
 from ._builder import DEIT_SIZES, build_reducer, dense_name
 
@@ -69,25 +72,74 @@ class TPCViT(TPCRuntime):
     def _tpc_run_block(self, blk: nn.Module, x: torch.Tensor, step: BlockStep):
         cfg, prefix, d = self.tpc_cfg, self.num_prefix_tokens, step.decision
         seen: dict[str, torch.Tensor] = {}
+        sel = self._tpc_selection(blk, x, step) if step.fast else None
+        pooled = cfg.paused_key_pool > 1 and not (step.fast and (sel is None or sel.full))
 
         def run(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
             return block_forward(blk, tokens, mask)
 
-        if cfg.paused_keys and (step.fast or step.attention):  # selected tokens query the whole buffer
-            def run(tokens: torch.Tensor, mask: torch.Tensor | None, context=x) -> torch.Tensor:
+        if cfg.paused_keys and (step.fast or step.attention or pooled):  # selected tokens query the buffer
+            context, means, counts = x, None, None
+            if pooled and not step.fast:  # every token's row, paused ones replaced by their window's mean
+                context = self._pooled_buffer(x, d.states)
+            elif pooled:
+                means, counts = pool_paused(x[:, prefix:], ~d.active, self.patch_embed.grid_size,
+                                            cfg.paused_key_pool)
+
+            def run(tokens: torch.Tensor, mask: torch.Tensor | None, context=context) -> torch.Tensor:
+                bias = None  # the whole buffer: the padding of an adaptive selection are paused tokens, keys too
+                if means is not None:  # the selected tokens and one key per window of paused tokens
+                    context, bias = self._compact_context(tokens, mask, means, counts)
                 if not step.attention:
-                    return context_block(blk, tokens, context)
-                out, seen["score"] = context_block(blk, tokens, context, class_attention=True, num_prefix=prefix)
+                    return context_block(blk, tokens, context, key_bias=bias)
+                out, score = context_block(blk, tokens, context, class_attention=True, num_prefix=prefix,
+                                           key_bias=bias)
+                seen["score"] = score if means is None else self._spread_score(score, sel.index, sel.valid, counts)
                 return out
 
         if not step.fast:
             return masked_update(run, x, d.states, prefix, mask_keys=not cfg.paused_keys), seen.get("score")
-        sel = self._tpc_selection(blk, x, step)
         if sel is None:
             x = packed_block(blk, x, d.active, prefix)
         else:
             x = run_on_selection(run, x, sel)
         return x, seen.get("score")
+
+    def _pooled_buffer(self, x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Masked path of ``paused_key_pool``: the buffer with each paused token replaced by the mean of its
+        window's paused tokens. ``count`` equal keys get the attention of one key with bias ``log(count)``, so
+        this is the fast path's pooled keys, computed on every token (differentiable in the states)."""
+        prefix, grid, window = self.num_prefix_tokens, self.patch_embed.grid_size, self.tpc_cfg.paused_key_pool
+        paused = 1.0 - states.to(x.dtype)
+        means, _ = pool_paused(x[:, prefix:], paused, grid, window)
+        spread = means.index_select(1, window_ids(grid, window, x.device))
+        return torch.cat([x[:, :prefix], x[:, prefix:] + paused[..., None] * (spread - x[:, prefix:])], dim=1)
+
+    @staticmethod
+    def _compact_context(tokens: torch.Tensor, key_bias: torch.Tensor | None, means: torch.Tensor,
+                         counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys of a pooled fast path: the selected ``tokens`` ``[B, n, D]`` (``key_bias`` hides padding) and the
+        windows' paused means, biased by ``log(count)`` (empty windows: ``-inf``)."""
+        return torch.cat([tokens, means], dim=1), TPCViT._pooled_bias(key_bias, tokens.shape[1], counts)
+
+    @staticmethod
+    def _pooled_bias(key_bias: torch.Tensor | None, n: int, counts: torch.Tensor) -> torch.Tensor:
+        own = key_bias[:, 0, 0] if key_bias is not None else counts.new_zeros(counts.shape[0], n)
+        return torch.cat([own, counts.log()], dim=1)[:, None, None, :]
+
+    def _spread_score(self, score: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None,
+                      counts: torch.Tensor) -> torch.Tensor:
+        """Class attention over the compact keys (``score`` ``[B, n + W]``, times their number) -> relative
+        attention ``[B, T]`` of every buffer token: a paused token gets its window's share, split over the window's
+        paused tokens (what the masked path's equal keys get)."""
+        prefix, grid, window = self.num_prefix_tokens, self.patch_embed.grid_size, self.tpc_cfg.paused_key_pool
+        n = index.shape[1]
+        total = self.patch_embed.num_patches + prefix
+        probs = score * (total / score.shape[1])
+        share = (probs[:, n:] / counts.clamp_min(1.0)).index_select(1, window_ids(grid, window, score.device))
+        full = F.pad(share, (prefix, 0))
+        own = probs[:, :n] if valid is None else torch.where(valid, probs[:, :n], full.gather(1, index))
+        return full.scatter(1, index, own)
 
     def _tpc_selection(self, blk: nn.Module, x: torch.Tensor, step: BlockStep) -> TokenSelection | None:
         """The tokens a fast-path block computes (``None``: packed adaptive execution, :func:`packed_block`)."""
@@ -103,7 +155,9 @@ class TPCViT(TPCRuntime):
     def _tpc_run_group(self, blocks: list[nn.Module], x: torch.Tensor, steps: list[BlockStep]):
         """Blocks sharing one decision keep their tokens gathered: one gather for the group (and, with paused
         tokens masked, one scatter), instead of a gather and a scatter per block. With ``paused_keys`` the buffer
-        is updated after every block (it is the next block's keys and values), the gather still happens once.
+        is updated after every block (it is the next block's keys and values), the gather still happens once;
+        with pooled paused keys (``paused_key_pool``) the windows' means are the keys the selection does not hold,
+        pooled once for the group (paused tokens do not change), and the buffer is written once.
         A group of one block (deciding in every block) runs here too: the fewest ops per gathered selection."""
         sel = self._tpc_selection(blocks[0], x, steps[0]) if steps[0].fast else None
         if sel is None or sel.full or sel.valid is not None:  # masked path, packed, padded or full: per block
@@ -111,20 +165,31 @@ class TPCViT(TPCRuntime):
         # the selected rows go from block to block flattened (no reshapes in between: batch-1 latency); with paused
         # keys they are written into the flattened buffer (the next block's keys and values) after every block
         b, t, d = x.shape
-        rows, keys, seen = flat_index(sel.index, t), self.tpc_cfg.paused_keys, None
+        cfg, prefix = self.tpc_cfg, self.num_prefix_tokens
+        rows, keys, seen = flat_index(sel.index, t), cfg.paused_keys, None
         flat = x.reshape(b * t, d)
         tokens = flat.index_select(0, rows)
+        pooled = keys and cfg.paused_key_pool > 1
+        if pooled:
+            means, counts = pool_paused(x[:, prefix:], ~steps[0].decision.active, self.patch_embed.grid_size,
+                                        cfg.paused_key_pool)
+            bias = self._pooled_bias(None, sel.index.shape[1], counts)
         for blk, step in zip(blocks, steps):
+            if pooled:
+                context = torch.cat([tokens.view(b, -1, d), means], dim=1).reshape(-1, d)
+                out = context_rows(blk, tokens, context, b, step.attention, prefix, key_bias=bias)
+                tokens, seen = (out[0], self._spread_score(out[1], sel.index, None, counts)) if step.attention \
+                    else (out, seen)
+                continue
             if not keys:
                 tokens = block_rows(blk, tokens, b)
             elif step.attention:
-                tokens, seen = context_rows(blk, tokens, flat, b, class_attention=True,
-                                            num_prefix=self.num_prefix_tokens)
+                tokens, seen = context_rows(blk, tokens, flat, b, class_attention=True, num_prefix=prefix)
             else:
                 tokens = context_rows(blk, tokens, flat, b)
             if keys:
                 flat = scatter_rows(flat, rows, tokens)
-        return (flat if keys else scatter_rows(flat, rows, tokens)).view(b, t, d), seen
+        return (flat if keys and not pooled else scatter_rows(flat, rows, tokens)).view(b, t, d), seen
 
     def _tpc_finish(self, x: torch.Tensor, props: list[Propagation], with_trace: bool):
         return self.norm(x), props[0].trace(self.tpc_cfg.start_layer, self.num_prefix_tokens) if with_trace else None
