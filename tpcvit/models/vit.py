@@ -178,8 +178,10 @@ class TPCViT(TPCRuntime):
             if pooled:
                 context = torch.cat([tokens.view(b, -1, d), means], dim=1).reshape(-1, d)
                 out = context_rows(blk, tokens, context, b, step.attention, prefix, key_bias=bias)
-                tokens, seen = (out[0], self._spread_score(out[1], sel.index, None, counts)) if step.attention \
-                    else (out, seen)
+                if step.attention:
+                    tokens, seen = out[0], self._spread_score(out[1], sel.index, None, counts)
+                else:
+                    tokens = out
                 continue
             if not keys:
                 tokens = block_rows(blk, tokens, b)
