@@ -366,7 +366,7 @@ def test_pooled_paused_keys_masked_equals_fast_in_every_mode_and_gmacs_count_the
             assert torch.equal(tf.active, tm.active) and torch.allclose(fast, masked, atol=1e-5, rtol=1e-4)
             assert torch.equal(model(images), fast)
             pooled_gmacs = tpcvit.vit_gmacs_from_trace(model, tf).mean().item()
-            assert pooled_gmacs == pytest.approx(tpcvit.count_gmacs(model, images), rel=0.01)
+            assert pooled_gmacs == pytest.approx(tpcvit.count_gmacs(model, images), rel=1e-3)  # the work done
             assert pooled_gmacs < tpcvit.count_gmacs(per_token, images)  # fewer keys at the same keep
     with pytest.raises(ValueError, match="needs paused_keys=True"):
         small_tpc(paused_key_pool=2)

@@ -9,9 +9,10 @@ from a trace (fast, used during evaluation); a test keeps the two in agreement.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import image_geometry, unwrap
@@ -133,16 +134,10 @@ def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
         extra += controlled * (n * dim * 2 + dim * 2)  # controller heads: token + context linears
     extra += len(m.stabilizers) * n * dim * 9  # depthwise 3x3
     keys = m.tpc_cfg.paused_keys and not dense
-    if keys and m.tpc_cfg.paused_key_pool > 1:  # one key/value per window holding paused tokens
-        keys = pooled_key_counts(trace, m.tpc_cfg.paused_key_pool)
+    if keys and m.tpc_cfg.paused_key_pool > 1:  # every window's pooled key/value, in a block that pauses any token
+        windows = math.prod(-(-side // m.tpc_cfg.paused_key_pool) for side in trace.grid)  # (static shapes)
+        keys = (~trace.active).any(dim=2) * windows
     return vit_gmacs_from_counts(m, trace.active_counts(), extra, paused_keys=keys)
-
-
-def pooled_key_counts(trace: TokenTrace, window: int) -> torch.Tensor:
-    """``[B, depth]``: windows (``window`` x ``window`` patches) holding a paused token, per image and block."""
-    b, depth, n = trace.active.shape
-    paused = (~trace.active).to(torch.float32).view(b * depth, 1, *trace.grid)
-    return F.max_pool2d(paused, window, ceil_mode=True).view(b, depth, -1).sum(dim=2)
 
 
 def swin_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:

@@ -14,9 +14,9 @@ DynamicViT's and EViT's keep rates compound, and as TPC's learned controller end
 its first controlled blocks and few in the last); ``schedule="auto"`` picks the decay that best agrees with the
 dense model's predictions on a few images (no labels needed). At 196 tokens and more, paused tokens show as keys
 pooled per 2 x 2 window (``paused_key_pool``, :func:`default_key_pool`): a per-token key costs 1/6 of a token's
-block work in every block, which at 196 tokens outweighs what a paused token adds. ``controller="learned"`` adds
-TPC's controller heads and stabilizer instead (zero-initialised stabilizer: the model is unchanged until it is
-fine-tuned with ``tpcvit train``); ``controller="hybrid"`` adds heads initialised to zero on
+block work in every block, and at 196 tokens that compute was worth more spent on active tokens.
+``controller="learned"`` adds TPC's controller heads and stabilizer instead (zero-initialised stabilizer: the model
+is unchanged until it is fine-tuned with ``tpcvit train``); ``controller="hybrid"`` adds heads initialised to zero on
 top of the attention logits, so fine-tuning starts from the training-free controller's decisions.
 """
 
@@ -57,11 +57,9 @@ def decay_profile(blocks: int, decay: float) -> tuple[float, ...]:
 
 def default_key_pool(grid: tuple[int, int]) -> int:
     """The training-free controller's ``paused_key_pool``: paused tokens pooled as keys in windows no coarser than
-    one cell of a 7 x 7 grid (2 x 2 at DeiT's 14 x 14). Measured on the converged evidence backbones, training-free
-    at 35 / 45 / 60% of the dense GMACs (rows tpc-free, tpc-free-pool1/2 of benchmarks/results/evidence_fmnist*.md):
-    196 tokens, per-token keys 81.90 / 85.34 / 89.20% top-1, 2 x 2 windows 87.28 / 89.48 / 90.20 (3 x 3: 84.56 /
-    87.88 / 89.24, one exploratory run); 49 tokens (7 x 7), per-token 82.21 / 87.36 / 91.04, 2 x 2 81.94 / 87.26 /
-    89.44."""
+    one cell of a 7 x 7 grid (2 x 2 at DeiT's 14 x 14). Chosen on the converged evidence backbones (rows tpc-free,
+    tpc-free-pool1 / -pool2 of benchmarks/results/evidence_fmnist{196,49}.md; one deterministic training-free run
+    per row): pooling 2 x 2 was far ahead of per-token keys at 196 tokens and slightly behind at 49."""
     return max(1, min(grid) // 7)
 
 
@@ -172,9 +170,8 @@ def fit_schedule(model: nn.Module, schedule: Schedule, *, keep: float | None = N
                  images: torch.Tensor | None = None) -> tuple[float, tuple[float, ...] | None]:
     """Put a patched model in budget mode with ``schedule`` (see :func:`patch`) at ``keep`` (mean share of tokens
     per controlled block) or at ``gmacs`` (a fraction of the dense GMACs; the keep is bisected: budget mode has
-    static shapes, so one probe image is enough; with pooled paused keys the cost depends on where tokens pause:
-    then matched on ``images`` when given). ``schedule="auto"`` tries each of :data:`AUTO_DECAYS` and keeps the one
-    whose output distribution is closest (mean KL) to the dense model's on ``images``. Returns
+    static shapes, so one probe image is enough). ``schedule="auto"`` tries each of :data:`AUTO_DECAYS` and keeps
+    the one whose output distribution is closest (mean KL) to the dense model's on ``images``. Returns
     ``(keep, keep_profile)``."""
     if (keep is None) == (gmacs is None):
         raise ValueError("give exactly one of keep= and gmacs=")
@@ -186,8 +183,6 @@ def fit_schedule(model: nn.Module, schedule: Schedule, *, keep: float | None = N
     param = next(model.parameters())
     probe = torch.zeros(1, tpc.patch_embed.proj.in_channels, *tpc.patch_embed.img_size, device=param.device,
                         dtype=param.dtype)
-    if images is not None and tpc.tpc_cfg.paused_key_pool > 1:  # pooled keys: the cost depends on where tokens
-        probe = images  # pause (windows holding a paused token), so the GMACs are matched on the real images
     was_training = model.training
     model.eval()
     reference = None

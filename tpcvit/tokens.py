@@ -7,6 +7,7 @@ their last features so they can be restarted later.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -151,8 +152,10 @@ def masked_update(fn, x: torch.Tensor, states: torch.Tensor, num_prefix: int, ma
     return s * y + (1.0 - s) * x
 
 
+@functools.lru_cache(maxsize=32)
 def window_ids(grid: tuple[int, int], window: int, device: torch.device | None = None) -> torch.Tensor:
-    """``[N]``: the window (``window`` x ``window`` patches, row-major, edge windows cut) of every patch."""
+    """``[N]``: the window (``window`` x ``window`` patches, row-major, edge windows cut) of every patch (built
+    once per grid, window and device: read in every controlled block; do not modify it)."""
     h, w = grid
     rows = torch.arange(h, device=device) // window
     cols = torch.arange(w, device=device) // window

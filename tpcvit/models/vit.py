@@ -89,7 +89,7 @@ class TPCViT(TPCRuntime):
             def run(tokens: torch.Tensor, mask: torch.Tensor | None, context=context) -> torch.Tensor:
                 bias = None  # the whole buffer: the padding of an adaptive selection are paused tokens, keys too
                 if means is not None:  # the selected tokens and one key per window of paused tokens
-                    context, bias = self._compact_context(tokens, mask, means, counts)
+                    context, bias = torch.cat([tokens, means], dim=1), self._pooled_bias(mask, tokens.shape[1], counts)
                 if not step.attention:
                     return context_block(blk, tokens, context, key_bias=bias)
                 out, score = context_block(blk, tokens, context, class_attention=True, num_prefix=prefix,
@@ -112,18 +112,13 @@ class TPCViT(TPCRuntime):
         prefix, grid, window = self.num_prefix_tokens, self.patch_embed.grid_size, self.tpc_cfg.paused_key_pool
         paused = 1.0 - states.to(x.dtype)
         means, _ = pool_paused(x[:, prefix:], paused, grid, window)
-        spread = means.index_select(1, window_ids(grid, window, x.device))
+        spread = means.index_select(1, window_ids(tuple(grid), window, x.device))
         return torch.cat([x[:, :prefix], x[:, prefix:] + paused[..., None] * (spread - x[:, prefix:])], dim=1)
 
     @staticmethod
-    def _compact_context(tokens: torch.Tensor, key_bias: torch.Tensor | None, means: torch.Tensor,
-                         counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys of a pooled fast path: the selected ``tokens`` ``[B, n, D]`` (``key_bias`` hides padding) and the
-        windows' paused means, biased by ``log(count)`` (empty windows: ``-inf``)."""
-        return torch.cat([tokens, means], dim=1), TPCViT._pooled_bias(key_bias, tokens.shape[1], counts)
-
-    @staticmethod
     def _pooled_bias(key_bias: torch.Tensor | None, n: int, counts: torch.Tensor) -> torch.Tensor:
+        """Attention bias ``[B, 1, 1, n + W]`` of n selected tokens (``key_bias`` hides padding) followed by the W
+        windows' pooled paused keys: ``log(count)``, ``-inf`` for a window without paused tokens."""
         own = key_bias[:, 0, 0] if key_bias is not None else counts.new_zeros(counts.shape[0], n)
         return torch.cat([own, counts.log()], dim=1)[:, None, None, :]
 
@@ -136,7 +131,7 @@ class TPCViT(TPCRuntime):
         n = index.shape[1]
         total = self.patch_embed.num_patches + prefix
         probs = score * (total / score.shape[1])
-        share = (probs[:, n:] / counts.clamp_min(1.0)).index_select(1, window_ids(grid, window, score.device))
+        share = (probs[:, n:] / counts.clamp_min(1.0)).index_select(1, window_ids(tuple(grid), window, score.device))
         full = F.pad(share, (prefix, 0))
         own = probs[:, :n] if valid is None else torch.where(valid, probs[:, :n], full.gather(1, index))
         return full.scatter(1, index, own)
