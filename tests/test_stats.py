@@ -31,3 +31,21 @@ def test_paired_difference_gives_the_known_interval():
     assert paired_difference([11.0, 12.0], [10.0, 11.0]).verdict == "2 seeds: no claim (needs 3)"
     with pytest.raises(ValueError, match="equal"):
         paired_difference([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_evidence_never_compares_a_run_that_cannot_spend_its_budget():
+    from tpcvit.evidence import _fmt_diff, summarize
+
+    def run(method, seed, top1, ratio, knob, budget=0.6):
+        return {"method": method, "budget": budget, "seed": seed, "top1": top1, "gmacs": ratio, "gmacs_ratio": ratio,
+                "knob": knob}
+
+    runs = [run("tpc", s, 90.0 + s, 0.60, 0.5) for s in range(3)] + [run("evit", s, 88.0, 0.58, 0.7) for s in range(3)]
+    # seed 1 keeps every token its schedule allows (knob at the top) and still spends only 56%
+    runs += [run("tpc-pool2", s, 89.0, *((0.56, 0.998) if s == 1 else (0.60, 0.9))) for s in range(3)]
+    summary = summarize({"runs": runs, "budgets": [0.6]})
+    assert summary["tpc_vs_peers"]["evit"]["0.6"]["mean"] == 3.0  # 2 pt off but its knob could move: compared
+    assert summary["claims"]["tpc-pool2"]["0.6"]["missed_budget"] == ["tpc-pool2"]
+    assert _fmt_diff(summary["claims"]["tpc-pool2"]["0.6"]) == "not compared: tpc-pool2 cannot spend the budget"
+    runs[-2] = run("tpc-pool2", 1, 89.0, 0.595, 0.998)  # at the top of its knob but within 1% of dense: compared
+    assert summarize({"runs": runs, "budgets": [0.6]})["claims"]["tpc-pool2"]["0.6"]["n"] == 3

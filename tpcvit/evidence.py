@@ -67,6 +67,19 @@ METHODS = ("dense", *TPC_VARIANTS, *EVAL_VARIANTS, *PEERS, *FREE_TPC)
 CLAIM_VARIANTS = tuple(m for m in (*TPC_VARIANTS, *EVAL_VARIANTS) if m != "tpc")
 # static-shape peers: trained with the knob that gives ``train_budget`` GMACs (the model kwarg that holds it)
 KNOB_KWARG = {"idlevit": "keep_rate", "dynamicvit": "keep_rate", "evit": "keep_rate", "tome": "tome_r"}
+# methods whose budget knob is a share in (0, 1] (keep ratio, keep rate, adaptive level): 1 is its top end
+SHARE_KNOB = (*TPC_VARIANTS, *EVAL_VARIANTS, *FREE_TPC, "idlevit", "dynamicvit", "evit")
+BUDGET_TOLERANCE = 0.01  # of the dense GMACs: how far a run may land from its budget and still be compared
+
+
+def misses_budget(run: dict) -> bool:
+    """A run that cannot spend its budget: its knob is at the top of its range (every token its schedule allows)
+    and its GMACs are still more than :data:`BUDGET_TOLERANCE` of the dense model's below the budget. Comparing
+    it would set a model at less compute against one at the budget. (A knob inside its range landed where the
+    bisection's GMACs steps allow: those runs are compared.)"""
+    knob = run.get("knob")
+    return (run["method"] in SHARE_KNOB and knob is not None and knob >= 0.99
+            and run["budget"] - run["gmacs_ratio"] > BUDGET_TOLERANCE)
 
 
 def model_name(cfg: dict, method: str) -> str:
@@ -535,6 +548,9 @@ def summarize(result: dict) -> dict:
         ra, rb = by.get((a, budget), {}), by.get((b, budget if budget_b is None else budget_b), {})
         if not ra or not rb:
             return None
+        missed = sorted({r["method"] for r in (*ra.values(), *rb.values()) if misses_budget(r)})
+        if missed:  # never compared at unequal compute
+            return {"missed_budget": missed, "verdict": f"not compared: {', '.join(missed)} cannot spend the budget"}
         if list(rb) == [None]:  # deterministic peer
             common = sorted(ra)
             return paired_difference([ra[s]["top1"] for s in common], [rb[None]["top1"]]).as_dict()
@@ -568,6 +584,8 @@ def summarize(result: dict) -> dict:
 # reporting
 # ----------------------------------------------------------------------------------------------------------
 def _fmt_diff(d: dict | None) -> str:
+    if d and "missed_budget" in d:
+        return d["verdict"]
     if not d or "mean" not in d:
         return "-"
     if d["n"] < 2:
