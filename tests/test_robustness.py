@@ -144,10 +144,30 @@ def test_output_under_a_file_is_refused_before_any_work(tmp_path):
 
 def test_unstable_timings_are_flagged():
     samples = {"dense": [0.415, 0.420, 0.003, 0.418, 0.416], "tpc": [0.20, 0.21, 0.20, 0.22, 0.21]}
-    with pytest.warns(UserWarning, match="unstable timings"):
+    with pytest.warns(UserWarning, match="unstable timings"):  # 5 rounds: no interval, the spread decides
         rows = {r.variant: r for r in speed_rows(samples, {"dense": 1.0, "tpc": 0.5}, 1, "float32", "dense")}
     assert rows["dense"].unstable and not rows["tpc"].unstable
     assert "unstable" in rows["dense"].img_per_s_text
+    assert rows["tpc"].speedup_low is None and rows["tpc"].speedup_text == f"{rows['tpc'].speedup:.2f}x"
+
+
+def test_speedups_are_paired_per_round_with_a_median_interval():
+    # the machine drifts 2x over the run (steal time); TPC is exactly 2x dense in every round
+    drift = [1.0, 1.1, 1.3, 1.6, 2.0, 1.7, 1.2, 1.0, 1.4, 1.9, 1.5]
+    samples = {"dense": [0.4 * d for d in drift], "tpc": [0.2 * d for d in drift]}
+    with pytest.warns(UserWarning, match=r"\['dense'\]"):
+        rows = {r.variant: r for r in speed_rows(samples, {"dense": 1.0, "tpc": 0.5}, 1, "float32", "dense")}
+    tpc = rows["tpc"]
+    assert tpc.speedup == pytest.approx(2.0) and tpc.speedup_low == pytest.approx(2.0)
+    assert not tpc.unstable and tpc.speedup_text == "2.00x"  # a zero-width interval: just the number
+    assert rows["dense"].unstable  # its own time is not pinned down by the rounds (2x drift)
+    # one round disturbed for TPC alone: the median and its interval ignore it
+    samples["tpc"][3] *= 5
+    samples["tpc"][5] *= 1.05
+    with pytest.warns(UserWarning):
+        tpc = {r.variant: r for r in speed_rows(samples, {"dense": 1.0, "tpc": 0.5}, 1, "float32", "dense")}["tpc"]
+    assert tpc.speedup == pytest.approx(2.0) and tpc.speedup_low == pytest.approx(2.0 / 1.05)
+    assert tpc.speedup_text == "2.00x [1.90, 2.00]" and not tpc.unstable
 
 
 @pytest.mark.parametrize("raised,message", [
@@ -188,3 +208,24 @@ def test_resume_accepts_changed_orchestration_but_not_a_changed_recipe(tmp_path)
                                             ["evidence.methods=[tpc,dense]", "pipeline.dense_epochs=9"]))
     with pytest.raises(ConfigError, match="train.lr"):
         check_same_config(tmp_path, load_config("configs/evidence_fmnist49.yaml", ["train.lr=1e-4"]))
+
+
+def test_compare_reports_tpc_over_each_peer_paired_per_round():
+    from tpcvit.compare import compare_markdown, tpc_versus_peers
+
+    drift = [1.0, 1.5, 1.1, 2.0, 1.2, 1.3, 1.0]
+    samples = {"dense": [0.30 * d for d in drift], "tpc@45%/5": [0.24 * d for d in drift],
+               "evit@45%": [0.30 * d for d in drift]}
+    samples["evit@45%"][1] *= 0.8  # EViT's one lucky round
+    with pytest.warns(UserWarning):  # dense's own time drifts 2x: flagged
+        rows = speed_rows(samples, {"dense": 1.0, "tpc@45%/5": 0.45, "evit@45%": 0.45}, 1, "float32", "dense")
+    points = {"dense": {"method": "dense"}, "tpc@45%/5": {"method": "tpc"}, "evit@45%": {"method": "evit"}}
+    for p in points.values():
+        p.update(target=None, knob=None, gmacs=1.0, gmacs_ratio=1.0)
+    result = {"speed": [r.__dict__ for r in rows], "points": points, "data": False}
+    (v,) = tpc_versus_peers(result)
+    assert (v["tpc"], v["peer"], v["batch"]) == ("tpc@45%/5", "evit@45%", 1)
+    assert v["ratio"] == pytest.approx(1.25) and v["low"] == pytest.approx(1.0) and v["high"] == pytest.approx(1.25)
+    text = compare_markdown(result)
+    assert "| 1 | tpc@45%/5 | evit@45% | 1.25x [1.00, 1.25] within noise |" in text
+    assert "speed-up (b=1) [95% CI]" in text and "1.25x [1.25, 1.25]" not in text

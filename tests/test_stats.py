@@ -49,3 +49,13 @@ def test_evidence_never_compares_a_run_that_cannot_spend_its_budget():
     assert _fmt_diff(summary["claims"]["tpc-pool2"]["0.6"]) == "not compared: tpc-pool2 cannot spend the budget"
     runs[-2] = run("tpc-pool2", 1, 89.0, 0.595, 0.998)  # at the top of its knob but within 1% of dense: compared
     assert summarize({"runs": runs, "budgets": [0.6]})["claims"]["tpc-pool2"]["0.6"]["n"] == 3
+
+
+def test_median_interval_uses_the_binomial_order_statistics():
+    from tpcvit.stats import median_interval
+
+    values = [float(v) for v in range(1, 10)]  # n = 9: P(Bin <= 1) = 10/512 <= 0.025 < P(Bin <= 2): (x_2, x_8)
+    assert median_interval(values) == (5.0, 2.0, 8.0)
+    assert median_interval(list(range(1, 7))) == (3.5, 1, 6)  # n = 6: 1/64 <= 0.025, the extremes
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) == (3.0, None, None)  # n = 5: 1/32 > 0.025, no interval
+    assert median_interval([3.0, 1.0, 2.0, 100.0] * 10)[1:] == (2.0, 3.0)  # an outlier round does not widen it

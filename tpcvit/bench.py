@@ -114,17 +114,26 @@ class SpeedRow:
     img_per_s: float
     latency_ms: float
     gmacs: float
-    speedup: float = 1.0
+    speedup: float = 1.0  # median over rounds of (baseline time / this time in the same round)
     flops_ratio: float = 1.0  # dense GMACs / variant GMACs
     speedup_per_flops: float = 1.0  # speedup / flops_ratio: 1.0 = the FLOP saving fully turns into speed
     keep: float | None = None
     samples_s: list[float] | None = None
     spread: float = 1.0  # slowest / fastest round
-    unstable: bool = False  # spread > UNSTABLE_SPREAD: another process competed for the cores; do not trust it
+    unstable: bool = False  # the rounds do not pin the number down (see speed_rows): do not trust it
+    speedup_low: float | None = None  # 95% interval of the median paired speed-up (None: fewer than 6 rounds)
+    speedup_high: float | None = None
 
     @property
     def img_per_s_text(self) -> str:
-        return f"{self.img_per_s:.1f}" + (f" (unstable: rounds vary {self.spread:.1f}x)" if self.unstable else "")
+        return f"{self.img_per_s:.1f}" + (" (unstable)" if self.unstable else "")
+
+    @property
+    def speedup_text(self) -> str:
+        """``1.21x [1.09, 1.35]``: the paired speed-up and its 95% interval (just ``1.21x`` without one)."""
+        if self.speedup_low is None or self.speedup_high is None or self.speedup_low == self.speedup_high:
+            return f"{self.speedup:.2f}x"
+        return f"{self.speedup:.2f}x [{self.speedup_low:.2f}, {self.speedup_high:.2f}]"
 
 
 def speed_table(
@@ -163,37 +172,66 @@ def speed_table(
     return rows
 
 
-UNSTABLE_SPREAD = 1.5  # normal round-to-round noise here is 10-30%; a competing process gives 2-100x
+UNSTABLE_SPREAD = 1.5  # too few rounds for an interval: slowest / fastest round above this is flagged
+UNSTABLE_INTERVAL = 1.25  # the 95% interval of a row's median (speed-up, or time for the baseline) spans more
+
+
+def paired_speedup(base: list[float], times: list[float]) -> tuple[float, float | None, float | None]:
+    """Speed-up of ``times`` over ``base`` (seconds per call, one sample per interleaved round): the median of the
+    per-round ratios ``base[r] / times[r]`` and its 95% interval (:func:`tpcvit.stats.median_interval`).
+
+    Why paired: on a shared VM the whole machine drifts (steal time) by more than the effects measured; both
+    variants of one round ran seconds apart under the same drift, so their ratio cancels it."""
+    from .stats import median_interval
+
+    if len(base) != len(times):
+        raise ValueError(f"paired rounds need equal counts, got {len(base)} and {len(times)}")
+    return median_interval([b / t for b, t in zip(base, times)])
 
 
 def speed_rows(samples: dict[str, list[float]], gmacs: dict[str, float], batch: int, dtype: str, baseline: str,
                keeps: dict[str, float | None] | None = None) -> list[SpeedRow]:
-    """One :class:`SpeedRow` per variant from its timing samples (seconds per call) at one batch size."""
-    base = statistics.median(samples[baseline])
+    """One :class:`SpeedRow` per variant from its timing samples (seconds per call) at one batch size.
+
+    Speed-ups are paired per round (:func:`paired_speedup`). A row is flagged unstable when the 95% interval of its
+    median (paired speed-up; the baseline's own time) spans more than :data:`UNSTABLE_INTERVAL`, or, with too few
+    rounds for an interval, when its slowest round is :data:`UNSTABLE_SPREAD` times its fastest."""
+    from .stats import median_interval
+
+    base = samples[baseline]
     rows = []
     for name, times in samples.items():
         med = statistics.median(times)
         flops_ratio = gmacs[baseline] / gmacs[name]
         spread = max(times) / min(times) if min(times) > 0 else float("inf")
-        rows.append(SpeedRow(name, batch, dtype, batch / med, med * 1e3, gmacs[name], base / med, flops_ratio,
-                             base / med / flops_ratio, (keeps or {}).get(name), [round(t, 5) for t in times],
-                             round(spread, 3), spread > UNSTABLE_SPREAD))
+        speedup, low, high = paired_speedup(base, times)
+        _, t_low, t_high = median_interval(times)
+        width = (high / low) if name != baseline and low is not None else (t_high / t_low if t_low else None)
+        unstable = width > UNSTABLE_INTERVAL if width is not None else spread > UNSTABLE_SPREAD
+        rows.append(SpeedRow(name, batch, dtype, batch / med, med * 1e3, gmacs[name], speedup, flops_ratio,
+                             speedup / flops_ratio, (keeps or {}).get(name), [round(t, 5) for t in times],
+                             round(spread, 3), unstable, low, high))
     bad = [r.variant for r in rows if r.unstable]
     if bad:
-        warnings.warn(f"unstable timings at batch {batch} for {bad}: rounds differ by more than {UNSTABLE_SPREAD}x "
-                      "(another process is using the cores?); the rows are flagged, re-run on an idle machine",
-                      stacklevel=2)
+        warnings.warn(f"unstable timings at batch {batch} for {bad}: the rounds do not pin the median down (95% "
+                      f"interval wider than {UNSTABLE_INTERVAL}x, or rounds {UNSTABLE_SPREAD}x apart); the rows are "
+                      "flagged: re-run with more rounds, on an idle machine", stacklevel=2)
     return rows
 
 
+def speedup_header(rows: list[SpeedRow], label: str = "speed-up") -> str:
+    """The speed-up column's name: with ``[95% CI]`` when the rows carry intervals (6 rounds or more)."""
+    return label + (" [95% CI]" if any(r.speedup_low is not None for r in rows) else "")
+
+
 def rows_to_markdown(rows: list[SpeedRow]) -> str:
-    header = ["variant", "keep", "batch", "dtype", "img/s", "latency ms", "GMACs", "speed-up", "FLOPs ratio",
+    header = ["variant", "keep", "batch", "dtype", "img/s", "latency ms", "GMACs", speedup_header(rows), "FLOPs ratio",
               "speed-up/FLOPs"]
     from .reporting import markdown_table
 
     return markdown_table(header, [
         [r.variant, "-" if r.keep is None else f"{r.keep:.0%}", r.batch, r.dtype, r.img_per_s_text,
-         f"{r.latency_ms:.1f}", f"{r.gmacs:.2f}", f"{r.speedup:.2f}x", f"{r.flops_ratio:.2f}x",
+         f"{r.latency_ms:.1f}", f"{r.gmacs:.2f}", r.speedup_text, f"{r.flops_ratio:.2f}x",
          f"{r.speedup_per_flops:.2f}"] for r in rows])
 
 

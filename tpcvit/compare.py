@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .bench import machine_info, speed_table
+from .bench import SpeedRow, machine_info, paired_speedup, speed_table, speedup_header
 from .budget import match_gmacs, set_knob
 from .checkpoint import atomic_write
 from .config import ConfigError
@@ -239,15 +239,13 @@ def run_compare(
 
 def compare_markdown(result: dict) -> str:
     """Accuracy (when there is data), GMACs, and speed at every batch size, one row per spec."""
-    from .bench import SpeedRow
-
     rows = [SpeedRow(**r) for r in result["speed"]]
     acc = result["data"]
     batches = sorted({r.batch for r in rows})
     speed = {(r.variant, r.batch): r for r in rows}
     head = ["method", "budget", "knob"] + (["top-1", "top-5"] if acc else []) + ["GMACs/img", "GMACs vs dense"]
     for b in batches:
-        head += [f"img/s (b={b})", f"speed-up (b={b})"]
+        head += [f"img/s (b={b})", speedup_header([r for r in rows if r.batch == b], f"speed-up (b={b})")]
     head.append(f"speed-up/FLOPs (b={batches[-1]})")
     table = []
     for label, p in result["points"].items():
@@ -259,10 +257,40 @@ def compare_markdown(result: dict) -> str:
         cells += [f"{p['gmacs']:.4f}", f"{p['gmacs_ratio']:.0%}"]
         for b in batches:
             r = speed[(label, b)]
-            cells += [r.img_per_s_text, f"{r.speedup:.2f}x"]
+            cells += [r.img_per_s_text, r.speedup_text]
         cells.append(f"{speed[(label, batches[-1])].speedup_per_flops:.2f}")
         table.append(cells)
-    return markdown_table(head, table)
+    text = markdown_table(head, table)
+    versus = tpc_versus_peers(result)
+    if versus:
+        text += ("\n\nTPC's speed over each peer, paired per round (median of peer time / TPC time in the same round, "
+                 "95% interval; above 1: TPC faster):\n\n" + markdown_table(
+                     ["batch", "TPC", "peer", "TPC / peer speed"],
+                     [[v["batch"], v["tpc"], v["peer"], _ratio_text(v)] for v in versus]))
+    return text
+
+
+def _ratio_text(v: dict) -> str:
+    if v["low"] is None:
+        return f"{v['ratio']:.2f}x (too few rounds for an interval)"
+    verdict = "faster" if v["low"] > 1 else "slower" if v["high"] < 1 else "within noise"
+    return f"{v['ratio']:.2f}x [{v['low']:.2f}, {v['high']:.2f}] {verdict}"
+
+
+def tpc_versus_peers(result: dict) -> list[dict]:
+    """Every TPC row against every peer row at each batch size, paired per round (:func:`tpcvit.bench.paired_speedup`):
+    what "TPC is faster than EViT at equal GMACs" needs, from the same rounds as the table."""
+    rows = [r for r in result["speed"] if r["variant"] != "dense"]
+    method = {label: p["method"] for label, p in result["points"].items()}
+    out = []
+    for b in sorted({r["batch"] for r in rows}):
+        at = [r for r in rows if r["batch"] == b]
+        for t in (r for r in at if method[r["variant"]].startswith("tpc")):
+            for peer in (r for r in at if not method[r["variant"]].startswith("tpc")):
+                ratio, low, high = paired_speedup(peer["samples_s"], t["samples_s"])
+                out.append({"batch": b, "tpc": t["variant"], "peer": peer["variant"], "ratio": ratio, "low": low,
+                            "high": high})
+    return out
 
 
 def write_compare(result: dict, out: str | os.PathLike) -> list[Path]:

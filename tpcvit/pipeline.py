@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import machine_info, speed_table
+from .bench import machine_info, speed_table, speedup_header
 from .checkpoint import atomic_write
 from .config import dump_config
 from .data import take_batches
@@ -117,7 +117,7 @@ def results_table(evals: dict, rows) -> str:
     dense_gmacs = evals["dense"]["gmacs"]
     head = ["model", "top-1", "top-5", "GMACs/img", "GMACs vs dense", "mean keep"]
     for b in batches:
-        head += [f"img/s (b={b})", f"speed-up (b={b})"]
+        head += [f"img/s (b={b})", speedup_header([r for r in rows if r.batch == b], f"speed-up (b={b})")]
     table = []
     for name, e in evals.items():
         keep = sum(e["keep_per_block"]) / max(len(e["keep_per_block"]), 1)
@@ -125,6 +125,6 @@ def results_table(evals: dict, rows) -> str:
                  f"{100 * e['gmacs'] / dense_gmacs:.0f}%", f"{keep:.2f}"]
         for b in batches:
             r = speed.get((name, b), speed[("dense", b)])  # dense + epochs: the dense architecture
-            cells += [f"{r.img_per_s:.0f}", f"{r.speedup:.2f}x"]
+            cells += [f"{r.img_per_s:.0f}", r.speedup_text]
         table.append(cells)
     return markdown_table(head, table)

@@ -86,3 +86,25 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
     n = len(d)
     half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
     return PairedDifference(mean, mean - half, mean + half, n, confidence)
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float | None, float | None]:
+    """Median of ``values`` and a distribution-free ``confidence`` interval for it: the order statistics
+    ``(x_(k), x_(n+1-k))`` with the largest ``k`` such that ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``.
+
+    Why this one for timings: rounds on a shared machine are not normal (a round hit by another process is an
+    outlier, not a wider bell), and the median and its order-statistic interval ignore such rounds. Fewer than 6
+    values give no 95% interval (``None``, ``None``)."""
+    if not values:
+        raise ValueError("no values")
+    xs, n = sorted(values), len(values)
+    median = (xs[(n - 1) // 2] + xs[n // 2]) / 2
+    alpha, k, below = (1.0 - confidence) / 2, 0, 0.0  # below: P(Binomial(n, 1/2) <= k - 1)
+    while True:
+        nxt = below + math.comb(n, k) / 2.0 ** n  # P(X <= k)
+        if nxt > alpha:
+            break
+        below, k = nxt, k + 1
+    if k == 0:
+        return median, None, None
+    return median, xs[k - 1], xs[n - k]
