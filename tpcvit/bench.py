@@ -87,7 +87,11 @@ def time_interleaved(
     warmup: int = 2,
     progress: bool = True,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each ``fn``, one sample per round, the variants interleaved within each round."""
+    """Seconds per call of each ``fn``, one sample per round, the variants interleaved within each round.
+
+    Round ``r`` runs the variants in the order rotated by ``r`` (a Latin square over the rounds): a slot effect (the
+    variant that runs right after another one, or first in the round, measured several percent faster or slower
+    here at DeiT-S batch 32) then falls on every variant alike instead of biasing the paired ratios."""
     if device.type == "cpu":
         steady_allocator()
     for fn in fns.values():
@@ -95,8 +99,8 @@ def time_interleaved(
             fn()
     _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress, leave=False):
-        for name, fn in fns.items():
+    for r in tqdm(range(rounds), desc="timing rounds", disable=not progress, leave=False):
+        for name, fn in _rotated(list(fns.items()), r):
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(iters):
@@ -104,6 +108,12 @@ def time_interleaved(
             _sync(device)
             samples[name].append((time.perf_counter() - t0) / iters)
     return samples
+
+
+def _rotated(items: list, shift: int) -> list:
+    """``items`` rotated left by ``shift`` (mod its length)."""
+    shift %= max(1, len(items))
+    return items[shift:] + items[:shift]
 
 
 @dataclass
