@@ -9,6 +9,7 @@
 #   2. DeiT-S 224: speed-up per FLOPs at keep 30/50/70% (and 100%: the controller's overhead), b=1 and 32; fp32, bf16
 #   3. where the time goes: per controlled block parts, both models, and the zero-overhead ceiling (the dense model
 #      cut once to the kept tokens: what this machine gives for those FLOPs at all)
+#   4. why that ceiling is below FLOPs at DeiT-S batch 1: a block's time against its token count
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -25,3 +26,5 @@ tpcvit bench --breakdown --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 
   --decide-every 1 3 --out $R/cpu_breakdown_deit_small
 tpcvit bench --breakdown -c configs/fmnist_main.yaml --keeps 1.0 0.25 --batch-sizes 1 256 --rounds 7 \
   --decide-every 1 2 5 --out $R/cpu_breakdown_mainjob
+# why the ceiling at DeiT-S batch 1 is below FLOPs: a block's time against its token count (weights cached or not)
+python benchmarks/block_scaling.py --rounds 21 --out $R/block_scaling_deit_small_cpu

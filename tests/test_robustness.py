@@ -215,13 +215,16 @@ def test_compare_reports_tpc_over_each_peer_paired_per_round():
 
     drift = [1.0, 1.5, 1.1, 2.0, 1.2, 1.3, 1.0]
     samples = {"dense": [0.30 * d for d in drift], "tpc@45%/5": [0.24 * d for d in drift],
-               "evit@45%": [0.30 * d for d in drift]}
+               "evit@45%": [0.30 * d for d in drift], "tome@35%": [0.20 * d for d in drift]}
     samples["evit@45%"][1] *= 0.8  # EViT's one lucky round
     with pytest.warns(UserWarning):  # dense's own time drifts 2x: flagged
-        rows = speed_rows(samples, {"dense": 1.0, "tpc@45%/5": 0.45, "evit@45%": 0.45}, 1, "float32", "dense")
-    points = {"dense": {"method": "dense"}, "tpc@45%/5": {"method": "tpc"}, "evit@45%": {"method": "evit"}}
-    for p in points.values():
-        p.update(target=None, knob=None, gmacs=1.0, gmacs_ratio=1.0)
+        rows = speed_rows(samples, {"dense": 1.0, "tpc@45%/5": 0.45, "evit@45%": 0.45, "tome@35%": 0.35}, 1,
+                          "float32", "dense")
+    points = {"dense": {"method": "dense"}, "tpc@45%/5": {"method": "tpc"}, "evit@45%": {"method": "evit"},
+              "tome@35%": {"method": "tome"}}
+    for label, p in points.items():  # the 35% peer is at another budget: never paired with TPC at 45%
+        p.update(target=None if label == "dense" else float(label.split("@")[1][:2]) / 100, knob=None, gmacs=1.0,
+                 gmacs_ratio=1.0)
     result = {"speed": [r.__dict__ for r in rows], "points": points, "data": False}
     (v,) = tpc_versus_peers(result)
     assert (v["tpc"], v["peer"], v["batch"]) == ("tpc@45%/5", "evit@45%", 1)

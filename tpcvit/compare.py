@@ -278,15 +278,18 @@ def _ratio_text(v: dict) -> str:
 
 
 def tpc_versus_peers(result: dict) -> list[dict]:
-    """Every TPC row against every peer row at each batch size, paired per round (:func:`tpcvit.bench.paired_speedup`):
-    what "TPC is faster than EViT at equal GMACs" needs, from the same rounds as the table."""
+    """Every TPC row against every peer row at the same GMACs budget and batch size, paired per round
+    (:func:`tpcvit.bench.paired_speedup`): what "TPC is faster than EViT at equal GMACs" needs, from the same
+    rounds as the table. Rows at different budgets are not paired: that difference is the budget's, not TPC's."""
     rows = [r for r in result["speed"] if r["variant"] != "dense"]
     method = {label: p["method"] for label, p in result["points"].items()}
+    budget = {label: p.get("target") for label, p in result["points"].items()}
     out = []
     for b in sorted({r["batch"] for r in rows}):
         at = [r for r in rows if r["batch"] == b]
         for t in (r for r in at if method[r["variant"]].startswith("tpc")):
-            for peer in (r for r in at if not method[r["variant"]].startswith("tpc")):
+            for peer in (r for r in at if not method[r["variant"]].startswith("tpc")
+                         and budget[r["variant"]] == budget[t["variant"]]):
                 ratio, low, high = paired_speedup(peer["samples_s"], t["samples_s"])
                 out.append({"batch": b, "tpc": t["variant"], "peer": peer["variant"], "ratio": ratio, "low": low,
                             "high": high})
