@@ -25,14 +25,16 @@ from tpcvit.bench import machine_info, rows_to_markdown  # tpcvit before timm: i
 from tpcvit.config import load_config
 from tpcvit.engine import build_data, build_model, init_distributed
 from tpcvit.export import export_onnx, onnx_speed_rows, ort_session
-from tpcvit.models.vit import image_geometry
+from tpcvit.models import image_geometry
 
 
-def deit_small(keeps: list[float], batches: list[int], rounds: int, tmp: Path) -> list:
+def random_weights(name: str, img_size: int | None, keeps: list[float], batches: list[int], rounds: int,
+                   tmp: Path) -> list:
+    """Part 1: the TPC model ``name`` with random weights (DeiT-S by default), dense and at each keep."""
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("tpc_deit_small_patch16_224").eval()
+    model = timm.create_model(name, **({"img_size": img_size} if img_size else {})).eval()
     variants = {}
     for keep in [None, *keeps]:
         mode = "dense" if keep is None else "budget"
@@ -91,7 +93,7 @@ def markdown(result: dict) -> str:
     lines = [f"onnxruntime {result['onnxruntime']} CPU provider, fp32; {m['cpu']}, {m['cores']} cores; "
              f"{result['rounds']} interleaved rounds, medians.", "", f"Command: `{result['command']}`", ""]
 
-    lines.append("DeiT-S 224 (random weights):")
+    lines.append(f"{result.get('model', 'tpc_deit_small_patch16_224')} (random weights):")
     lines.append("")
     lines.extend([rows_to_markdown(result["deit_small"]), ""])
     fm = result.get("fashion_mnist")
@@ -111,6 +113,8 @@ def main() -> None:
     import onnxruntime
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tpc_deit_small_patch16_224", help="TPC model of part 1 (random weights)")
+    p.add_argument("--img-size", type=int, default=None, help="part 1's image size (default: the model's)")
     p.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5, 0.3])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rounds", type=int, default=5)
@@ -122,7 +126,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                   "machine": machine_info(), "onnxruntime": onnxruntime.__version__, "rounds": args.rounds,
-                  "deit_small": deit_small(args.keeps, args.batch_sizes, args.rounds, Path(tmp)),
+                  "model": args.model,
+                  "deit_small": random_weights(args.model, args.img_size, args.keeps, args.batch_sizes, args.rounds,
+                                               Path(tmp)),
                   "fashion_mnist": fashion_mnist(Path(args.main), args.fmnist_keep, args.fmnist_batch_sizes,
                                                  args.rounds, Path(tmp))}
     text = markdown(result)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,3 +24,18 @@ def test_block_scaling_script_writes_its_table(tmp_path):
     assert second["macs_ratio"] == (12 * 33 * dim * dim + 2 * 33 * 33 * dim) / (12 * 9 * dim * dim + 2 * 81 * dim)
     assert len(result["samples_s"]["chain@9"]) == 2
     assert f"| 9 | {second['macs_ratio']:.2f}x |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_onnx_speed_script_runs_on_a_small_model(tmp_path):
+    out = tmp_path / "onnx"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/onnx_speed.py"), "--model", "tpc_deit_tiny_patch16_224",
+                    "--img-size", "64", "--keeps", "0.5", "--batch-sizes", "1", "--rounds", "1", "--main",
+                    str(tmp_path / "no_main_job"), "--out", str(out)], check=True, env=env, capture_output=True,
+                   text=True, cwd=tmp_path)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["model"] == "tpc_deit_tiny_patch16_224" and result["fashion_mnist"] is None
+    dense, tpc = result["deit_small"]
+    assert dense["variant"] == "dense" and tpc["keep"] == 0.5 and tpc["gmacs"] < dense["gmacs"]
+    assert "tpc_deit_tiny_patch16_224 (random weights):" in out.with_suffix(".md").read_text()

@@ -21,8 +21,10 @@ def test_dense_deit_small_is_4_60_gmacs_with_cpu_fused_attention():
     assert abs(tpcvit.count_gmacs(tpc, torch.randn(1, 3, 224, 224)) - 4.60) < 0.01
 
 
-def test_adaptive_gmacs_count_only_the_work_done_per_image(images):
-    model = small_tpc().eval()
+@pytest.mark.parametrize("decide_every", [1, 2])
+def test_adaptive_gmacs_count_only_the_work_done_per_image(images, decide_every):
+    model = small_tpc().eval()  # decide_every 2: the controller heads run in every 2nd controlled block only
+    tpcvit.set_policy(model, model.tpc_policy.replace(decide_every=decide_every))
     with torch.no_grad():
         _, trace = model.forward_with_trace(images)
     per_image = tpcvit.vit_gmacs_from_trace(model, trace)

@@ -130,8 +130,10 @@ def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
     extra = 0.0
     if m.tpc_cfg.reads_attention:  # the class query against every key, in each controlled block + the seed block
         extra += (controlled + 1 if controlled else 0) * (n + m.num_prefix_tokens) * dim
-    if m.tpc_cfg.controller != "attention":
-        extra += controlled * (n * dim * 2 + dim * 2)  # controller heads: token + context linears
+    if m.tpc_cfg.controller != "attention":  # controller heads, in the blocks that decide (decide_every)
+        deciding = sum(policy.decides(c) for c in range(controlled))
+        prefix = m.num_prefix_tokens  # with a class token: one [N + prefix, D] x [D, 4] GEMM (ControllerHead)
+        extra += deciding * ((n + prefix) * dim * 4 if prefix else n * dim * 2 + dim * 2)
     extra += len(m.stabilizers) * n * dim * 9  # depthwise 3x3
     keys = m.tpc_cfg.paused_keys and not dense
     if keys and m.tpc_cfg.paused_key_pool > 1:  # every window's pooled key/value, in a block that pauses any token
@@ -171,6 +173,7 @@ def swin_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
         for t in trace.stages:
             last, n = first + t.active.shape[1], t.active.shape[2]
             if not policy.keeps_every_token(n, range(max(first, start) - start, last - start), m.tpc_cfg.target_keep):
-                controlled += sum(blocks[i].dim * 2 * n for i in range(max(first, start), last))
+                controlled += sum(blocks[i].dim * 2 * n for c, i in enumerate(range(max(first, start), last))
+                                  if policy.decides(c))  # the blocks that decide (decide_every)
             first = last
     return m._dense_gmacs - saved / 1e9 + controlled / 1e9

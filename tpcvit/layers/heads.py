@@ -22,11 +22,16 @@ class ControllerHead(nn.Module):
         nn.init.trunc_normal_(self.context.weight, std=0.02)
         with torch.no_grad():
             self.token.bias.copy_(torch.tensor([pause_bias, restart_bias]))
+        # LN's unit scale and zero shift, passed explicitly: torch's CPU layer_norm without an affine runs a slower
+        # kernel (DeiT-S: 40 vs 19 us per call at batch 1, 1.5 vs 0.55 ms at batch 32); the values are the same
+        self.register_buffer("norm_scale", torch.ones(dim), persistent=False)
+        self.register_buffer("norm_shift", torch.zeros(dim), persistent=False)
 
     def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
-        normed = F.layer_norm(x, (x.shape[-1],))
-        # context: the class token; models without one (Swin) use the mean token
-        context = normed[:, :1] if num_prefix else normed.mean(dim=1, keepdim=True)
-        # F.linear rather than the modules: the same ops, without two module calls per block (batch-1 latency)
-        return (F.linear(normed[:, num_prefix:], self.token.weight, self.token.bias)
-                + F.linear(context, self.context.weight))
+        normed = F.layer_norm(x, (x.shape[-1],), self.norm_scale, self.norm_shift)
+        if num_prefix:  # one GEMM for both terms over every row (the class row's last two columns: the context)
+            out = F.linear(normed, torch.cat([self.token.weight, self.context.weight]))
+            return out[:, num_prefix:, :2] + (out[:, :1, 2:] + self.token.bias)
+        # models without a class token (Swin) use the mean token as the context
+        return (F.linear(normed, self.token.weight, self.token.bias)
+                + F.linear(normed.mean(dim=1, keepdim=True), self.context.weight))
