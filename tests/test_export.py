@@ -104,14 +104,43 @@ def test_cli_exports_a_checkpoint_with_its_class_count(tmp_path, capsys):
 def test_torch_compile_of_budget_mode_matches_eager_and_benches():
     """Budget mode has static shapes: torch.compile(fullgraph=True) traces it without graph breaks."""
     from tpcvit.bench import bench_tpc_speed
+    from tpcvit.layers import TokenGridStabilizer
 
     model = small_tpc(depth=2).eval()
+    for stab in model.modules():  # non-zero weights: the compiled stabilizer must compute the same function
+        if isinstance(stab, TokenGridStabilizer):
+            torch.nn.init.normal_(stab.conv.weight, std=0.2)
     set_mode(model, "budget", keep=0.5)
     x = torch.randn(3, 3, 32, 32)
-    with torch.inference_mode():
-        torch.testing.assert_close(torch.compile(model, fullgraph=True, dynamic=False)(x), model(x),
-                                   rtol=1e-4, atol=1e-4)
+    shifted = []
+    original = TokenGridStabilizer._shifted
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TokenGridStabilizer, "_shifted", lambda *a: shifted.append(1) or original(*a))
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)(x)
+        assert shifted  # compiled graphs take the fusible execution (traced once), eager never does
+        shifted.clear()
+        torch.testing.assert_close(compiled, model(x), rtol=1e-4, atol=1e-4)
+        assert not shifted
     rows, meta = bench_tpc_speed("tpc_deit_tiny_patch16_224", keeps=(0.5,), batch_sizes=(2,), rounds=2,
                                  compile=True, img_size=32, patch_size=8, depth=2)
     assert meta["compiled"] and [r.variant for r in rows] == ["dense", "tpc@50%"]
     assert all(r.img_per_s > 0 for r in rows) and rows[1].gmacs < rows[0].gmacs
+
+
+def test_methods_harness_times_every_model_compiled():
+    """``tpcvit bench --methods ... --compile``: TPC (deciding once), a peer and dense all run through
+    torch.compile (graphs really compiled), at matched GMACs, with the paired TPC-over-peer rows."""
+    from torch._dynamo.utils import counters
+
+    from tpcvit.compare import compare_markdown, run_compare
+    from tpcvit.config import load_config
+
+    cfg = load_config("configs/fmnist_main.yaml", ["model.kwargs={img_size: 28, patch_size: 7, in_chans: 1, "
+                                                   "embed_dim: 32, depth: 3, num_heads: 2}", "model.tpc.start_layer=1"])
+    counters.clear()
+    result = run_compare(cfg, ["dense", "tpc@0.6/2", "evit@0.6"], {}, [2], rounds=2, calib_images=8,
+                         with_data=False, progress=False, compile=True)
+    assert result["compiled"] and counters["stats"]["unique_graphs"] >= 3
+    assert [r["variant"] for r in result["speed"]] == ["dense", "tpc@60%/2", "evit@60%"]
+    assert all(r["img_per_s"] > 0 for r in result["speed"])
+    assert "| 2 | tpc@60%/2 | evit@60% |" in compare_markdown(result)

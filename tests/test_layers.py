@@ -130,7 +130,7 @@ def test_stabilizer_picks_its_fastest_execution_once_per_shape_at_inference_only
         key = (x.device, x.dtype, 2, 13, 8, 1, 3, 4)
         assert set(S._EXECUTION) == {key} and S._EXECUTION[key] in S.EXECUTIONS
         torch.testing.assert_close(out, expected)
-        for execution in S.EXECUTIONS:
+        for execution in (*S.EXECUTIONS, S.COMPILED_EXECUTION):
             S._EXECUTION[key] = execution
             torch.testing.assert_close(stab(x, 1, (3, 4)), expected)
             assert torch.equal(stab(x, 1, (3, 4))[:, :1], x[:, :1])  # the prefix token is untouched
@@ -138,5 +138,6 @@ def test_stabilizer_picks_its_fastest_execution_once_per_shape_at_inference_only
         doubled = stab.run(x, 1, (3, 4), "gather")
         torch.testing.assert_close(doubled, stab.run(x, 1, (3, 4), "conv-nchw"))
         assert not torch.allclose(doubled, out)
-        torch.testing.assert_close(stab.run(x[:, 1:], 0, (3, 4), "gather"),
-                                   stab.run(x[:, 1:], 0, (3, 4), "conv-channels-last"))  # no prefix (Swin)
+        for execution in ("gather", S.COMPILED_EXECUTION):  # no prefix (Swin)
+            torch.testing.assert_close(stab.run(x[:, 1:], 0, (3, 4), execution),
+                                       stab.run(x[:, 1:], 0, (3, 4), "conv-channels-last"))

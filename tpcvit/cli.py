@@ -27,8 +27,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.breakdown:
         return _bench_breakdown(args, command)
     if args.methods:
-        if args.compile:
-            raise ConfigError("--compile times budget/dense variants only: drop --methods, or drop --compile")
         return _bench_methods(args, command)
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     rows, meta = bench_tpc_speed(args.model, tuple(args.keeps), tuple(args.batch_sizes), args.rounds,
@@ -92,7 +90,7 @@ def _bench_methods(args: argparse.Namespace, command: str) -> int:
         raise ConfigError("--methods benchmarks run in float32")
     result = run_compare(cfg, args.methods, weights, list(args.batch_sizes), args.rounds,
                          calib_images=args.calib_images, with_data=args.config is not None and not args.no_data,
-                         device=args.device, progress=not args.quiet)
+                         device=args.device, progress=not args.quiet, compile=args.compile)
     result["command"] = command
     print(compare_markdown(result))
     if args.out:
@@ -317,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decide-every", type=_positive_int, nargs="+", default=[1], metavar="K",
                    help="TPC variants deciding in every K-th controlled block (the others reuse the decision): "
                         "one per K below keep 100%% (tpc@30%%/5); with --methods use the spec suffix METHOD@F/K")
-    b.add_argument("--compile", action="store_true", help="time every variant through torch.compile (not with "
-                   "--methods)")
+    b.add_argument("--compile", action="store_true", help="time every variant (dense and peers included) through "
+                   "torch.compile, compiled once per batch size before timing; not with --breakdown")
     b.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --methods)")
     b.add_argument("--breakdown", action="store_true", help="per controlled block: controller head, decision, "
                    "gather/scatter, block on its selection vs on every token; and TPC at keep 100%% vs dense")

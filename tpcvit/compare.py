@@ -171,10 +171,12 @@ def run_compare(
     device: str = "cpu",
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
 ) -> dict:
     """Evaluate and time every spec on one backbone; ``with_data=False`` = speed/GMACs on random images only.
 
-    Knobs are matched and accuracy measured in float32; ``dtype`` is what the models run in for the timing."""
+    Knobs are matched and accuracy measured in float32 and eager; ``dtype`` is what the models run in for the
+    timing, ``compile``: every model (dense included) is timed through ``torch.compile`` (:func:`speed_table`)."""
     from .engine import build_val_data, evaluate, init_distributed
 
     parsed = [parse_spec(s) for s in specs]
@@ -230,9 +232,9 @@ def run_compare(
     if dtype != torch.float32:
         variants = {k: (m.to(dtype), keep) for k, (m, keep) in variants.items()}
     rows = speed_table(variants, {k: p["gmacs"] for k, p in points.items()}, lambda b: pool[:b], batch_sizes, dev,
-                       dtype, rounds, baseline="dense", progress=progress)
+                       dtype, rounds, baseline="dense", progress=progress, compile=compile)
     return {"config": cfg, "specs": labels, "weights": weights, "machine": machine_info(dev), "points": points,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."), "compiled": compile,
             "speed": [r.__dict__ for r in rows], "batch_sizes": batch_sizes, "rounds": rounds,
             "data": with_data}
 
@@ -303,7 +305,8 @@ def write_compare(result: dict, out: str | os.PathLike) -> list[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     m = result["machine"]
-    md = (f"Machine: {m['cpu']}, {m['threads']} threads, {m['device']}, {result.get('dtype', 'float32')}; "
+    compiled = ", torch.compile (every model, dense included)" if result.get("compiled") else ", eager"
+    md = (f"Machine: {m['cpu']}, {m['threads']} threads, {m['device']}, {result.get('dtype', 'float32')}{compiled}; "
           f"batch sizes {result['batch_sizes']}, "
           f"{result['rounds']} interleaved rounds, medians.\n\nCommand: `{result.get('command', '')}`\n\n"
           f"{compare_markdown(result)}\n")
