@@ -141,3 +141,11 @@ def test_stabilizer_picks_its_fastest_execution_once_per_shape_at_inference_only
         for execution in ("gather", S.COMPILED_EXECUTION):  # no prefix (Swin)
             torch.testing.assert_close(stab.run(x[:, 1:], 0, (3, 4), execution),
                                        stab.run(x[:, 1:], 0, (3, 4), "conv-channels-last"))
+    grads = {}  # compiled training takes the shifted execution: the same gradients as the convolution
+    for execution in ("conv-channels-last", S.COMPILED_EXECUTION):
+        stab.zero_grad()
+        xg = x.clone().requires_grad_()
+        stab.run(xg, 1, (3, 4), execution).square().sum().backward()
+        grads[execution] = (xg.grad, stab.conv.weight.grad.clone(), stab.conv.bias.grad.clone())
+    for a, b in zip(*grads.values()):
+        torch.testing.assert_close(a, b)
