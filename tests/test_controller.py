@@ -99,6 +99,14 @@ def test_neighbour_mean_product_equals_border_aware_pooling():
                               count_include_pad=False).reshape(3, 2, n).transpose(1, 2)
         product = C.neighbour_mean_matrix(grid, probs.device, probs.dtype) @ probs
         assert torch.allclose(product, pooled, atol=1e-6)
+        # the matrix is exactly 1/count at each 3x3 neighbour (rounded once from float64): the same bits as the
+        # convolution-built definition, so switching how it is built changes no decision
+        eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, *grid)
+        sums = F.conv2d(eye, torch.ones(1, 1, 3, 3, dtype=torch.float64), padding=1).reshape(n, n)
+        for dtype in (torch.float32, torch.bfloat16):
+            C._NEIGHBOUR_MEANS.clear()
+            expected = (sums.t() / sums.sum(dim=0)[:, None]).to(dtype)
+            assert torch.equal(C.neighbour_mean_matrix(grid, probs.device, dtype), expected)
     # the clip uses it on small grids and pooling on large ones: the same rule either way
     small, large = torch.rand(2, 49, 2), torch.rand(2, 100, 2)
     for probs, grid in ((small, (7, 7)), (large, (10, 10))):
