@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 14's CPU targets, eager PyTorch (and one compiled run), fp32, random weights (speed only: budget mode has
 # static shapes, so its speed does not depend on the weights). Run it ALONE on the machine (no other torch process:
-# 2 threads each on 2 cores make timings 5-10x slower). Writes benchmarks/results/cpu_*.{json,md}. ~15 min on a 2-core CPU.
+# 2 threads each on 2 cores make timings 5-10x slower). Writes benchmarks/results/cpu_*.{json,md}. ~20 min on a
+# 2-core CPU.
 # Speed-ups are paired per interleaved round (median ratio, 95% interval): the rounds counts below give intervals
 # of a few percent on a VM whose batch-1 rounds vary 1.5-3x.
 # /K and --decide-every K: the controller decides in every K-th controlled block only (ExecutionPolicy.decide_every).
