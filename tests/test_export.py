@@ -113,9 +113,9 @@ def test_torch_compile_of_budget_mode_matches_eager_and_benches():
     set_mode(model, "budget", keep=0.5)
     x = torch.randn(3, 3, 32, 32)
     shifted = []
-    original = TokenGridStabilizer._shifted
+    original = TokenGridStabilizer._shifted_local
     with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(TokenGridStabilizer, "_shifted", lambda *a: shifted.append(1) or original(*a))
+        mp.setattr(TokenGridStabilizer, "_shifted_local", lambda *a: shifted.append(1) or original(*a))
         compiled = torch.compile(model, fullgraph=True, dynamic=False)(x)
         assert shifted  # compiled graphs take the fusible execution (traced once), eager never does
         shifted.clear()

@@ -23,8 +23,8 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 # ~70 us, the gather ~20 us.
 # Under torch.compile the stabilizer is written as the sum of its nine shifted, weighted copies of the zero-padded
 # grid ("shifted"): pointwise work that inductor fuses into one loop with the residual and the bias, where a
-# convolution stays an external kernel call (main-job model, batch 1, TPC deciding once, compiled: 1.59x -> 1.96x
-# eager dense; compiled dense 1.46x). In eager mode the same code is ~20 kernels: never chosen there.
+# convolution stays an external kernel call (main-job model, batch 1, TPC deciding once, over compiled dense: 0.94x
+# -> 1.17-1.24x in two runs; cpu_mainjob_methods_compiled.md). In eager mode it is ~20 kernels: never chosen there.
 _EXECUTION: dict[tuple, str] = {}
 EXECUTIONS = ("conv-channels-last", "conv-nchw", "gather")  # the eager candidates, timed per shape
 COMPILED_EXECUTION = "shifted"
@@ -53,33 +53,32 @@ class TokenGridStabilizer(nn.Module):
     def run(self, x: torch.Tensor, num_prefix: int, grid: tuple[int, int], execution: str) -> torch.Tensor:
         """The stabilizer executed one way (:data:`EXECUTIONS`, :data:`COMPILED_EXECUTION`); every way computes the
         same function."""
-        if execution == "shifted":
-            return self._shifted(x, num_prefix, grid)
         if execution == "gather":
             rows, weights, bias = self._gather_tables(x, num_prefix, grid)
             b, t, d = x.shape
             return torch.linalg.vecdot(x.index_select(1, rows).view(b, t, -1, d), weights, dim=2) + bias
-        layout = torch.channels_last if execution == "conv-channels-last" else torch.contiguous_format
-        local = self._local(x[:, num_prefix:], *grid, layout)
+        if execution == COMPILED_EXECUTION:
+            local = self._shifted_local(x[:, num_prefix:], *grid)
+        else:
+            layout = torch.channels_last if execution == "conv-channels-last" else torch.contiguous_format
+            local = self._local(x[:, num_prefix:], *grid, layout)
         # the prefix rows get zeros: two ops (clone + in-place add on a slice are five: batch-1 latency)
         return x + F.pad(local, (0, 0, num_prefix, 0)) if num_prefix else x + local
 
-    def _shifted(self, x: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
-        """``x + conv(x)`` as the sum over the kernel's taps of the zero-padded grid shifted by the tap, times the
-        tap's per-channel weight: only slices and pointwise ops (what a compiler fuses into one loop)."""
-        b, _, d = x.shape
-        h, w = grid
+    def _shifted_local(self, patches: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The convolution of ``[B, N, D]`` patch tokens as the sum over the kernel's taps of the zero-padded grid
+        shifted by the tap, times the tap's per-channel weight: slices and pointwise ops only (what a compiler
+        fuses into one loop)."""
+        b, _, d = patches.shape
         k = self.conv.kernel_size[0]
         r = k // 2
-        patches = x[:, num_prefix:].reshape(b, h, w, d)
-        padded = F.pad(patches, (0, 0, r, r, r, r))
-        taps = self.conv.weight.reshape(d, k, k).to(x.dtype)
-        out = patches + self.conv.bias.to(x.dtype)
+        padded = F.pad(patches.reshape(b, h, w, d), (0, 0, r, r, r, r))
+        taps = self.conv.weight.reshape(d, k, k).to(patches.dtype)
+        local = self.conv.bias.to(patches.dtype).expand(b, h, w, d)
         for i in range(k):
             for j in range(k):
-                out = out + padded[:, i:i + h, j:j + w] * taps[:, i, j]
-        out = out.reshape(b, h * w, d)
-        return torch.cat([x[:, :num_prefix], out], dim=1) if num_prefix else out
+                local = local + padded[:, i:i + h, j:j + w] * taps[:, i, j]
+        return local.reshape(b, h * w, d)
 
     def _local(self, patches: torch.Tensor, h: int, w: int, layout: torch.memory_format) -> torch.Tensor:
         """The convolution of ``[B, N, D]`` patch tokens (a channels-last image as they lie) in ``layout``."""
