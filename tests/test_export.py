@@ -138,9 +138,11 @@ def test_methods_harness_times_every_model_compiled():
     cfg = load_config("configs/fmnist_main.yaml", ["model.kwargs={img_size: 28, patch_size: 7, in_chans: 1, "
                                                    "embed_dim: 32, depth: 3, num_heads: 2}", "model.tpc.start_layer=1"])
     counters.clear()
-    result = run_compare(cfg, ["dense", "tpc@0.6/2", "evit@0.6"], {}, [2], rounds=2, calib_images=8,
+    result = run_compare(cfg, ["dense", "dense-lean", "tpc@0.6/2", "evit@0.6"], {}, [2], rounds=2, calib_images=8,
                          with_data=False, progress=False, compile=True)
-    assert result["compiled"] and counters["stats"]["unique_graphs"] >= 3
-    assert [r["variant"] for r in result["speed"]] == ["dense", "tpc@60%/2", "evit@60%"]
+    assert result["compiled"] and counters["stats"]["unique_graphs"] >= 4
+    assert [r["variant"] for r in result["speed"]] == ["dense", "dense-lean", "tpc@60%/2", "evit@60%"]
+    assert result["points"]["dense-lean"]["gmacs_ratio"] == pytest.approx(1.0)
     assert all(r["img_per_s"] > 0 for r in result["speed"])
     assert "| 2 | tpc@60%/2 | evit@60% |" in compare_markdown(result)
+    assert "| 2 | tpc@60%/2 | dense-lean |" in compare_markdown(result)

@@ -153,17 +153,18 @@ def test_bench_breakdown_times_every_part_of_a_controlled_block():
     result = breakdown("tpc_deit_tiny_patch16_224", [1.0, 0.5], [1, 4], rounds=2, decide_every=(1, 2), **kw)
     for batch in ("1", "4"):
         r = result["batches"][batch]
-        assert set(r["model_ms"]) == {"dense", "tpc@100%", "tpc@50%", "tpc@50%/2", "cut once@50%"}
+        assert set(r["model_ms"]) == {"dense", "dense (lean)", "tpc@100%", "tpc@50%", "tpc@50%/2", "cut once@50%"}
         assert min(r["model_ms"].values()) > 0 and set(r["ceiling_fraction"]) == {"0.5", "0.5/2"}
         ops = r["aten_ops"]
         assert ops["tpc@50%"] > ops["tpc@50%/2"] > ops["dense"] > 20  # decisions add calls; reusing one, fewer
+        assert ops["dense (lean)"] < ops["dense"]  # the lean executor: the same blocks with fewer calls
         # keep 100%: no controller runs (every token is kept anyway); leaner blocks than timm's, plus the stabilizer
         assert ops["tpc@100%"] < ops["tpc@50%/2"]
         parts = r["block_us"]["0.5"]
         assert {"controller head", "decision (probabilities, smoothing, top-k)", "selection + gather/scatter",
                 "block on its selection (incl. gather/scatter)", "block on every token (dense)"} == set(parts)
         assert min(parts.values()) > 0
-    assert "controller overhead" in breakdown_markdown(result) and result["controlled_blocks"] == 2
+    assert "vs dense (lean)" in breakdown_markdown(result) and result["controlled_blocks"] == 2
     assert "zero-overhead ceiling" in breakdown_markdown(result)
 
 

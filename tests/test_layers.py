@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 import tpcvit  # noqa: F401  (import guard before timm's torchvision import)
-from tpcvit.layers import block_forward, context_block, plain_block
+from tpcvit.layers import LeanDenseViT, block_forward, context_block, plain_block
 
 
 def _block(**kw) -> Block:
@@ -149,3 +149,21 @@ def test_stabilizer_picks_its_fastest_execution_once_per_shape_at_inference_only
         grads[execution] = (xg.grad, stab.conv.weight.grad.clone(), stab.conv.bias.grad.clone())
     for a, b in zip(*grads.values()):
         torch.testing.assert_close(a, b)
+
+
+@torch.no_grad()
+def test_lean_dense_vit_is_bitwise_timms_model_and_refuses_other_families():
+    """The fair dense baseline for latency computes exactly what timm's model computes, with fewer calls."""
+    import timm
+
+    from tpcvit.breakdown import count_ops
+
+    torch.manual_seed(0)
+    dense = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
+                              num_heads=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    lean = LeanDenseViT(dense)
+    assert torch.equal(lean(x), dense(x))
+    assert count_ops(lambda: lean(x)) < count_ops(lambda: dense(x))
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        LeanDenseViT(nn.Linear(2, 2))

@@ -214,19 +214,21 @@ def test_compare_reports_tpc_over_each_peer_paired_per_round():
     from tpcvit.compare import compare_markdown, tpc_versus_peers
 
     drift = [1.0, 1.5, 1.1, 2.0, 1.2, 1.3, 1.0]
-    samples = {"dense": [0.30 * d for d in drift], "tpc@45%/5": [0.24 * d for d in drift],
+    samples = {"dense": [0.30 * d for d in drift], "dense-lean": [0.27 * d for d in drift],
+               "tpc@45%/5": [0.24 * d for d in drift],
                "evit@45%": [0.30 * d for d in drift], "tome@35%": [0.20 * d for d in drift]}
     samples["evit@45%"][1] *= 0.8  # EViT's one lucky round
     with pytest.warns(UserWarning):  # dense's own time drifts 2x: flagged
-        rows = speed_rows(samples, {"dense": 1.0, "tpc@45%/5": 0.45, "evit@45%": 0.45, "tome@35%": 0.35}, 1,
-                          "float32", "dense")
-    points = {"dense": {"method": "dense"}, "tpc@45%/5": {"method": "tpc"}, "evit@45%": {"method": "evit"},
-              "tome@35%": {"method": "tome"}}
+        rows = speed_rows(samples, {"dense": 1.0, "dense-lean": 1.0, "tpc@45%/5": 0.45, "evit@45%": 0.45,
+                                    "tome@35%": 0.35}, 1, "float32", "dense")
+    points = {"dense": {"method": "dense"}, "dense-lean": {"method": "dense-lean"}, "tpc@45%/5": {"method": "tpc"},
+              "evit@45%": {"method": "evit"}, "tome@35%": {"method": "tome"}}
     for label, p in points.items():  # the 35% peer is at another budget: never paired with TPC at 45%
-        p.update(target=None if label == "dense" else float(label.split("@")[1][:2]) / 100, knob=None, gmacs=1.0,
+        p.update(target=None if "@" not in label else float(label.split("@")[1][:2]) / 100, knob=None, gmacs=1.0,
                  gmacs_ratio=1.0)
     result = {"speed": [r.__dict__ for r in rows], "points": points, "data": False}
-    (v,) = tpc_versus_peers(result)
+    lean, v = tpc_versus_peers(result)  # dense-lean (the same executor) is paired with TPC at any budget
+    assert (lean["peer"], lean["ratio"]) == ("dense-lean", pytest.approx(1.125))
     assert (v["tpc"], v["peer"], v["batch"]) == ("tpc@45%/5", "evit@45%", 1)
     assert v["ratio"] == pytest.approx(1.25) and v["low"] == pytest.approx(1.0) and v["high"] == pytest.approx(1.25)
     text = compare_markdown(result)

@@ -268,12 +268,14 @@ def bench_tpc_speed(
     decide_every: tuple[int, ...] = (1,),
     **model_kwargs,
 ) -> tuple[list[SpeedRow], dict]:
-    """Dense timm backbone vs the TPC model in ``budget`` mode at each keep ratio (random weights: speed only);
+    """Dense timm backbone (and, for a timm ViT, the same model on the lean block executor every reducer uses:
+    ``dense-lean``) vs the TPC model in ``budget`` mode at each keep ratio (random weights: speed only);
     ``compile``: all of them through ``torch.compile``; ``decide_every``: one TPC variant per value below keep
     100% (``tpc@30%/5``: the controller decides in every 5th controlled block, :class:`ExecutionPolicy`)."""
     import timm
 
     from .flops import count_gmacs
+    from .layers import LeanDenseViT
     from .models import dense_name, image_geometry
     from .policy import every_suffix
     from .runtime import current_policy, set_policy
@@ -283,6 +285,10 @@ def bench_tpc_speed(
     dense = timm.create_model(dense_name(model_name), **model_kwargs).eval()
     size = image_geometry(tpc)
     variants: dict[str, tuple[nn.Module, float | None]] = {"dense": (dense, None)}
+    try:  # the dense model on the reducers' lean block executor: the speed-up of the token saving alone
+        variants["dense-lean"] = (LeanDenseViT(dense), None)
+    except TypeError:  # not a timm VisionTransformer (Swin, LV-ViT): no lean executor
+        pass
     for keep in keeps:
         for every in decide_every if keep < 1.0 else (1,):
             m = timm.create_model(model_name, **model_kwargs).eval()

@@ -2,8 +2,9 @@
 
 Per controlled block of a TPC ViT, timed in isolation on the model's own modules and shapes: the controller head,
 the decision (probabilities, smoothing, top-k), building the selection and gathering/scattering it, and the block
-run on its selection, next to the same block on every token. At model level: the dense timm model, TPC at keep 100%
-(the controller's pure overhead) and TPC at each keep ratio; what the per-block parts do not explain is the glue of
+run on its selection, next to the same block on every token. At model level: the dense timm model (and the same
+model on the lean block executor TPC uses), TPC at keep 100% (the controller's pure overhead, read against the
+lean dense model) and TPC at each keep ratio; what the per-block parts do not explain is the glue of
 the propagation loop (stabilizer, per-forward state, Python). The ceiling: the dense model cut once to the kept
 number of tokens (no decisions, no gather/scatter), i.e. the speed-up this machine gives for those FLOPs at all.
 All numbers are medians over interleaved rounds.
@@ -18,7 +19,7 @@ import torch.nn as nn
 
 from . import controller as C
 from .bench import machine_info, time_interleaved
-from .layers import context_block, embed_tokens, image_geometry, unwrap
+from .layers import LeanDenseViT, block_forward, context_block, embed_tokens, image_geometry, unwrap
 from .models import TPCViT
 from .policy import ExecutionPolicy, every_suffix
 from .propagation import Propagation
@@ -103,7 +104,7 @@ def cut_forward(dense: nn.Module, x: torch.Tensor, start: int, keep: float, paus
         if frozen is not None and paused_keys:
             x = context_block(blk, x, torch.cat([x, frozen], dim=1))
         else:
-            x = blk(x)
+            x = block_forward(blk, x)  # the executor TPC's blocks run with (no module calls)
     return dense.forward_head(dense.norm(x))
 
 
@@ -111,14 +112,16 @@ def cut_forward(dense: nn.Module, x: torch.Tensor, start: int, keep: float, paus
 def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float], rounds: int = 7,
                 device: str | torch.device = "cpu",
                 decide_every: tuple[int, ...] = (1,)) -> tuple[dict[str, float], dict[str, int]]:
-    """Milliseconds per forward (and ATen calls per forward): the dense model, TPC in budget mode at each keep
-    ratio (1.0 included; below it once per ``decide_every`` value, ``tpc@30%/5``), and the zero-overhead ceiling
-    at each keep below 1 (:func:`cut_forward`)."""
+    """Milliseconds per forward (and ATen calls per forward): the dense model (timm's forward, and ``dense (lean)``:
+    its blocks on the executor TPC uses, :class:`LeanDenseViT`), TPC in budget mode at each keep ratio (1.0
+    included; below it once per ``decide_every`` value, ``tpc@30%/5``), and the zero-overhead ceiling at each keep
+    below 1 (:func:`cut_forward`)."""
     device = torch.device(device)
     m = unwrap(tpc).eval()
     torch.manual_seed(0)
     x = torch.randn(batch, *image_geometry(m), device=device)
-    fns = {"dense": lambda: dense(x)}
+    lean = LeanDenseViT(dense)
+    fns = {"dense": lambda: dense(x), "dense (lean)": lambda: lean(x)}
     start = m.tpc_cfg.start_layer
     for keep in sorted({1.0, *keeps}, reverse=True):
         for every in decide_every if keep < 1.0 else (1,):
@@ -150,7 +153,7 @@ def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], round
     for batch in batch_sizes:
         times, ops = model_times(tpc, dense, batch, keeps, rounds, device, decide_every)
         parts = {f"{keep:g}": block_parts(tpc, batch, keep, rounds, device=device) for keep in keeps}
-        overhead = times["tpc@100%"] / times["dense"] - 1
+        overhead = times["tpc@100%"] / times["dense (lean)"] - 1
         ceiling = {f"{keep:g}{every_suffix(every)}":
                    round(times[f"cut once@{keep:.0%}"] / times[f"tpc@{keep:.0%}{every_suffix(every)}"], 4)
                    for keep in keeps if keep < 1.0 for every in decide_every}
@@ -169,10 +172,12 @@ def breakdown_markdown(result: dict) -> str:
         lines += [f"Batch {batch}: one controlled block, microseconds", "",
                   markdown_table(["part"] + [f"keep {float(k):.0%}" for k in keeps],
                                  [[p] + [f"{r['block_us'][k][p]:.1f}" for k in keeps] for p in parts]), "",
-                  f"Batch {batch}: whole forward, milliseconds (TPC at keep 100% vs dense: "
-                  f"{r['overhead_at_keep_100']:+.1%} controller overhead)", "",
-                  markdown_table(["variant", "ms", "vs dense", "ATen calls per forward"],
-                                 [[k, f"{v:.3f}", f"{r['model_ms']['dense'] / v:.2f}x", r["aten_ops"][k]]
+                  f"Batch {batch}: whole forward, milliseconds (TPC at keep 100% vs dense (lean), the dense model "
+                  f"on the same block executor: {r['overhead_at_keep_100']:+.1%} overhead)", "",
+                  markdown_table(["variant", "ms", "vs dense (timm)", "vs dense (lean)", "ATen calls per forward"],
+                                 [[k, f"{v:.3f}", f"{r['model_ms']['dense'] / v:.2f}x",
+                                   f"{r['model_ms']['dense (lean)'] / v:.2f}x" if "dense (lean)" in r["model_ms"]
+                                   else "-", r["aten_ops"][k]]
                                   for k, v in r["model_ms"].items()]), ""]
         if r.get("ceiling_fraction"):
             reached = ", ".join(f"keep {float(k.split('/')[0]):.0%}{'/' + k.split('/')[1] if '/' in k else ''}: "

@@ -321,8 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--breakdown", action="store_true", help="per controlled block: controller head, decision, "
                    "gather/scatter, block on its selection vs on every token; and TPC at keep 100%% vs dense")
     b.add_argument("--methods", type=_str_list, default=None,
-                   help="comma-separated specs: dense, tpc-adaptive, METHOD@GMACS_FRACTION or METHOD=KNOB with "
-                        "METHOD in tpc, tome, evit, avit (e.g. dense,tpc@0.5,tome@0.5,evit@0.5)")
+                   help="comma-separated specs: dense, dense-lean (dense on the reducers' lean block executor), "
+                        "tpc-adaptive, METHOD@GMACS_FRACTION or METHOD=KNOB with METHOD in tpc, tpc-keys, tome, evit, "
+                        "avit, idlevit, dynamicvit (e.g. dense,dense-lean,tpc@0.5,tome@0.5,evit@0.5); a TPC spec may "
+                        "end in /K (decide in every K-th controlled block)")
     b.add_argument("--config", "-c", default=None, help="experiment config: backbone + dataset (accuracy)")
     b.add_argument("--weights", action="append", help="METHOD=PATH weights (dense=... used for untrained peers)")
     b.add_argument("--set", action="append", help="config override key=value (repeatable)")

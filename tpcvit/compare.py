@@ -1,6 +1,8 @@
 """One harness for TPC, the dense model and the peers: matched budgets, accuracy, GMACs, speed, Pareto plots.
 
-A *spec* names a method and its budget: ``dense``; ``tpc-adaptive`` / ``tpc-keys-adaptive`` (learned per-image
+A *spec* names a method and its budget: ``dense`` (timm's model, the speed-ups' baseline); ``dense-lean`` (the same
+model with its blocks run by the lean executor every token reducer here uses, :class:`tpcvit.layers.LeanDenseViT`:
+over it a speed-up is the token reduction's alone); ``tpc-adaptive`` / ``tpc-keys-adaptive`` (learned per-image
 decisions, as trained); ``METHOD@F`` with F a fraction of the dense model's GMACs, the method's knob then bisected
 until the GMACs measured on real calibration images match; or ``METHOD=V`` to set the knob to V directly. Methods
 with a knob: ``tpc`` (budget-mode keep ratio; ``tpc-keys``: the ``paused_keys`` variant, paused tokens visible as
@@ -30,17 +32,18 @@ from .checkpoint import atomic_write
 from .config import ConfigError
 from .data import take_batches
 from .flops import count_gmacs
+from .layers import LeanDenseViT
 from .models import PEER_METHODS, image_geometry, variant_name
 from .policy import every_suffix
 from .reporting import markdown_table
 from .runtime import current_policy, set_mode, set_policy
 
 # harness method -> the token-reduction method of its registered model (None: the dense model)
-MODEL_METHOD = {"dense": None, "tpc-adaptive": "tpc", "tpc": "tpc", "tpc-keys-adaptive": "tpc", "tpc-keys": "tpc",
-                "tome-ft": "tome", "tpc-free": None, **{m: m for m in PEER_METHODS}}
+MODEL_METHOD = {"dense": None, "dense-lean": None, "tpc-adaptive": "tpc", "tpc": "tpc", "tpc-keys-adaptive": "tpc",
+                "tpc-keys": "tpc", "tome-ft": "tome", "tpc-free": None, **{m: m for m in PEER_METHODS}}
 METHODS = tuple(MODEL_METHOD)
 NEEDS_WEIGHTS = {"tome-ft": "ToMe fine-tuned with merging on (tpcvit train ... model.name=tome_<backbone>)"}
-NO_KNOB = ("dense", "tpc-adaptive", "tpc-keys-adaptive")
+NO_KNOB = ("dense", "dense-lean", "tpc-adaptive", "tpc-keys-adaptive")
 # methods with learned parts: measuring their accuracy on dense weights would score an untrained controller
 LEARNED = ("tpc", "tpc-adaptive", "tpc-keys", "tpc-keys-adaptive", "avit", "dynamicvit", "tome-ft")
 
@@ -157,6 +160,11 @@ def build_variant(cfg: dict, spec: Spec, num_classes: int, weights: dict[str, st
         set_mode(model, "adaptive")
     if spec.every > 1:
         set_policy(model, current_policy(model).replace(decide_every=spec.every))
+    if spec.method == "dense-lean":
+        try:
+            model = LeanDenseViT(model)
+        except TypeError as e:
+            raise ConfigError(f"dense-lean: {e}; drop dense-lean from --methods for this backbone") from None
     return model.eval()
 
 
@@ -265,7 +273,8 @@ def compare_markdown(result: dict) -> str:
     text = markdown_table(head, table)
     versus = tpc_versus_peers(result)
     if versus:
-        text += ("\n\nTPC's speed over each peer, paired per round (median of peer time / TPC time in the same round, "
+        text += ("\n\nTPC's speed over each peer at the same budget (and over dense-lean: the dense model on the same "
+                 "block executor), paired per round (median of peer time / TPC time in the same round, "
                  "95% interval; above 1: TPC faster):\n\n" + markdown_table(
                      ["batch", "TPC", "peer", "TPC / peer speed"],
                      [[v["batch"], v["tpc"], v["peer"], _ratio_text(v)] for v in versus]))
@@ -282,7 +291,8 @@ def _ratio_text(v: dict) -> str:
 def tpc_versus_peers(result: dict) -> list[dict]:
     """Every TPC row against every peer row at the same GMACs budget and batch size, paired per round
     (:func:`tpcvit.bench.paired_speedup`): what "TPC is faster than EViT at equal GMACs" needs, from the same
-    rounds as the table. Rows at different budgets are not paired: that difference is the budget's, not TPC's."""
+    rounds as the table. Rows at different budgets are not paired: that difference is the budget's, not TPC's.
+    A ``dense-lean`` row is paired with every TPC row: TPC's speed-up over dense on the same block executor."""
     rows = [r for r in result["speed"] if r["variant"] != "dense"]
     method = {label: p["method"] for label, p in result["points"].items()}
     budget = {label: p.get("target") for label, p in result["points"].items()}
@@ -291,7 +301,7 @@ def tpc_versus_peers(result: dict) -> list[dict]:
         at = [r for r in rows if r["batch"] == b]
         for t in (r for r in at if method[r["variant"]].startswith("tpc")):
             for peer in (r for r in at if not method[r["variant"]].startswith("tpc")
-                         and budget[r["variant"]] == budget[t["variant"]]):
+                         and (budget[r["variant"]] == budget[t["variant"]] or method[r["variant"]] == "dense-lean")):
                 ratio, low, high = paired_speedup(peer["samples_s"], t["samples_s"])
                 out.append({"batch": b, "tpc": t["variant"], "peer": peer["variant"], "ratio": ratio, "low": low,
                             "high": high})

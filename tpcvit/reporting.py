@@ -56,7 +56,8 @@ def plot_pipeline(result: dict, path: str | os.PathLike) -> Path:
     return save_figure(fig, path)
 
 
-METHOD_STYLE = {"dense": ("black", "*"), "tpc": ("tab:red", "o"), "tpc-adaptive": ("darkred", "D"),
+METHOD_STYLE = {"dense": ("black", "*"), "dense-lean": ("dimgrey", "X"), "tpc": ("tab:red", "o"),
+                "tpc-adaptive": ("darkred", "D"),
                 "tpc-keys": ("tab:orange", "o"), "tpc-keys-adaptive": ("saddlebrown", "D"),
                 "tome": ("tab:blue", "s"), "tome-ft": ("navy", "P"),
                 "evit": ("tab:green", "^"), "avit": ("tab:purple", "v")}

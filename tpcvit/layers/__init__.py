@@ -6,6 +6,7 @@ from .heads import ControllerHead
 from .stabilizer import TokenGridStabilizer
 from .swin_block import sparse_swin_block, upsample_tokens, window_attention_heads
 from .vit_block import (
+    LeanDenseViT,
     PlainBlock,
     attend,
     attention_output,
@@ -19,7 +20,7 @@ from .vit_block import (
     supports_packing,
 )
 
-__all__ = ["ControllerHead", "PlainBlock", "TokenGridStabilizer", "attend", "attention_output", "attention_parts",
-           "block_forward", "block_rows", "check_images", "context_block", "context_rows", "embed_tokens",
-           "image_geometry", "packed_block", "plain_block", "sparse_swin_block", "supports_packing", "unwrap",
-           "upsample_tokens", "window_attention_heads"]
+__all__ = ["ControllerHead", "LeanDenseViT", "PlainBlock", "TokenGridStabilizer", "attend", "attention_output",
+           "attention_parts", "block_forward", "block_rows", "check_images", "context_block", "context_rows",
+           "embed_tokens", "image_geometry", "packed_block", "plain_block", "sparse_swin_block", "supports_packing",
+           "unwrap", "upsample_tokens", "window_attention_heads"]
