@@ -172,6 +172,16 @@ def test_evit_keeps_the_attentive_tokens_in_order_and_fuses_the_rest():
     assert out[0, 2, 0].item() == pytest.approx((0.1 * 0 + 0.05 * 2 + 0.05 * 4) / 0.2)
 
 
+@torch.no_grad()
+def test_evit_inference_path_computes_what_its_training_path_computes(grid_images):
+    """EViT's inference reorganisation (fused attention, the class row alone, lean blocks: timed like TPC's) gives
+    the logits of the explicit-attention path training uses (no dropout here), and it does reorganise."""
+    model = _peer("evit_deit_small_patch16_224", keep_rate=0.5).eval()
+    lean = model(grid_images)
+    torch.testing.assert_close(lean, model.train()(grid_images), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(lean, _dense_twin(model)(grid_images), atol=1e-3)
+
+
 def test_avit_halting_distribution_sums_to_one_per_token():
     torch.manual_seed(0)
     b, n, depth = 3, 7, 5
@@ -192,7 +202,9 @@ def test_specs_parse_with_clear_errors():
     strided = parse_spec("tpc-keys@0.45/2")
     assert (strided.method, strided.target, strided.every, strided.label) == ("tpc-keys", 0.45, 2, "tpc-keys@45%/2")
     assert parse_spec("tpc-adaptive/3").every == 3 and parse_spec("tpc@0.5/1").label == "tpc@50%"
+    assert parse_spec("dense-lean").method == "dense-lean"
     for bad, msg in (("foo@0.5", "unknown method"), ("tome", "needs a budget"), ("dense@0.5", "no budget knob"),
+                     ("dense-lean=1", "no budget knob"),
                      ("evit@1.5", "must be in"), ("evit@abc", "must be a number"), ("tome@0.5/2", "TPC spec only"),
                      ("tpc@0.5/0", "K >= 1"), ("tpc@0.5/x", "K >= 1")):
         with pytest.raises(ConfigError, match=msg):

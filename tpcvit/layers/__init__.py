@@ -11,16 +11,19 @@ from .vit_block import (
     attend,
     attention_output,
     attention_parts,
+    attention_with_class_row,
     block_forward,
     block_rows,
     context_block,
     context_rows,
+    mlp_half,
     packed_block,
     plain_block,
     supports_packing,
 )
 
 __all__ = ["ControllerHead", "LeanDenseViT", "PlainBlock", "TokenGridStabilizer", "attend", "attention_output",
-           "attention_parts", "block_forward", "block_rows", "check_images", "context_block", "context_rows",
-           "embed_tokens", "image_geometry", "packed_block", "plain_block", "sparse_swin_block", "supports_packing",
-           "unwrap", "upsample_tokens", "window_attention_heads"]
+           "attention_parts", "attention_with_class_row", "block_forward", "block_rows", "check_images",
+           "context_block", "context_rows", "embed_tokens", "image_geometry", "mlp_half", "packed_block",
+           "plain_block", "sparse_swin_block", "supports_packing", "unwrap", "upsample_tokens",
+           "window_attention_heads"]

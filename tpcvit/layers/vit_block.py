@@ -268,6 +268,40 @@ def context_rows(blk: nn.Module, rows: torch.Tensor, context: torch.Tensor, batc
     return out if row is None else (out, row)
 
 
+def attention_with_class_row(blk: nn.Module, x: torch.Tensor, num_prefix: int = 1
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention half of a timm ``Block`` at inference, and what a top-k-by-class-attention method ranks by:
+    ``(x + attention output, class attention over the patch tokens [B, n], mean over heads)``.
+
+    The output comes from fused attention, the ranking from the class query's row alone (one query), and a plain
+    block (:func:`plain_block`) runs as tensor ops: the same executor as :func:`block_forward`, so a peer that
+    reorganises tokens mid-block (EViT) is timed on the same footing as TPC. Follow with :func:`mlp_half`."""
+    p = _lean(blk)
+    b, t, d = x.shape
+    if p is None:
+        attn = blk.attn
+        q, k, v = attention_parts(attn, blk.norm1(x))
+        out = x + blk.ls1(attention_output(attn, F.scaled_dot_product_attention(q, k, v)))
+        scale = attn.scale
+    else:
+        qkv = _affine(F.layer_norm(x.reshape(b * t, d), (d,), *p.norm1, p.eps), p.qkv)
+        q, k, v = qkv.view(b, t, 3, p.heads, d // p.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * t, d)
+        out = x + _affine(o, p.proj).view(b, t, d)
+        scale = (d // p.heads) ** -0.5
+    cls_attn = ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0, num_prefix:].mean(dim=1)
+    return out, cls_attn
+
+
+def mlp_half(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP half of a timm ``Block`` (``x + mlp(norm2(x))``) at inference, lean for a plain block."""
+    p = _lean(blk)
+    if p is None:
+        return x + blk.ls2(blk.mlp(blk.norm2(x)))
+    b, t, d = x.shape
+    return _plain_tail(p, x.reshape(b * t, d)).view(b, t, d)
+
+
 def attention_parts(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v ``[B, H, T, Dh]`` of a timm ``Attention`` (q/k norms applied)."""
     b, t, _ = x.shape
