@@ -16,11 +16,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 R=benchmarks/results
-tpcvit bench -c configs/fmnist_main.yaml --no-data --quiet --methods dense,tpc-keys@0.45,tpc-keys@0.45/2,tpc-keys@0.45/5,tpc@0.45,tpc@0.45/5,evit@0.45 \
+tpcvit bench -c configs/fmnist_main.yaml --no-data --quiet --methods dense,dense-lean,tpc-keys@0.45,tpc-keys@0.45/2,tpc-keys@0.45/5,tpc@0.45,tpc@0.45/5,evit@0.45 \
   --set 'model.peer={evit: {keep_rate: 0.5, evit_blocks: [1, 2, 3]}}' --batch-sizes 1 256 --rounds 41 \
   --calib-images 64 --out $R/cpu_mainjob_methods
 # the same model through torch.compile (every model, dense and EViT included; ~3 min of it is compiling)
-tpcvit bench -c configs/fmnist_main.yaml --no-data --quiet --compile --methods dense,tpc-keys@0.45,tpc-keys@0.45/5,tpc@0.45/5,evit@0.45 \
+tpcvit bench -c configs/fmnist_main.yaml --no-data --quiet --compile --methods dense,dense-lean,tpc-keys@0.45,tpc-keys@0.45/5,tpc@0.45/5,evit@0.45 \
   --set 'model.peer={evit: {keep_rate: 0.5, evit_blocks: [1, 2, 3]}}' --batch-sizes 1 256 --rounds 31 \
   --calib-images 64 --out $R/cpu_mainjob_methods_compiled
 tpcvit bench --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --batch-sizes 1 32 --rounds 15 \
