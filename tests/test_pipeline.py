@@ -300,7 +300,9 @@ def test_pipeline_end_to_end_writes_table_metrics_and_plot(tmp_path):
     assert "| tpc adaptive |" in out.stdout and "| tpc budget 50% |" in out.stdout
     assert "| dense + 1 epochs |" in out.stdout  # the dense model with TPC's extra epochs: same total training
     result = json.loads((tmp_path / "p" / "results.json").read_text())
-    assert set(result["eval"]) == {"dense", "dense + 1 epochs", "tpc adaptive", "tpc budget 50%"}
+    assert set(result["eval"]) == {"dense", "dense, lean executor", "dense + 1 epochs", "tpc adaptive",
+                                   "tpc budget 50%"}
+    assert "| dense, lean executor |" in out.stdout  # the speed baseline on the executor TPC's blocks run with
     extra = yaml.safe_load((tmp_path / "p" / "dense_extra" / "config.yaml").read_text())
     tpc = yaml.safe_load((tmp_path / "p" / "tpc" / "config.yaml").read_text())
     assert extra["train"] == tpc["train"] and extra["distill"] == tpc["distill"] and extra["data"] == tpc["data"]
@@ -314,8 +316,9 @@ def test_bench_command_writes_rows(tmp_path):
     _cli("bench", "--model", "tpc_deit_tiny_patch16_224", "--img-size", "64", "--batch-sizes", "2", "--rounds", "2",
          "--keeps", "1.0", "0.5", "--out", str(tmp_path / "speed"))
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["dense", "tpc@100%", "tpc@50%"]
-    assert rows[2]["gmacs"] < rows[1]["gmacs"] and all(r["img_per_s"] > 0 for r in rows)
+    assert [r["variant"] for r in rows] == ["dense", "dense-lean", "tpc@100%", "tpc@50%"]
+    assert rows[3]["gmacs"] < rows[2]["gmacs"] and all(r["img_per_s"] > 0 for r in rows)
+    assert rows[1]["gmacs"] == rows[0]["gmacs"]  # the same dense model on the lean executor
     assert "speed-up/FLOPs" in (tmp_path / "speed.md").read_text()
 
 
