@@ -114,6 +114,13 @@ def test_neighbour_mean_product_equals_border_aware_pooling():
         pooled = F.avg_pool2d(probs.transpose(1, 2).reshape(2, 2, *grid), 3, stride=1, padding=1,
                               count_include_pad=False).reshape(2, 2, -1).transpose(1, 2)
         assert torch.allclose(out, pooled + (probs - pooled).clamp(-0.1, 0.1), atol=1e-6)
+    # one GEMM over the batch ([B, C, N] @ M.T) gives the bits of the per-image products M @ [N, C]
+    matrix = C.neighbour_mean_matrix((7, 7), small.device, small.dtype)
+    assert torch.equal(C.neighbour_mean_matrix((7, 7), small.device, small.dtype, True), matrix.t())
+    for batch in (1, 5, 64):
+        probs = torch.rand(batch, 49, 2)
+        mean = matrix @ probs
+        assert torch.equal(C.spatial_smooth(probs, (7, 7), 0.1), mean + (probs - mean).clamp(-0.1, 0.1))
 
 
 def test_pooled_paused_keys_are_window_means_with_counts():
