@@ -30,7 +30,7 @@ tpcvit bench --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --batch-
   --out $R/cpu_deit_small_bf16
 tpcvit bench --breakdown --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --batch-sizes 1 32 --rounds 7 \
   --decide-every 1 3 --out $R/cpu_breakdown_deit_small
-tpcvit bench --breakdown -c configs/fmnist_main.yaml --keeps 1.0 0.25 --batch-sizes 1 256 --rounds 7 \
+tpcvit bench --breakdown -c configs/fmnist_main.yaml --keeps 1.0 0.25 --batch-sizes 1 256 --rounds 21 \
   --decide-every 1 2 5 --out $R/cpu_breakdown_mainjob
 # why the ceiling at DeiT-S batch 1 is below FLOPs: a block's time against its token count (weights cached or not)
 python benchmarks/block_scaling.py --rounds 21 --out $R/block_scaling_deit_small_cpu
