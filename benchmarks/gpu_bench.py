@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: run with --dry-run (CPU) or on a GPU machine", file=sys.stderr)
         return 2
     # dense-lean: the dense model on the reducers' lean block executor (the speed-up of the token saving alone)
-    specs = ["dense", "dense-lean"] + [f"{m}@{b:g}" + (f"/{k}" if k > 1 else "") for b in args.budgets for m in args.methods
-                         for k in (args.decide_every if m.startswith("tpc") else [1])]
+    everies = {m: args.decide_every if m.startswith("tpc") else [1] for m in args.methods}
+    specs = ["dense", "dense-lean"] + [f"{m}@{b:g}" + (f"/{k}" if k > 1 else "") for b in args.budgets
+                                       for m in args.methods for k in everies[m]]
     summary = []
     for name in args.models:
         for dtype_name in args.dtypes:
