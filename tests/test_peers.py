@@ -172,14 +172,37 @@ def test_evit_keeps_the_attentive_tokens_in_order_and_fuses_the_rest():
     assert out[0, 2, 0].item() == pytest.approx((0.1 * 0 + 0.05 * 2 + 0.05 * 4) / 0.2)
 
 
+@pytest.mark.parametrize("name,knob", [("evit", {"keep_rate": 0.5}), ("tome", {"tome_r": 8.0})])
 @torch.no_grad()
-def test_evit_inference_path_computes_what_its_training_path_computes(grid_images):
-    """EViT's inference reorganisation (fused attention, the class row alone, lean blocks: timed like TPC's) gives
-    the logits of the explicit-attention path training uses (no dropout here), and it does reorganise."""
-    model = _peer("evit_deit_small_patch16_224", keep_rate=0.5).eval()
+def test_mid_block_peers_infer_on_the_lean_executor_as_they_train(name, knob, grid_images):
+    """EViT and ToMe change the tokens between attention and MLP: at inference they run those halves on the lean
+    executor (fused attention, the class row alone, plain-block ops: timed like TPC's). Same logits as the path
+    training uses (timm's modules; EViT's explicit attention map), no dropout here; and they do reduce."""
+    model = _peer(f"{name}_deit_small_patch16_224", **knob).eval()
     lean = model(grid_images)
     torch.testing.assert_close(lean, model.train()(grid_images), atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(lean, _dense_twin(model)(grid_images), atol=1e-3)
+    assert not torch.allclose(lean, _dense_twin(model.eval())(grid_images), atol=1e-3)
+
+
+@torch.no_grad()
+def test_attend_lean_path_is_timms_block():
+    """``attend`` (IdleViT's block with the class row) at inference: the lean executor gives timm's block output
+    and the class-row attention the explicit map gives, with and without a key bias."""
+    from timm.models.vision_transformer import Block
+
+    from tpcvit.layers import attend
+
+    torch.manual_seed(0)
+    blk = Block(32, 4, qkv_bias=True).eval()
+    x = torch.randn(3, 9, 32)
+    bias = torch.zeros(3, 1, 1, 9).masked_fill(torch.rand(3, 1, 1, 9) > 0.6, -1e4)
+    for key_bias in (None, bias):
+        out, cls_attn, none = attend(blk, x, key_bias)
+        full, cls_full, weights = attend(blk, x, key_bias, need_weights=True)
+        assert none is None and weights.shape == (3, 4, 9, 9)
+        torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cls_attn, cls_full, atol=1e-6, rtol=1e-5)
+    assert torch.equal(attend(blk, x)[0], blk(x))  # the plain-block ops are bitwise timm's block
 
 
 def test_avit_halting_distribution_sums_to_one_per_token():

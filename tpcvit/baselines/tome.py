@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import attention_output, attention_parts, embed_tokens
+from ..layers import attention_half, embed_tokens, mlp_half
 from .common import PeerMixin, PeerTrace, create_peer
 
 
@@ -86,17 +86,15 @@ class ToMeVisionTransformer(PeerMixin, VisionTransformer):
         self._init_peer(tome_r)
 
     def _block(self, blk, x: torch.Tensor, size: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        attn, p = blk.attn, self.num_prefix_tokens
-        q, k, v = attention_parts(attn, blk.norm1(x))
-        bias = size.squeeze(-1).log()[:, None, None, :].to(q.dtype)  # proportional attention
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        x = x + blk.drop_path1(blk.ls1(attention_output(attn, o)))
+        p = self.num_prefix_tokens
+        bias = size.squeeze(-1).log()[:, None, None, :]  # proportional attention
+        # timm's modules in training; at inference the lean executor TPC's blocks run on (same result)
+        x, _, k = attention_half(blk, x, bias)
         if r > 0:
             plan = bipartite_plan(k[:, :, p:].mean(dim=1), r)
             patches, psize = merge_weighted(x[:, p:], size[:, p:], plan)
             x, size = torch.cat([x[:, :p], patches], dim=1), torch.cat([size[:, :p], psize], dim=1)
-        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        return x, size
+        return mlp_half(blk, x), size
 
     def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
         x = embed_tokens(self, x)

@@ -9,11 +9,13 @@ from .vit_block import (
     LeanDenseViT,
     PlainBlock,
     attend,
+    attention_half,
     attention_output,
     attention_parts,
     attention_with_class_row,
     block_forward,
     block_rows,
+    class_row_attention,
     context_block,
     context_rows,
     mlp_half,
@@ -22,8 +24,8 @@ from .vit_block import (
     supports_packing,
 )
 
-__all__ = ["ControllerHead", "LeanDenseViT", "PlainBlock", "TokenGridStabilizer", "attend", "attention_output",
-           "attention_parts", "attention_with_class_row", "block_forward", "block_rows", "check_images",
-           "context_block", "context_rows", "embed_tokens", "image_geometry", "mlp_half", "packed_block",
-           "plain_block", "sparse_swin_block", "supports_packing", "unwrap", "upsample_tokens",
-           "window_attention_heads"]
+__all__ = ["ControllerHead", "LeanDenseViT", "PlainBlock", "TokenGridStabilizer", "attend", "attention_half",
+           "attention_output", "attention_parts", "attention_with_class_row", "block_forward", "block_rows",
+           "check_images", "class_row_attention", "context_block", "context_rows", "embed_tokens", "image_geometry",
+           "mlp_half", "packed_block", "plain_block", "sparse_swin_block", "supports_packing", "unwrap",
+           "upsample_tokens", "window_attention_heads"]

@@ -268,36 +268,48 @@ def context_rows(blk: nn.Module, rows: torch.Tensor, context: torch.Tensor, batc
     return out if row is None else (out, row)
 
 
-def attention_with_class_row(blk: nn.Module, x: torch.Tensor, num_prefix: int = 1
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention half of a timm ``Block`` at inference, and what a top-k-by-class-attention method ranks by:
-    ``(x + attention output, class attention over the patch tokens [B, n], mean over heads)``.
+def attention_half(blk: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention half of a timm ``Block``: ``(x + attention output, q, k)`` (``[B, H, T, Dh]``, q/k norms
+    applied), for methods that change the tokens between attention and MLP (EViT, ToMe) or read q/k (IdleViT).
 
-    The output comes from fused attention, the ranking from the class query's row alone (one query), and a plain
-    block (:func:`plain_block`) runs as tensor ops: the same executor as :func:`block_forward`, so a peer that
-    reorganises tokens mid-block (EViT) is timed on the same footing as TPC. Follow with :func:`mlp_half`."""
+    A plain block at inference (:func:`plain_block`) runs as tensor ops, the executor :func:`block_forward` uses,
+    so such a peer is timed on the same footing as TPC and the lean dense model; otherwise timm's modules (training:
+    drop-path included). Follow with :func:`mlp_half`. ``attn_mask``: additive ``[B, 1, 1, T]`` key bias."""
     p = _lean(blk)
-    b, t, d = x.shape
     if p is None:
         attn = blk.attn
         q, k, v = attention_parts(attn, blk.norm1(x))
-        out = x + blk.ls1(attention_output(attn, F.scaled_dot_product_attention(q, k, v)))
-        scale = attn.scale
-    else:
-        qkv = _affine(F.layer_norm(x.reshape(b * t, d), (d,), *p.norm1, p.eps), p.qkv)
-        q, k, v = qkv.view(b, t, 3, p.heads, d // p.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * t, d)
-        out = x + _affine(o, p.proj).view(b, t, d)
-        scale = (d // p.heads) ** -0.5
-    cls_attn = ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0, num_prefix:].mean(dim=1)
-    return out, cls_attn
+        bias = attn_mask if attn_mask is None else attn_mask.to(q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return x + blk.drop_path1(blk.ls1(attention_output(attn, o))), q, k
+    b, t, d = x.shape
+    qkv = _affine(F.layer_norm(x.reshape(b * t, d), (d,), *p.norm1, p.eps), p.qkv)
+    q, k, v = qkv.view(b, t, 3, p.heads, d // p.heads).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = attn_mask if attn_mask is None else attn_mask.to(q.dtype)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b * t, d)
+    return x + _affine(o, p.proj).view(b, t, d), q, k
+
+
+def class_row_attention(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The class query's attention over every key, mean over heads, ``[B, T]``: one query row, not the whole map."""
+    logits = (q[:, :, :1] * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return (logits if key_bias is None else logits + key_bias).softmax(dim=-1)[:, :, 0].mean(dim=1)
+
+
+def attention_with_class_row(blk: nn.Module, x: torch.Tensor, num_prefix: int = 1
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_half` and what a top-k-by-class-attention method ranks by: ``(x + attention output,
+    class attention over the patch tokens [B, n])``."""
+    x, q, k = attention_half(blk, x)
+    return x, class_row_attention(q, k)[:, num_prefix:]
 
 
 def mlp_half(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The MLP half of a timm ``Block`` (``x + mlp(norm2(x))``) at inference, lean for a plain block."""
+    """The MLP half of a timm ``Block`` (``x + mlp(norm2(x))``), lean for a plain block at inference."""
     p = _lean(blk)
     if p is None:
-        return x + blk.ls2(blk.mlp(blk.norm2(x)))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     b, t, d = x.shape
     return _plain_tail(p, x.reshape(b * t, d)).view(b, t, d)
 
@@ -325,18 +337,15 @@ def attend(blk: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = None
     (else ``None``: the output then comes from fused attention and only the class row is computed explicitly,
     one query, so inference stays cheap). ``key_bias`` ``[B, 1, 1, T]`` is an additive key mask.
     """
+    if not need_weights:  # fused attention for the output, the class row alone: the lean executor at inference
+        x, q, k = attention_half(blk, x, key_bias)
+        return mlp_half(blk, x), class_row_attention(q, k, key_bias), None
     attn = blk.attn
     q, k, v = attention_parts(attn, blk.norm1(x))
-    if need_weights:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        weights = (logits if key_bias is None else logits + key_bias).softmax(dim=-1)
-        o = attn.attn_drop(weights) @ v
-        cls_attn = weights[:, :, 0].mean(dim=1)
-    else:
-        weights = None
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
-        cls_logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-        cls_attn = (cls_logits if key_bias is None else cls_logits + key_bias).softmax(dim=-1)[:, :, 0].mean(dim=1)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    weights = (logits if key_bias is None else logits + key_bias).softmax(dim=-1)
+    o = attn.attn_drop(weights) @ v
+    cls_attn = weights[:, :, 0].mean(dim=1)
     x = x + blk.drop_path1(blk.ls1(attention_output(attn, o)))
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return x, cls_attn, weights
