@@ -124,7 +124,7 @@ def test_torch_compile_of_budget_mode_matches_eager_and_benches():
     rows, meta = bench_tpc_speed("tpc_deit_tiny_patch16_224", keeps=(0.5,), batch_sizes=(2,), rounds=2,
                                  compile=True, img_size=32, patch_size=8, depth=2)
     assert meta["compiled"] and [r.variant for r in rows] == ["dense", "dense-lean", "tpc@50%"]
-    assert all(r.img_per_s > 0 for r in rows) and rows[1].gmacs < rows[0].gmacs
+    assert all(r.img_per_s > 0 for r in rows) and rows[2].gmacs < rows[0].gmacs == rows[1].gmacs
 
 
 def test_methods_harness_times_every_model_compiled():
