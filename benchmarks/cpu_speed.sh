@@ -19,6 +19,10 @@ R=benchmarks/results
 tpcvit bench -c configs/fmnist_main.yaml --no-data --quiet --methods dense,dense-lean,tpc-keys@0.45,tpc-keys@0.45/2,tpc-keys@0.45/5,tpc@0.45,tpc@0.45/5,evit@0.45 \
   --set 'model.peer={evit: {keep_rate: 0.5, evit_blocks: [1, 2, 3]}}' --batch-sizes 1 256 --rounds 41 \
   --calib-images 64 --out $R/cpu_mainjob_methods
+# every peer on the same lean executor, TPC deciding once
+tpcvit bench -c configs/fmnist_main.yaml --no-data --quiet --methods dense,dense-lean,tpc-keys@0.45/5,tpc@0.45/5,evit@0.45,tome@0.45,idlevit@0.45 \
+  --set 'model.peer={evit: {keep_rate: 0.5, evit_blocks: [1, 2, 3]}}' --batch-sizes 1 256 --rounds 21 \
+  --calib-images 64 --out $R/cpu_mainjob_peers
 # the same model through torch.compile (every model, dense and EViT included; ~3 min of it is compiling)
 tpcvit bench -c configs/fmnist_main.yaml --no-data --quiet --compile --methods dense,dense-lean,tpc-keys@0.45,tpc-keys@0.45/5,tpc@0.45/5,evit@0.45 \
   --set 'model.peer={evit: {keep_rate: 0.5, evit_blocks: [1, 2, 3]}}' --batch-sizes 1 256 --rounds 31 \
