@@ -177,7 +177,7 @@ def test_evit_keeps_the_attentive_tokens_in_order_and_fuses_the_rest():
 def test_mid_block_peers_infer_on_the_lean_executor_as_they_train(name, knob, grid_images):
     """EViT and ToMe change the tokens between attention and MLP: at inference they run those halves on the lean
     executor (fused attention, the class row alone, plain-block ops: timed like TPC's). Same logits as the path
-    training uses (timm's modules; EViT's explicit attention map), no dropout here; and they do reduce."""
+    training uses (timm's modules), no dropout here; and they do reduce."""
     model = _peer(f"{name}_deit_small_patch16_224", **knob).eval()
     lean = model(grid_images)
     torch.testing.assert_close(lean, model.train()(grid_images), atol=1e-5, rtol=1e-4)

@@ -275,7 +275,7 @@ def bench_tpc_speed(
     import timm
 
     from .flops import count_gmacs
-    from .layers import LeanDenseViT
+    from .layers import lean_dense
     from .models import dense_name, image_geometry
     from .policy import every_suffix
     from .runtime import current_policy, set_policy
@@ -285,10 +285,9 @@ def bench_tpc_speed(
     dense = timm.create_model(dense_name(model_name), **model_kwargs).eval()
     size = image_geometry(tpc)
     variants: dict[str, tuple[nn.Module, float | None]] = {"dense": (dense, None)}
-    try:  # the dense model on the reducers' lean block executor: the speed-up of the token saving alone
-        variants["dense-lean"] = (LeanDenseViT(dense), None)
-    except TypeError:  # not a timm VisionTransformer (Swin, LV-ViT): no lean executor
-        pass
+    lean = lean_dense(dense)  # the dense model on the reducers' lean executor: the token saving's speed-up alone
+    if lean is not None:
+        variants["dense-lean"] = (lean, None)
     for keep in keeps:
         for every in decide_every if keep < 1.0 else (1,):
             m = timm.create_model(model_name, **model_kwargs).eval()

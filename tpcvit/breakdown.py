@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import controller as C
 from .bench import machine_info, time_interleaved
-from .layers import LeanDenseViT, block_forward, context_block, embed_tokens, image_geometry, unwrap
+from .layers import block_forward, context_block, embed_tokens, image_geometry, lean_dense, unwrap
 from .models import TPCViT
 from .policy import ExecutionPolicy, every_suffix
 from .propagation import Propagation
@@ -121,10 +121,9 @@ def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float]
     torch.manual_seed(0)
     x = torch.randn(batch, *image_geometry(m), device=device)
     fns = {"dense": lambda: dense(x)}
-    try:  # the dense model on the executor TPC's blocks run with (timm ViTs; not LV-ViT's own class)
-        fns["dense (lean)"] = lambda lean=LeanDenseViT(dense): lean(x)
-    except TypeError:
-        pass
+    lean = lean_dense(dense)  # the dense model on the executor TPC's blocks run with
+    if lean is not None:
+        fns["dense (lean)"] = lambda: lean(x)
     start = m.tpc_cfg.start_layer
     for keep in sorted({1.0, *keeps}, reverse=True):
         for every in decide_every if keep < 1.0 else (1,):

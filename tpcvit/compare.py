@@ -32,7 +32,7 @@ from .checkpoint import atomic_write
 from .config import ConfigError
 from .data import take_batches
 from .flops import count_gmacs
-from .layers import LeanDenseViT
+from .layers import lean_dense
 from .models import PEER_METHODS, image_geometry, variant_name
 from .policy import every_suffix
 from .reporting import markdown_table
@@ -161,10 +161,11 @@ def build_variant(cfg: dict, spec: Spec, num_classes: int, weights: dict[str, st
     if spec.every > 1:
         set_policy(model, current_policy(model).replace(decide_every=spec.every))
     if spec.method == "dense-lean":
-        try:
-            model = LeanDenseViT(model)
-        except TypeError as e:
-            raise ConfigError(f"dense-lean: {e}; drop dense-lean from --methods for this backbone") from None
+        lean = lean_dense(model)
+        if lean is None:
+            raise ConfigError(f"dense-lean runs timm VisionTransformer backbones, not {type(model).__name__}: drop "
+                              "dense-lean from --methods for this backbone")
+        model = lean
     return model.eval()
 
 

@@ -14,7 +14,7 @@ from .checkpoint import atomic_write
 from .config import dump_config
 from .data import take_batches
 from .engine import build_model, build_val_data, config_geometry, evaluate, fit, init_distributed
-from .layers import LeanDenseViT
+from .layers import lean_dense
 from .models import dense_name as dense_model_name
 from .reporting import markdown_table
 from .runtime import set_mode
@@ -76,11 +76,10 @@ def run_pipeline(cfg: dict, progress: bool = True) -> dict:
     tpc = build_model(tpc_cfg, n_cls, init=str(out / "tpc" / "best.safetensors")).to(device)
     variants = {"dense": (dense, None)}
     evals = {"dense": evaluate(dense, val_loader, device, info, progress=progress, desc="eval dense")}
-    try:  # the speed baseline on the executor TPC's blocks run with: bitwise dense's outputs (not re-evaluated)
-        variants[LEAN_DENSE] = (LeanDenseViT(dense), None)
-        evals[LEAN_DENSE] = {**evals["dense"], "same_outputs_as": "dense"}
-    except TypeError:  # not a timm VisionTransformer (Swin, LV-ViT): no lean executor
-        pass
+    lean = lean_dense(dense)  # the speed baseline on the executor TPC's blocks run with: dense's outputs
+    if lean is not None:
+        variants[LEAN_DENSE] = (lean, None)
+        evals[LEAN_DENSE] = {**evals["dense"], "same_outputs_as": "dense"}  # not re-evaluated
     if extra_cfg is not None:  # same architecture as dense: its speed is dense's, not timed again
         extra = build_model(extra_cfg, n_cls, name=dense_name, init=str(out / "dense_extra" / "best.safetensors"))
         evals[f"dense + {tpc_cfg['train']['epochs']} epochs"] = evaluate(

@@ -17,14 +17,7 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import (
-    attention_output,
-    attention_parts,
-    attention_with_class_row,
-    block_forward,
-    embed_tokens,
-    mlp_half,
-)
+from ..layers import attention_half, block_forward, class_row_attention, embed_tokens, mlp_half
 from .common import PeerMixin, PeerTrace, create_peer, reduction_blocks
 
 
@@ -60,19 +53,14 @@ class EViTVisionTransformer(PeerMixin, VisionTransformer):
         self._init_peer(keep_rate)
 
     def _reorganise_block(self, blk, x: torch.Tensor) -> torch.Tensor:
-        attn, p = blk.attn, self.num_prefix_tokens
-        n = x.shape[1] - p
-        keep = math.ceil(self.budget * n)
-        if not self.training:  # fused attention, the class row alone, lean blocks: timed as TPC's blocks are
-            x, cls_attn = attention_with_class_row(blk, x, p)
-            x = torch.cat([x[:, :p], keep_topk_fuse(x[:, p:], cls_attn, keep, self.fuse_token)], dim=1)
-            return mlp_half(blk, x)
-        q, k, v = attention_parts(attn, blk.norm1(x))
-        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # explicit: we need the class row
-        x = x + blk.drop_path1(blk.ls1(attention_output(attn, weights @ v)))
-        cls_attn = weights[:, :, 0, p:].mean(dim=1)  # [B, n]
+        """Attention, then keep the top tokens by the class token's attention and fuse the rest, then the MLP on the
+        reduced set (the lean executor at inference, timm's modules in training)."""
+        p = self.num_prefix_tokens
+        keep = math.ceil(self.budget * (x.shape[1] - p))
+        x, q, k = attention_half(blk, x)
+        cls_attn = class_row_attention(q, k)[:, p:]  # [B, n]: the class row alone, not the whole map
         x = torch.cat([x[:, :p], keep_topk_fuse(x[:, p:], cls_attn, keep, self.fuse_token)], dim=1)
-        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return mlp_half(blk, x)
 
     def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
         x = embed_tokens(self, x)

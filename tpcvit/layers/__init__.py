@@ -12,12 +12,12 @@ from .vit_block import (
     attention_half,
     attention_output,
     attention_parts,
-    attention_with_class_row,
     block_forward,
     block_rows,
     class_row_attention,
     context_block,
     context_rows,
+    lean_dense,
     mlp_half,
     packed_block,
     plain_block,
@@ -25,7 +25,7 @@ from .vit_block import (
 )
 
 __all__ = ["ControllerHead", "LeanDenseViT", "PlainBlock", "TokenGridStabilizer", "attend", "attention_half",
-           "attention_output", "attention_parts", "attention_with_class_row", "block_forward", "block_rows",
+           "attention_output", "attention_parts", "block_forward", "block_rows",
            "check_images", "class_row_attention", "context_block", "context_rows", "embed_tokens", "image_geometry",
-           "mlp_half", "packed_block", "plain_block", "sparse_swin_block", "supports_packing", "unwrap",
+           "lean_dense", "mlp_half", "packed_block", "plain_block", "sparse_swin_block", "supports_packing", "unwrap",
            "upsample_tokens", "window_attention_heads"]

@@ -189,10 +189,15 @@ def _plain_attention(p: PlainBlock, rows: torch.Tensor, b: int, attn_mask: torch
     """The attention heads' output ``[B * n, D]`` (before the projection). Its own function so that qkv is freed
     before the MLP runs, as in timm's block: kept alive through the MLP, it made the block 6-10% slower at DeiT-S
     batch 32 on CPU (a larger peak for the allocator; paired, rotated rounds)."""
+    q, k, v = _plain_qkv(p, rows, b)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(-1, rows.shape[-1])
+
+
+def _plain_qkv(p: PlainBlock, rows: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, H, n, Dh]`` of a plain block for ``[B * n, D]`` rows: one LayerNorm, one addmm."""
     d = rows.shape[-1]
     qkv = _affine(F.layer_norm(rows, (d,), *p.norm1, p.eps), p.qkv)
-    q, k, v = qkv.view(b, -1, 3, p.heads, d // p.heads).permute(2, 0, 3, 1, 4).unbind(0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(-1, d)
+    return qkv.view(b, -1, 3, p.heads, d // p.heads).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _plain_tail(p: PlainBlock, rows: torch.Tensor) -> torch.Tensor:
@@ -253,9 +258,8 @@ def context_rows(blk: nn.Module, rows: torch.Tensor, context: torch.Tensor, batc
             mean = F.linear(blk.norm1(context.view(b, t, d)).mean(dim=1, keepdim=True), weight[:d],
                             None if bias is None else bias[:d])
             query = attn.q_norm(mean.view(b, 1, heads, attn.head_dim).transpose(1, 2))
-        logits = (query * attn.scale) @ k.transpose(-2, -1)
-        row = (logits if key_bias is None else logits + key_bias).softmax(dim=-1)[:, :, 0].mean(dim=1) * t
-        del query, logits
+        row = class_row_attention(query, k, key_bias) * t
+        del query
     del q, k, v, kv  # freed before the MLP, as in timm's block (see _plain_attention)
     if p is None:
         rows = rows + blk.ls1(attn.proj(attention_out_norm(attn)(o)))
@@ -284,25 +288,17 @@ def attention_half(blk: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | No
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return x + blk.drop_path1(blk.ls1(attention_output(attn, o))), q, k
     b, t, d = x.shape
-    qkv = _affine(F.layer_norm(x.reshape(b * t, d), (d,), *p.norm1, p.eps), p.qkv)
-    q, k, v = qkv.view(b, t, 3, p.heads, d // p.heads).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = _plain_qkv(p, x.reshape(b * t, d), b)
     bias = attn_mask if attn_mask is None else attn_mask.to(q.dtype)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b * t, d)
     return x + _affine(o, p.proj).view(b, t, d), q, k
 
 
 def class_row_attention(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The class query's attention over every key, mean over heads, ``[B, T]``: one query row, not the whole map."""
+    """The first query's (the class token's) attention over every key, mean over heads, ``[B, T]``: one query row,
+    not the whole map. ``q`` ``[B, H, >=1, Dh]``, ``k`` ``[B, H, T, Dh]``, timm's scale ``Dh ** -0.5``."""
     logits = (q[:, :, :1] * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     return (logits if key_bias is None else logits + key_bias).softmax(dim=-1)[:, :, 0].mean(dim=1)
-
-
-def attention_with_class_row(blk: nn.Module, x: torch.Tensor, num_prefix: int = 1
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attention_half` and what a top-k-by-class-attention method ranks by: ``(x + attention output,
-    class attention over the patch tokens [B, n])``."""
-    x, q, k = attention_half(blk, x)
-    return x, class_row_attention(q, k)[:, num_prefix:]
 
 
 def mlp_half(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -347,8 +343,15 @@ def attend(blk: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = None
     o = attn.attn_drop(weights) @ v
     cls_attn = weights[:, :, 0].mean(dim=1)
     x = x + blk.drop_path1(blk.ls1(attention_output(attn, o)))
-    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, cls_attn, weights
+    return mlp_half(blk, x), cls_attn, weights
+
+
+def lean_dense(model: nn.Module) -> LeanDenseViT | None:
+    """``model`` on the lean executor (:class:`LeanDenseViT`), or ``None`` when it is not a timm
+    ``VisionTransformer`` (Swin): the one place the benches decide whether a backbone has a ``dense-lean`` row."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return LeanDenseViT(model) if isinstance(model, VisionTransformer) else None
 
 
 class LeanDenseViT(nn.Module):
