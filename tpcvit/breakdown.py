@@ -13,9 +13,11 @@ All numbers are medians over interleaved rounds.
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import controller as C
 from .bench import machine_info, time_interleaved
@@ -86,6 +88,63 @@ def count_ops(fn) -> int:
             fn()
     return sum(1 for e in prof.events() if e.name.startswith("aten::")
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+# ATen ops that make the host wait for the device (their result's size or value is read on the host): on a GPU each
+# one stalls the CPU until every queued kernel has run, and a CUDA graph cannot be captured across it
+_SYNCING_OPS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::argwhere",
+                          "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::bincount",
+                          "aten::equal", "aten::is_nonzero"})
+
+
+def _sync_kind(func, args: tuple) -> str | None:
+    """The kind of host synchronisation ``func(*args)`` forces on a GPU, or ``None``."""
+    name = func._schema.name
+    if name in _SYNCING_OPS:
+        return name
+    if name == "aten::repeat_interleave" and func._overloadname != "self_int":  # tensor repeats: the size is read
+        return name
+    indices = args[1] if name.startswith("aten::index") and isinstance(args[1], (list, tuple)) else ()
+    if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+        return f"{name} (boolean mask)"  # a hidden nonzero
+    return None
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts the ops that force a host synchronisation (:func:`_sync_kind`) as they run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kind = _sync_kind(func, args)
+        if kind is not None:
+            self.found[kind] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs(fn) -> Counter[str]:
+    """Device -> host synchronisations of one ``fn()`` by kind (none = the pass can be captured in a CUDA graph and
+    never stalls the CPU). Works on any device, CPU included: it counts the ops that would wait on a GPU, plus
+    ``Tensor.tolist`` calls (read on the host without an ATen op). Runs under ``no_grad`` (not inference mode,
+    where scalar reads skip the dispatcher)."""
+    mode = _HostSyncs()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        mode.found["Tensor.tolist"] += 1
+        return tolist(self)
+
+    with torch.no_grad():
+        fn()  # warm: caches built on a first call are not the steady state
+        torch.Tensor.tolist = counted_tolist
+        try:
+            with mode:
+                fn()
+        finally:
+            torch.Tensor.tolist = tolist
+    return mode.found
 
 
 def cut_forward(dense: nn.Module, x: torch.Tensor, start: int, keep: float, paused_keys: bool = False) -> torch.Tensor:

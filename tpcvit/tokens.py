@@ -29,6 +29,16 @@ class TokenSelection:
     full: bool = False
 
 
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions ``[count]`` of the True entries of the 1-D ``mask`` (``count`` of them, known on the host), in
+    order, with no host synchronisation (``nonzero_static``); ``nonzero`` where the device lacks it (CUDA before
+    torch 2.5)."""
+    try:
+        return torch.nonzero_static(mask, size=count)[:, 0]
+    except (NotImplementedError, RuntimeError):
+        return mask.nonzero()[:, 0]
+
+
 def _with_prefix(patch_index: torch.Tensor, num_prefix: int) -> torch.Tensor:
     if num_prefix == 1:  # the class token at position 0: one pad instead of arange + expand + cat (batch-1 latency)
         return F.pad(patch_index + 1, (1, 0))
@@ -51,13 +61,13 @@ def select_active(active: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> 
             return TokenSelection(index=None, full=True)
         return TokenSelection(index=_with_prefix(order[None], num_prefix))
     counts = active.sum(dim=1)
-    n_max = int(counts.max()) if b > 0 else 0
-    if n_max == n:
-        if bool((counts == n).all()):
-            return TokenSelection(index=None, full=True)
+    # the one host synchronisation of an adaptive step (the padded width is a shape): both extremes in one read
+    n_min, n_max = torch.stack(torch.aminmax(counts)).tolist() if b > 0 else (0, 0)
+    if n_min == n:
+        return TokenSelection(index=None, full=True)
     order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices[:, :n_max]
     index = _with_prefix(order, num_prefix)
-    if bool((counts == n_max).all()):
+    if n_min == n_max:
         return TokenSelection(index=index)
     valid_patch = torch.arange(n_max, device=active.device)[None, :] < counts[:, None]
     valid = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=active.device), valid_patch], dim=1)
@@ -195,18 +205,22 @@ class PackedSelection:
     key_bias: torch.Tensor | None
 
 
-def select_packed(active: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> PackedSelection:
-    """Packed selection for adaptive mode: ``active`` ``[B, N]`` patch states; prefix tokens always included."""
+def select_packed(active: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> PackedSelection | None:
+    """Packed selection for adaptive mode: ``active`` ``[B, N]`` patch states; prefix tokens always included.
+    ``None`` when every token is active. One host synchronisation: the counts' extremes and total, read together
+    (the shapes that follow depend on them; ``nonzero_static`` then needs no second one)."""
     b, n = active.shape
     full = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=active.device), active], dim=1)
     t = full.shape[1]
-    flat = full.flatten().nonzero().squeeze(1)
     counts = full.sum(dim=1)
-    n_max = int(counts.max())
+    n_min, n_max, total = torch.stack([counts.min(), counts.max(), counts.sum()]).tolist()
+    if n_min == t:
+        return None
+    flat = true_positions(full.flatten(), total)
     rows = torch.div(flat, t, rounding_mode="floor")
     slots = (full.cumsum(dim=1) - 1).flatten()[flat]
     key_bias = None
-    if bool((counts != n_max).any()):
+    if n_min != n_max:
         valid = torch.arange(n_max, device=active.device)[None, :] < counts[:, None]
         key_bias = torch.zeros(valid.shape, dtype=dtype, device=active.device).masked_fill(~valid, float("-inf"))
         key_bias = key_bias[:, None, None, :]

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.swin_transformer import window_partition, window_reverse
 
-from ..tokens import flat_index
+from ..tokens import flat_index, true_positions
 
 
 def window_attention_heads(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -64,12 +64,14 @@ def sparse_swin_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor,
     ``nonzero`` of ``active``, which keeps every shape static (ONNX export, compilers).
     """
     b, h, w, c = x.shape
-    if (index.shape[1] == h * w) if index is not None else bool(active.all()):
+    # adaptive: the one host synchronisation of the block (how many tokens run is a shape)
+    count = index.numel() if index is not None else int(active.sum())
+    if count == b * h * w:
         return blk(x)
     heads = window_attention_heads(blk, blk.norm1(x))
     proj = blk.attn.proj
     flat = x.reshape(b * h * w, c)
-    idx = flat_index(index, h * w) if index is not None else active.reshape(-1).nonzero().squeeze(1)
+    idx = flat_index(index, h * w) if index is not None else true_positions(active.reshape(-1), count)
     tokens = flat.index_select(0, idx) + proj(heads.reshape(b * h * w, c).index_select(0, idx))
     tokens = tokens + blk.mlp(blk.norm2(tokens))
     return flat.index_copy(0, idx, tokens).view(b, h, w, c)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..tokens import from_padded, pack, select_packed, to_padded, unpack
+from ..tokens import PackedSelection, from_padded, pack, select_packed, to_padded, unpack
 from ._timm import attention_dim, attention_gate, attention_out_norm
 from .geometry import embed_tokens
 
@@ -29,10 +29,13 @@ def packed_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor, num_pref
     qkv, output projection and MLP see exactly the M active tokens of the batch; only the attention product uses the
     padded ``[B, n_max]`` layout with a key mask. Same math as ``Block.forward`` on the gathered tokens.
     """
-    if bool(active.all()):
-        return blk(x)
-    attn = blk.attn
     sel = select_packed(active, num_prefix, x.dtype)
+    return blk(x) if sel is None else packed_selection_block(blk, x, sel)  # None: every token active
+
+
+def packed_selection_block(blk: nn.Module, x: torch.Tensor, sel: PackedSelection) -> torch.Tensor:
+    """:func:`packed_block` on a selection already made (blocks sharing one decision make it once)."""
+    attn = blk.attn
     b = x.shape[0]
     tokens = pack(x, sel)
     qkv = to_padded(attn.qkv(blk.norm1(tokens)), sel, b)

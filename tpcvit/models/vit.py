@@ -22,12 +22,13 @@ from ..layers import (
     context_block,
     context_rows,
     embed_tokens,
-    packed_block,
+    packed_selection_block,
     supports_packing,
 )
 from ..propagation import Propagation, TokenTrace, TPCConfig
 from ..runtime import BlockStep, Stage, TPCRuntime
 from ..tokens import (
+    PackedSelection,
     TokenSelection,
     flat_index,
     masked_update,
@@ -35,6 +36,7 @@ from ..tokens import (
     run_on_selection,
     scatter_rows,
     select_active,
+    select_packed,
     select_topk,
     window_ids,
 )
@@ -69,11 +71,14 @@ class TPCViT(TPCRuntime):
             return context_block(blk, x, x, class_attention=True, num_prefix=self.num_prefix_tokens)
         return block_forward(blk, x), None
 
-    def _tpc_run_block(self, blk: nn.Module, x: torch.Tensor, step: BlockStep):
+    def _tpc_run_block(self, blk: nn.Module, x: torch.Tensor, step: BlockStep,
+                       sel: TokenSelection | PackedSelection | None = None):
+        """``sel``: the fast path's selection when already made (:meth:`_tpc_run_group`), else made here."""
         cfg, prefix, d = self.tpc_cfg, self.num_prefix_tokens, step.decision
         seen: dict[str, torch.Tensor] = {}
-        sel = self._tpc_selection(blk, x, step) if step.fast else None
-        pooled = cfg.paused_key_pool > 1 and not (step.fast and (sel is None or sel.full))
+        if step.fast and sel is None:
+            sel = self._tpc_selection(blk, x, step)
+        pooled = cfg.paused_key_pool > 1 and not (step.fast and sel.full)  # pooled keys: never packed
 
         def run(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
             return block_forward(blk, tokens, mask)
@@ -99,8 +104,8 @@ class TPCViT(TPCRuntime):
 
         if not step.fast:
             return masked_update(run, x, d.states, prefix, mask_keys=not cfg.paused_keys), seen.get("score")
-        if sel is None:
-            x = packed_block(blk, x, d.active, prefix)
+        if isinstance(sel, PackedSelection):
+            x = packed_selection_block(blk, x, sel)
         else:
             x = run_on_selection(run, x, sel)
         return x, seen.get("score")
@@ -136,15 +141,18 @@ class TPCViT(TPCRuntime):
         own = probs[:, :n] if valid is None else torch.where(valid, probs[:, :n], full.gather(1, index))
         return full.scatter(1, index, own)
 
-    def _tpc_selection(self, blk: nn.Module, x: torch.Tensor, step: BlockStep) -> TokenSelection | None:
-        """The tokens a fast-path block computes (``None``: packed adaptive execution, :func:`packed_block`)."""
+    def _tpc_selection(self, blk: nn.Module, x: torch.Tensor, step: BlockStep) -> TokenSelection | PackedSelection:
+        """The tokens a fast-path block computes (a :class:`PackedSelection`: packed adaptive execution,
+        :func:`packed_selection_block`). Adaptive mode reads the number of active tokens on the host here: the
+        forward's only host synchronisation, once per decision; budget mode has none."""
         d = step.decision
         if step.budget_selection:
             return select_topk(d.num_patches, step.budget_k, self.num_prefix_tokens, d.index,
                                None if d.index is not None else d.active)
         if (step.policy.packed and not self.tpc_cfg.paused_keys and not self.training and x.shape[0] > 1
                 and supports_packing(blk)):
-            return None
+            packed = select_packed(d.active, self.num_prefix_tokens, x.dtype)
+            return packed if packed is not None else TokenSelection(index=None, full=True)
         return select_active(d.active, self.num_prefix_tokens, x.dtype)
 
     def _tpc_run_group(self, blocks: list[nn.Module], x: torch.Tensor, steps: list[BlockStep]):
@@ -154,9 +162,17 @@ class TPCViT(TPCRuntime):
         with pooled paused keys (``paused_key_pool``) the windows' means are the keys the selection does not hold,
         pooled once for the group (paused tokens do not change), and the buffer is written once.
         A group of one block (deciding in every block) runs here too: the fewest ops per gathered selection."""
-        sel = self._tpc_selection(blocks[0], x, steps[0]) if steps[0].fast else None
-        if sel is None or sel.full or sel.valid is not None:  # masked path, packed, padded or full: per block
+        if not steps[0].fast:  # masked path: per block
             return super()._tpc_run_group(blocks, x, steps)
+        sel = self._tpc_selection(blocks[0], x, steps[0])  # one selection (one host sync if adaptive) per group
+        if isinstance(sel, PackedSelection) or sel.full or sel.valid is not None:  # packed, full or padded
+            seen = None
+            for blk, step in zip(blocks, steps):
+                # a later block packing cannot run (not a plain timm Block) makes its own padded selection
+                same = not isinstance(sel, PackedSelection) or supports_packing(blk)
+                x, score = self._tpc_run_block(blk, x, step, sel if same else None)
+                seen = score if score is not None else seen
+            return x, seen
         # the selected rows go from block to block flattened (no reshapes in between: batch-1 latency); with paused
         # keys they are written into the flattened buffer (the next block's keys and values) after every block
         b, t, d = x.shape
