@@ -33,6 +33,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decide-every", type=int, nargs="+", default=[1, 3], metavar="K",
                    help="TPC variants deciding in every K-th controlled block (the blocks between reuse the decision "
                         "and keep their tokens gathered): one per K, e.g. tpc@0.25/3")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay every variant without host synchronisation from a CUDA graph (batch 1: one launch "
+                        "instead of hundreds); the others run eagerly, marked (not with --dry-run: CPU)")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", required=True, help="output prefix")
@@ -44,6 +47,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     extra: list[str] = []
+    if args.dry_run and args.cuda_graphs:
+        print("--cuda-graphs needs a GPU: drop --dry-run", file=sys.stderr)
+        return 2
     if args.dry_run:
         args.device, args.batch_sizes, args.rounds, args.budgets = "cpu", [1, 4], 1, [0.5]
         args.models, args.dtypes = ["deit_small_patch16_224"], ["float32", "bfloat16"]
@@ -60,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         for dtype_name in args.dtypes:
             cfg = load_config(None, [f"model.name={name}", *extra])
             result = run_compare(cfg, specs, {}, args.batch_sizes, args.rounds, calib_images=4, with_data=False,
-                                 device=args.device, progress=False, dtype=getattr(torch, dtype_name))
+                                 device=args.device, progress=False, dtype=getattr(torch, dtype_name),
+                                 cuda_graphs=args.cuda_graphs)
             result["command"] = "python benchmarks/gpu_bench.py " + " ".join(sys.argv[1:])
             out = Path(f"{args.out}_{name}_{dtype_name}")
             write_compare(result, out)
-            summary.append(f"## {name}, {dtype_name}, {result['machine'].get('gpu', result['machine']['cpu'])}\n\n"
-                           f"{compare_markdown(result)}\n")
+            where = result["machine"].get("gpu", result["machine"]["cpu"])
+            graphs = ", CUDA graphs" if args.cuda_graphs else ""
+            summary.append(f"## {name}, {dtype_name}{graphs}, {where}\n\n{compare_markdown(result)}\n")
             print(summary[-1], flush=True)
     Path(f"{args.out}_summary.md").write_text("\n".join(summary))
     return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (issue: speed where users feel it): the CUDA test tier, then the GPU benchmark (DeiT-S/B, bf16 and fp32,
-# batch 1 and 256, TPC vs dense vs every peer at matched GMACs). On a machine without a GPU (CI) both run as a dry
-# run: the CUDA tests are skipped and the benchmark runs on CPU at tiny sizes, so the script cannot rot.
+# batch 1 and 256, TPC vs dense vs every peer at matched GMACs; then DeiT-S bf16 replayed from CUDA graphs). On a
+# machine without a GPU (CI) both run as a dry run: the CUDA tests are skipped and the benchmark runs on CPU at tiny
+# sizes (eager: CUDA graphs need a GPU; their routing is unit-tested), so the script cannot rot.
 #   bash scripts/gpu_check.sh                 # results in benchmarks/results/gpu_<gpu name>_*
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,9 @@ if $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; 
   GPU=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
   $PY -m pytest -m cuda tests
   $PY benchmarks/gpu_bench.py --out "benchmarks/results/gpu_${GPU}"
+  # batch 1 on a GPU is launch-bound: the same comparison replayed from CUDA graphs (budget mode has no host sync)
+  $PY benchmarks/gpu_bench.py --cuda-graphs --models deit_small_patch16_224 --dtypes bfloat16 \
+    --out "benchmarks/results/gpu_${GPU}_graphs"
 else
   echo "gpu_check: no CUDA device here; dry run (CUDA tests skipped, benchmark on CPU at tiny sizes)"
   $PY -m pytest -q -m cuda tests || [ $? -eq 5 ]   # 5 = every test deselected/skipped: fine without a GPU

@@ -51,6 +51,41 @@ def test_patched_timm_vit_and_peers_on_cuda(cuda_images):
             assert torch.isfinite(model(cuda_images)).all()
 
 
+@pytest.mark.parametrize("paused_keys", [False, True])
+def test_budget_mode_replays_from_a_cuda_graph(paused_keys, cuda_images):
+    """Budget mode has no host sync (tests/test_host_syncs.py): captured once, a replay on new images in the same
+    input memory gives the eager forward's logits; adaptive mode (it reads its token count) is left eager."""
+    from tpcvit.bench import cuda_graphed, graph_variants
+
+    model = tpcvit.set_policy(small_tpc(paused_keys=paused_keys).cuda().eval(),
+                              tpcvit.ExecutionPolicy(mode="budget", keep=0.5, decide_every=2))
+    static = cuda_images.clone()
+    out = {}
+
+    def forward():
+        out["logits"] = model(static)
+
+    with torch.inference_mode():
+        replay = cuda_graphed(forward, static.device)
+        static.copy_(cuda_images.flip(0))
+        replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out["logits"], model(cuda_images.flip(0)), rtol=1e-3, atol=1e-4)
+        adaptive = tpcvit.set_policy(small_tpc().cuda().eval(), tpcvit.ExecutionPolicy(mode="adaptive"))
+        fns, eager = graph_variants({"budget": forward, "adaptive": lambda: adaptive(static)}, static.device)
+    assert set(eager) == {"adaptive"} and eager["adaptive"].startswith("host syncs")
+    assert fns["budget"] is not forward
+
+
+def test_bench_with_cuda_graphs_times_replays(tmp_path):
+    from tpcvit.bench import bench_tpc_speed
+
+    rows, meta = bench_tpc_speed("tpc_deit_tiny_patch16_224", (1.0, 0.5), (1, 8), rounds=2, device="cuda",
+                                 cuda_graphs=True, decide_every=(1, 3), img_size=64)
+    assert meta["cuda_graphs"] and {r.variant for r in rows} >= {"dense", "dense-lean", "tpc@50%", "tpc@50%/3"}
+    assert all(r.eager_reason is None and r.img_per_s > 0 for r in rows)  # every budget variant captured
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP with NCCL needs 2 GPUs")
 def test_ddp_init_with_nccl(tmp_path):
     import subprocess

@@ -160,12 +160,16 @@ def test_bench_breakdown_times_every_part_of_a_controlled_block():
         assert ops["dense (lean)"] < ops["dense"]  # the lean executor: the same blocks with fewer calls
         # keep 100%: no controller runs (every token is kept anyway); leaner blocks than timm's, plus the stabilizer
         assert ops["tpc@100%"] < ops["tpc@50%/2"]
+        syncs = r["host_syncs"]  # budget mode never waits on the device; adaptive reads its count per decision
+        assert all(v == 0 for k, v in syncs.items() if k != "tpc adaptive (not timed)")
+        assert syncs["tpc adaptive (not timed)"] == 2 and set(r["model_ms"]) < set(syncs)
         parts = r["block_us"]["0.5"]
         assert {"controller head", "decision (probabilities, smoothing, top-k)", "selection + gather/scatter",
                 "block on its selection (incl. gather/scatter)", "block on every token (dense)"} == set(parts)
         assert min(parts.values()) > 0
     assert "vs dense (lean)" in breakdown_markdown(result) and result["controlled_blocks"] == 2
     assert "zero-overhead ceiling" in breakdown_markdown(result)
+    assert "TPC budget mode 0, adaptive mode 2" in breakdown_markdown(result)
 
 
 def test_breakdown_ceiling_runs_the_same_tokens_as_tpc_budget_mode():

@@ -1,7 +1,7 @@
 """Host synchronisations: budget mode (TPC and every peer at a fixed budget) never makes the host wait for the device,
 so it can be captured in a CUDA graph and never stalls a GPU's queue; adaptive mode reads its token count on the host
 once per decision (a shape depends on it), not once per block or per check. Counted on CPU by
-:func:`tpcvit.breakdown.host_syncs`, which sees the ops that would wait on a GPU."""
+:func:`tpcvit.bench.host_syncs`, which sees the ops that would wait on a GPU."""
 
 import pytest
 import timm
@@ -9,7 +9,7 @@ import torch
 from conftest import SMALL, small_tpc
 
 import tpcvit
-from tpcvit.breakdown import host_syncs
+from tpcvit.bench import host_syncs
 from tpcvit.compare import build_variant, parse_spec
 from tpcvit.config import load_config
 from tpcvit.runtime import current_policy, set_policy
@@ -95,3 +95,34 @@ def test_adaptive_swin_syncs_at_most_once_per_controlled_block():
     controlled = 4 - model.tpc_cfg.start_layer
     found = host_syncs(lambda: model._propagate(x, tpcvit.ExecutionPolicy(mode="adaptive"), with_trace=False))
     assert 0 < sum(found.values()) <= controlled, found
+
+
+def test_graph_variants_captures_the_sync_free_passes_and_leaves_the_rest_eager(monkeypatch, images):
+    """The routing of ``--cuda-graphs`` (capture itself needs a GPU: tests/test_cuda.py): a pass with host syncs is
+    never captured and says why; a failed capture falls back to eager with the error."""
+    from tpcvit import bench
+
+    captured = []
+
+    def capture(fn, device):
+        if fn is failing:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        captured.append(fn)
+        return fn
+
+    monkeypatch.setattr(bench, "cuda_graphed", capture)
+    budget = tpcvit.set_policy(small_tpc().eval(), tpcvit.ExecutionPolicy(mode="budget", keep=0.5))
+    adaptive = tpcvit.set_policy(small_tpc().eval(), tpcvit.ExecutionPolicy(mode="adaptive"))
+
+    def budget_pass():
+        return budget(images)
+
+    def failing():
+        return budget(images)
+
+    with torch.no_grad():
+        fns, eager = bench.graph_variants({"tpc@50%": budget_pass, "tpc adaptive": lambda: adaptive(images),
+                                           "odd op": failing}, torch.device("cpu"))
+    assert captured == [budget_pass] and set(fns) == {"tpc@50%", "tpc adaptive", "odd op"}
+    assert eager == {"tpc adaptive": "host syncs: Tensor.tolist x3",
+                     "odd op": "capture failed: operation not permitted when stream is capturing"}

@@ -556,6 +556,7 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path):
           str(tmp_path / "blocker" / "m.onnx")], "a file is in the way"),
         (["train", "-o", str(out), *TINY, "data.kind=folder", f"data.path={data}"], "different classes"),
         (["bench", "--batch-sizes", "0"], "must be >= 1"),
+        (["bench", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
     ]
     for args, message in cases:
         res = _cli(*args, *(["--quiet"] if args[0] == "train" else []), check=False)

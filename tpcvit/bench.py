@@ -12,13 +12,17 @@ import platform
 import statistics
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
+
+from .config import ConfigError
 
 STEADY_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value
 _allocator_note = "default"
@@ -116,6 +120,102 @@ def _rotated(items: list, shift: int) -> list:
     return items[shift:] + items[:shift]
 
 
+# ATen ops that make the host wait for the device (their result's size or value is read on the host): on a GPU each
+# one stalls the CPU until every queued kernel has run, and a CUDA graph cannot be captured across it
+_SYNCING_OPS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::argwhere",
+                          "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::bincount",
+                          "aten::equal", "aten::is_nonzero"})
+
+
+def _sync_kind(func, args: tuple) -> str | None:
+    """The kind of host synchronisation ``func(*args)`` forces on a GPU, or ``None``."""
+    name = func._schema.name
+    if name in _SYNCING_OPS:
+        return name
+    if name == "aten::repeat_interleave" and func._overloadname != "self_int":  # tensor repeats: the size is read
+        return name
+    indices = args[1] if name.startswith("aten::index") and isinstance(args[1], (list, tuple)) else ()
+    if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+        return f"{name} (boolean mask)"  # a hidden nonzero
+    return None
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts the ops that force a host synchronisation (:func:`_sync_kind`) as they run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kind = _sync_kind(func, args)
+        if kind is not None:
+            self.found[kind] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs(fn) -> Counter[str]:
+    """Device -> host synchronisations of one ``fn()`` by kind (none = the pass can be captured in a CUDA graph and
+    never stalls the CPU). Works on any device, CPU included: it counts the ops that would wait on a GPU, plus
+    ``Tensor.tolist`` calls (read on the host without an ATen op). Runs under ``no_grad`` (not inference mode,
+    where scalar reads skip the dispatcher)."""
+    mode = _HostSyncs()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        mode.found["Tensor.tolist"] += 1
+        return tolist(self)
+
+    with torch.no_grad():
+        fn()  # warm: caches built on a first call are not the steady state
+        torch.Tensor.tolist = counted_tolist
+        try:
+            with mode:
+                fn()
+        finally:
+            torch.Tensor.tolist = tolist
+    return mode.found
+
+
+def cuda_graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` captured once in a CUDA graph; the returned callable replays it (the same input memory, the outputs
+    written into the same memory each time). At batch 1 on a GPU launching a forward's few hundred small kernels one
+    by one costs more than running them; a replay launches them all at once. Needs a pass without host
+    synchronisation (:func:`host_syncs`: budget mode and the fixed-budget peers) and with static shapes; warmed up on
+    a side stream first (lazily built caches are not captured), as torch's CUDA graph recipe asks."""
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def graph_variants(fns: dict[str, Callable[[], object]], device: torch.device
+                   ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
+    """Every variant that can be captured replaced by its :func:`cuda_graphed` replay; the others stay eager, with
+    the reason (their host synchronisations, or the capture's error)."""
+    out, eager = dict(fns), {}
+    for name, fn in fns.items():
+        syncs = host_syncs(fn)
+        if syncs:
+            eager[name] = "host syncs: " + ", ".join(f"{k} x{v}" for k, v in sorted(syncs.items()))
+            continue
+        try:
+            out[name] = cuda_graphed(fn, device)
+        except RuntimeError as err:  # e.g. an op CUDA graphs do not allow
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            eager[name] = "capture failed: " + (str(err).splitlines() or ["?"])[0][:200]
+    return out, eager
+
+
 @dataclass
 class SpeedRow:
     variant: str
@@ -133,6 +233,7 @@ class SpeedRow:
     unstable: bool = False  # the rounds do not pin the number down (see speed_rows): do not trust it
     speedup_low: float | None = None  # 95% interval of the median paired speed-up (None: fewer than 6 rounds)
     speedup_high: float | None = None
+    eager_reason: str | None = None  # CUDA graphs asked but this variant ran eagerly: why (see graph_variants)
 
     @property
     def img_per_s_text(self) -> str:
@@ -157,12 +258,17 @@ def speed_table(
     baseline: str,
     progress: bool = True,
     compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> list[SpeedRow]:
     """Time every variant at every batch size on ``make_input(batch)``; speed-ups relative to ``baseline``.
 
     ``compile``: every variant (baseline included) runs through ``torch.compile(dynamic=False)``, compiled once
     per batch size before timing (static shapes: dense and budget mode; adaptive mode recompiles per shape).
+    ``cuda_graphs`` (CUDA only): every variant that can be is captured once per batch size and replayed
+    (:func:`graph_variants`); a row that ran eagerly says why (``eager_reason``).
     """
+    if cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"CUDA graphs need a CUDA device, got --device {device}: drop --cuda-graphs or use a GPU")
     rows: list[SpeedRow] = []
     dtype_name = str(dtype).removeprefix("torch.")
     for batch in batch_sizes:
@@ -175,10 +281,18 @@ def speed_table(
                 for m in tqdm(models.values(), desc=f"compiling (batch {batch})", disable=not progress, leave=False):
                     m(x)
         fns = {name: (lambda m=model, x=x: m(x)) for name, model in models.items()}
+        eager: dict[str, str] = {}
         iters = max(1, 8 // batch) if device.type == "cpu" else 10
         with torch.inference_mode():
+            if cuda_graphs:
+                fns, eager = graph_variants(fns, device)
+                for name, why in eager.items():
+                    warnings.warn(f"{name} at batch {batch} runs eagerly, not in a CUDA graph ({why})", stacklevel=2)
             samples = time_interleaved(fns, device, rounds=rounds, iters=iters, progress=progress)
-        rows += speed_rows(samples, gmacs, batch, dtype_name, baseline, {n: k for n, (_, k) in variants.items()})
+        batch_rows = speed_rows(samples, gmacs, batch, dtype_name, baseline, {n: k for n, (_, k) in variants.items()})
+        for row in batch_rows:
+            row.eager_reason = eager.get(row.variant)
+        rows += batch_rows
     return rows
 
 
@@ -240,8 +354,8 @@ def rows_to_markdown(rows: list[SpeedRow]) -> str:
     from .reporting import markdown_table
 
     return markdown_table(header, [
-        [r.variant, "-" if r.keep is None else f"{r.keep:.0%}", r.batch, r.dtype, r.img_per_s_text,
-         f"{r.latency_ms:.1f}", f"{r.gmacs:.2f}", r.speedup_text, f"{r.flops_ratio:.2f}x",
+        [r.variant + (" (eager)" if r.eager_reason else ""), "-" if r.keep is None else f"{r.keep:.0%}", r.batch,
+         r.dtype, r.img_per_s_text, f"{r.latency_ms:.1f}", f"{r.gmacs:.2f}", r.speedup_text, f"{r.flops_ratio:.2f}x",
          f"{r.speedup_per_flops:.2f}"] for r in rows])
 
 
@@ -266,12 +380,14 @@ def bench_tpc_speed(
     dtype: str = "float32",
     compile: bool = False,
     decide_every: tuple[int, ...] = (1,),
+    cuda_graphs: bool = False,
     **model_kwargs,
 ) -> tuple[list[SpeedRow], dict]:
     """Dense timm backbone (and, for a timm ViT, the same model on the lean block executor every reducer uses:
     ``dense-lean``) vs the TPC model in ``budget`` mode at each keep ratio (random weights: speed only);
-    ``compile``: all of them through ``torch.compile``; ``decide_every``: one TPC variant per value below keep
-    100% (``tpc@30%/5``: the controller decides in every 5th controlled block, :class:`ExecutionPolicy`)."""
+    ``compile``: all of them through ``torch.compile``; ``cuda_graphs``: replayed from CUDA graphs;
+    ``decide_every``: one TPC variant per value below keep 100% (``tpc@30%/5``: the controller decides in every 5th
+    controlled block, :class:`ExecutionPolicy`)."""
     import timm
 
     from .flops import count_gmacs
@@ -299,8 +415,8 @@ def bench_tpc_speed(
     for m, _ in variants.values():
         m.to(dev, dt)
     rows = speed_table(variants, gmacs, lambda b: torch.randn(b, *size), list(batch_sizes), dev, dt, rounds,
-                       baseline="dense", compile=compile)
+                       baseline="dense", compile=compile, cuda_graphs=cuda_graphs)
     meta = {"model": model_name, "dense": dense_name(model_name), "machine": machine_info(dev), "rounds": rounds,
-            "mode": "budget", "compiled": compile, "decide_every": list(decide_every),
+            "mode": "budget", "compiled": compile, "cuda_graphs": cuda_graphs, "decide_every": list(decide_every),
             "note": "random weights (speed only); medians over interleaved rounds"}
     return rows, meta

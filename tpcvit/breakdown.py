@@ -13,14 +13,12 @@ All numbers are medians over interleaved rounds.
 from __future__ import annotations
 
 import statistics
-from collections import Counter
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import controller as C
-from .bench import machine_info, time_interleaved
+from .bench import host_syncs, machine_info, time_interleaved
 from .layers import block_forward, context_block, embed_tokens, image_geometry, lean_dense, unwrap
 from .models import TPCViT
 from .policy import ExecutionPolicy, every_suffix
@@ -90,63 +88,6 @@ def count_ops(fn) -> int:
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
-# ATen ops that make the host wait for the device (their result's size or value is read on the host): on a GPU each
-# one stalls the CPU until every queued kernel has run, and a CUDA graph cannot be captured across it
-_SYNCING_OPS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::argwhere",
-                          "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::bincount",
-                          "aten::equal", "aten::is_nonzero"})
-
-
-def _sync_kind(func, args: tuple) -> str | None:
-    """The kind of host synchronisation ``func(*args)`` forces on a GPU, or ``None``."""
-    name = func._schema.name
-    if name in _SYNCING_OPS:
-        return name
-    if name == "aten::repeat_interleave" and func._overloadname != "self_int":  # tensor repeats: the size is read
-        return name
-    indices = args[1] if name.startswith("aten::index") and isinstance(args[1], (list, tuple)) else ()
-    if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
-        return f"{name} (boolean mask)"  # a hidden nonzero
-    return None
-
-
-class _HostSyncs(TorchDispatchMode):
-    """Counts the ops that force a host synchronisation (:func:`_sync_kind`) as they run."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kind = _sync_kind(func, args)
-        if kind is not None:
-            self.found[kind] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def host_syncs(fn) -> Counter[str]:
-    """Device -> host synchronisations of one ``fn()`` by kind (none = the pass can be captured in a CUDA graph and
-    never stalls the CPU). Works on any device, CPU included: it counts the ops that would wait on a GPU, plus
-    ``Tensor.tolist`` calls (read on the host without an ATen op). Runs under ``no_grad`` (not inference mode,
-    where scalar reads skip the dispatcher)."""
-    mode = _HostSyncs()
-    tolist = torch.Tensor.tolist
-
-    def counted_tolist(self):
-        mode.found["Tensor.tolist"] += 1
-        return tolist(self)
-
-    with torch.no_grad():
-        fn()  # warm: caches built on a first call are not the steady state
-        torch.Tensor.tolist = counted_tolist
-        try:
-            with mode:
-                fn()
-        finally:
-            torch.Tensor.tolist = tolist
-    return mode.found
-
-
 def cut_forward(dense: nn.Module, x: torch.Tensor, start: int, keep: float, paused_keys: bool = False) -> torch.Tensor:
     """The dense model with its sequence cut once, before block ``start``, to the prefix tokens and the first
     ``round(keep * N)`` patch tokens: the same work per block as TPC's budget mode at ``keep`` (with
@@ -170,11 +111,11 @@ def cut_forward(dense: nn.Module, x: torch.Tensor, start: int, keep: float, paus
 @torch.inference_mode()
 def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float], rounds: int = 7,
                 device: str | torch.device = "cpu",
-                decide_every: tuple[int, ...] = (1,)) -> tuple[dict[str, float], dict[str, int]]:
-    """Milliseconds per forward (and ATen calls per forward): the dense model (timm's forward, and ``dense (lean)``:
-    its blocks on the executor TPC uses, :class:`LeanDenseViT`), TPC in budget mode at each keep ratio (1.0
-    included; below it once per ``decide_every`` value, ``tpc@30%/5``), and the zero-overhead ceiling at each keep
-    below 1 (:func:`cut_forward`)."""
+                decide_every: tuple[int, ...] = (1,)) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
+    """Milliseconds, ATen calls and host synchronisations per forward: the dense model (timm's forward, and
+    ``dense (lean)``: its blocks on the executor TPC uses, :class:`LeanDenseViT`), TPC in budget mode at each keep
+    ratio (1.0 included; below it once per ``decide_every`` value, ``tpc@30%/5``), and the zero-overhead ceiling at
+    each keep below 1 (:func:`cut_forward`)."""
     device = torch.device(device)
     m = unwrap(tpc).eval()
     torch.manual_seed(0)
@@ -194,7 +135,10 @@ def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float]
     iters = max(1, 16 // batch) if device.type == "cpu" else 10
     samples = time_interleaved(fns, device, rounds=rounds, iters=iters, progress=False)
     ops = {k: count_ops(f) for k, f in fns.items()}
-    return {k: round(statistics.median(v) * 1e3, 4) for k, v in samples.items()}, ops
+    syncs = {k: sum(host_syncs(f).values()) for k, f in fns.items()}
+    adaptive = ExecutionPolicy(mode="adaptive")  # for the record: its one read of the token count per decision
+    syncs["tpc adaptive (not timed)"] = sum(host_syncs(lambda: m._propagate(x, adaptive, with_trace=False)).values())
+    return {k: round(statistics.median(v) * 1e3, 4) for k, v in samples.items()}, ops, syncs
 
 
 def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], rounds: int = 7, device: str = "cpu",
@@ -212,13 +156,13 @@ def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], round
               "decide_every": list(decide_every), "controlled_blocks": controlled, "machine": machine_info(device),
               "rounds": rounds, "batches": {}}
     for batch in batch_sizes:
-        times, ops = model_times(tpc, dense, batch, keeps, rounds, device, decide_every)
+        times, ops, syncs = model_times(tpc, dense, batch, keeps, rounds, device, decide_every)
         parts = {f"{keep:g}": block_parts(tpc, batch, keep, rounds, device=device) for keep in keeps}
         overhead = times["tpc@100%"] / times.get("dense (lean)", times["dense"]) - 1
         ceiling = {f"{keep:g}{every_suffix(every)}":
                    round(times[f"cut once@{keep:.0%}"] / times[f"tpc@{keep:.0%}{every_suffix(every)}"], 4)
                    for keep in keeps if keep < 1.0 for every in decide_every}
-        result["batches"][str(batch)] = {"model_ms": times, "aten_ops": ops, "block_us": parts,
+        result["batches"][str(batch)] = {"model_ms": times, "aten_ops": ops, "host_syncs": syncs, "block_us": parts,
                                          "overhead_at_keep_100": overhead, "ceiling_fraction": ceiling}
     return result
 
@@ -237,11 +181,18 @@ def breakdown_markdown(result: dict) -> str:
                                  [[p] + [f"{r['block_us'][k][p]:.1f}" for k in keeps] for p in parts]), "",
                   f"Batch {batch}: whole forward, milliseconds (TPC at keep 100% vs {reference}: "
                   f"{r['overhead_at_keep_100']:+.1%} overhead)", "",
-                  markdown_table(["variant", "ms", "vs dense (timm)", "vs dense (lean)", "ATen calls per forward"],
+                  markdown_table(["variant", "ms", "vs dense (timm)", "vs dense (lean)", "ATen calls per forward",
+                                  "host syncs per forward"],
                                  [[k, f"{v:.3f}", f"{r['model_ms']['dense'] / v:.2f}x",
                                    f"{r['model_ms']['dense (lean)'] / v:.2f}x" if "dense (lean)" in r["model_ms"]
-                                   else "-", r["aten_ops"][k]]
+                                   else "-", r["aten_ops"][k], r.get("host_syncs", {}).get(k, "-")]
                                   for k, v in r["model_ms"].items()]), ""]
+        adaptive = r.get("host_syncs", {}).get("tpc adaptive (not timed)")
+        if adaptive is not None:
+            budget = max(v for k, v in r["host_syncs"].items() if k.startswith("tpc@"))
+            lines += [f"Host synchronisations per forward (on a GPU the CPU waits at each; none = the pass can be "
+                      f"captured in a CUDA graph): TPC budget mode {budget}, adaptive mode {adaptive} (its token "
+                      "count, read once per decision).", ""]
         if r.get("ceiling_fraction"):
             reached = ", ".join(f"keep {float(k.split('/')[0]):.0%}{'/' + k.split('/')[1] if '/' in k else ''}: "
                                 f"{v:.0%}" for k, v in r["ceiling_fraction"].items())

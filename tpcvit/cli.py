@@ -24,6 +24,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
         ensure_writable(Path(args.out).parent)
     command = "tpcvit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        raise ConfigError(f"--cuda-graphs needs a CUDA device, got --device {args.device}: drop --cuda-graphs or "
+                          "add --device cuda")
     if args.breakdown:
         return _bench_breakdown(args, command)
     if args.methods:
@@ -31,7 +34,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     rows, meta = bench_tpc_speed(args.model, tuple(args.keeps), tuple(args.batch_sizes), args.rounds,
                                  args.device, args.dtype, compile=args.compile,
-                                 decide_every=tuple(args.decide_every), **kwargs)
+                                 decide_every=tuple(args.decide_every), cuda_graphs=args.cuda_graphs, **kwargs)
     meta["command"] = command
     print(f"{meta['model']} vs {meta['dense']} on {meta['machine']['cpu']} "
           f"({meta['machine']['threads']} threads, {args.device}, {args.dtype}{', compiled' if args.compile else ''})")
@@ -48,8 +51,8 @@ def _bench_breakdown(args: argparse.Namespace, command: str) -> int:
     from .breakdown import breakdown, breakdown_markdown
     from .checkpoint import atomic_write
 
-    if args.methods or args.compile:
-        raise ConfigError("--breakdown times TPC's own parts: drop --methods / --compile")
+    if args.methods or args.compile or args.cuda_graphs:
+        raise ConfigError("--breakdown times TPC's own parts: drop --methods / --compile / --cuda-graphs")
     name, kwargs, tpc = args.model, {"img_size": args.img_size} if args.img_size else {}, {}
     if args.config:  # the config's model: backbone kwargs and TPC options (e.g. the main job's)
         from .config import load_config
@@ -90,7 +93,8 @@ def _bench_methods(args: argparse.Namespace, command: str) -> int:
         raise ConfigError("--methods benchmarks run in float32")
     result = run_compare(cfg, args.methods, weights, list(args.batch_sizes), args.rounds,
                          calib_images=args.calib_images, with_data=args.config is not None and not args.no_data,
-                         device=args.device, progress=not args.quiet, compile=args.compile)
+                         device=args.device, progress=not args.quiet, compile=args.compile,
+                         cuda_graphs=args.cuda_graphs)
     result["command"] = command
     print(compare_markdown(result))
     if args.out:
@@ -317,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "one per K below keep 100%% (tpc@30%%/5); with --methods use the spec suffix METHOD@F/K")
     b.add_argument("--compile", action="store_true", help="time every variant (dense and peers included) through "
                    "torch.compile, compiled once per batch size before timing; not with --breakdown")
+    b.add_argument("--cuda-graphs", action="store_true", help="GPU: capture every variant without host "
+                   "synchronisation (dense, budget mode, fixed-budget peers) in a CUDA graph once per batch size and "
+                   "time its replays (batch 1: one launch instead of hundreds); the others run eagerly, marked")
     b.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --methods)")
     b.add_argument("--breakdown", action="store_true", help="per controlled block: controller head, decision, "
                    "gather/scatter, block on its selection vs on every token; and TPC at keep 100%% vs dense")

@@ -181,11 +181,13 @@ def run_compare(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
     compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> dict:
     """Evaluate and time every spec on one backbone; ``with_data=False`` = speed/GMACs on random images only.
 
     Knobs are matched and accuracy measured in float32 and eager; ``dtype`` is what the models run in for the
-    timing, ``compile``: every model (dense included) is timed through ``torch.compile`` (:func:`speed_table`)."""
+    timing, ``compile``: every model (dense included) is timed through ``torch.compile``, ``cuda_graphs``: replayed
+    from a CUDA graph where it can be (:func:`speed_table`)."""
     from .engine import build_val_data, evaluate, init_distributed
 
     parsed = [parse_spec(s) for s in specs]
@@ -241,9 +243,9 @@ def run_compare(
     if dtype != torch.float32:
         variants = {k: (m.to(dtype), keep) for k, (m, keep) in variants.items()}
     rows = speed_table(variants, {k: p["gmacs"] for k, p in points.items()}, lambda b: pool[:b], batch_sizes, dev,
-                       dtype, rounds, baseline="dense", progress=progress, compile=compile)
+                       dtype, rounds, baseline="dense", progress=progress, compile=compile, cuda_graphs=cuda_graphs)
     return {"config": cfg, "specs": labels, "weights": weights, "machine": machine_info(dev), "points": points,
-            "dtype": str(dtype).removeprefix("torch."), "compiled": compile,
+            "dtype": str(dtype).removeprefix("torch."), "compiled": compile, "cuda_graphs": cuda_graphs,
             "speed": [r.__dict__ for r in rows], "batch_sizes": batch_sizes, "rounds": rounds,
             "data": with_data}
 
@@ -317,6 +319,9 @@ def write_compare(result: dict, out: str | os.PathLike) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     m = result["machine"]
     compiled = ", torch.compile (every model, dense included)" if result.get("compiled") else ", eager"
+    if result.get("cuda_graphs"):
+        eager = sorted({f"{r['variant']} ({r['eager_reason']})" for r in result["speed"] if r.get("eager_reason")})
+        compiled += ", replayed from CUDA graphs" + (f" (eager: {'; '.join(eager)})" if eager else "")
     md = (f"Machine: {m['cpu']}, {m['threads']} threads, {m['device']}, {result.get('dtype', 'float32')}{compiled}; "
           f"batch sizes {result['batch_sizes']}, "
           f"{result['rounds']} interleaved rounds, medians.\n\nCommand: `{result.get('command', '')}`\n\n"
