@@ -32,7 +32,7 @@ tpcvit bench --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --batch-
 # the same in bf16 (CPUs with AVX512-BF16/AMX run bf16 GEMMs ~2x faster than fp32: the controller's share grows)
 tpcvit bench --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --batch-sizes 1 32 --rounds 9 --dtype bfloat16 \
   --out $R/cpu_deit_small_bf16
-tpcvit bench --breakdown --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --batch-sizes 1 32 --rounds 7 \
+tpcvit bench --breakdown --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --batch-sizes 1 32 --rounds 11 \
   --decide-every 1 3 --out $R/cpu_breakdown_deit_small
 tpcvit bench --breakdown -c configs/fmnist_main.yaml --keeps 1.0 0.25 --batch-sizes 1 256 --rounds 21 \
   --decide-every 1 2 5 --out $R/cpu_breakdown_mainjob

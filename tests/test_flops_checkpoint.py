@@ -153,9 +153,14 @@ def test_bench_breakdown_times_every_part_of_a_controlled_block():
     result = breakdown("tpc_deit_tiny_patch16_224", [1.0, 0.5], [1, 4], rounds=2, decide_every=(1, 2), **kw)
     for batch in ("1", "4"):
         r = result["batches"][batch]
-        assert set(r["model_ms"]) == {"dense", "dense (lean)", "tpc@100%", "tpc@50%", "tpc@50%/2", "cut once@50%"}
-        assert min(r["model_ms"].values()) > 0 and set(r["ceiling_fraction"]) == {"0.5", "0.5/2"}
         ops = r["aten_ops"]
+        assert set(r["model_ms"]) == {"dense", "dense (lean)", "tpc@100%", "tpc@100% without stabilizers",
+                                      "tpc@50%", "tpc@50%/2", "cut once@50%"}
+        # keep 100%, paired per round (2 rounds: no interval), with and without the stabilizers
+        assert set(r["keep_100"]) == {"overhead", "without_stabilizers"}
+        assert r["keep_100"]["overhead"][0] > -1 and r["keep_100"]["overhead"][1:] == [None, None]
+        assert ops["tpc@100% without stabilizers"] < ops["tpc@100%"]
+        assert min(r["model_ms"].values()) > 0 and set(r["ceiling_fraction"]) == {"0.5", "0.5/2"}
         assert ops["tpc@50%"] > ops["tpc@50%/2"] > ops["dense"] > 20  # decisions add calls; reusing one, fewer
         assert ops["dense (lean)"] < ops["dense"]  # the lean executor: the same blocks with fewer calls
         # keep 100%: no controller runs (every token is kept anyway); leaner blocks than timm's, plus the stabilizer
@@ -170,6 +175,7 @@ def test_bench_breakdown_times_every_part_of_a_controlled_block():
     assert "vs dense (lean)" in breakdown_markdown(result) and result["controlled_blocks"] == 2
     assert "zero-overhead ceiling" in breakdown_markdown(result)
     assert "TPC budget mode 0, adaptive mode 2" in breakdown_markdown(result)
+    assert "without its stabilizers" in breakdown_markdown(result)
 
 
 def test_breakdown_ceiling_runs_the_same_tokens_as_tpc_budget_mode():

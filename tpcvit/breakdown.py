@@ -3,11 +3,11 @@
 Per controlled block of a TPC ViT, timed in isolation on the model's own modules and shapes: the controller head,
 the decision (probabilities, smoothing, top-k), building the selection and gathering/scattering it, and the block
 run on its selection, next to the same block on every token. At model level: the dense timm model (and the same
-model on the lean block executor TPC uses), TPC at keep 100% (the controller's pure overhead, read against the
-lean dense model) and TPC at each keep ratio; what the per-block parts do not explain is the glue of
-the propagation loop (stabilizer, per-forward state, Python). The ceiling: the dense model cut once to the kept
-number of tokens (no decisions, no gather/scatter), i.e. the speed-up this machine gives for those FLOPs at all.
-All numbers are medians over interleaved rounds.
+model on the lean block executor TPC uses), TPC at keep 100% (its overhead over the lean dense model, paired per
+round, with and without its stabilizers) and TPC at each keep ratio; what the per-block parts do not explain is
+the glue of the propagation loop (stabilizer, per-forward state, Python). The ceiling: the dense model cut once to
+the kept number of tokens (no decisions, no gather/scatter), i.e. the speed-up this machine gives for those FLOPs at
+all. All numbers are medians over interleaved rounds.
 """
 
 from __future__ import annotations
@@ -110,12 +110,20 @@ def cut_forward(dense: nn.Module, x: torch.Tensor, start: int, keep: float, paus
 
 @torch.inference_mode()
 def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float], rounds: int = 7,
-                device: str | torch.device = "cpu",
-                decide_every: tuple[int, ...] = (1,)) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
-    """Milliseconds, ATen calls and host synchronisations per forward: the dense model (timm's forward, and
-    ``dense (lean)``: its blocks on the executor TPC uses, :class:`LeanDenseViT`), TPC in budget mode at each keep
-    ratio (1.0 included; below it once per ``decide_every`` value, ``tpc@30%/5``), and the zero-overhead ceiling at
-    each keep below 1 (:func:`cut_forward`)."""
+                device: str | torch.device = "cpu", decide_every: tuple[int, ...] = (1,)) -> dict:
+    """Milliseconds (``model_ms``), ATen calls (``aten_ops``) and host synchronisations (``host_syncs``) per
+    forward: the dense model (timm's forward, and ``dense (lean)``: its blocks on the executor TPC uses,
+    :class:`LeanDenseViT`), TPC in budget mode at each keep ratio (1.0 included; below it once per ``decide_every``
+    value, ``tpc@30%/5``), and the zero-overhead ceiling at each keep below 1 (:func:`cut_forward`).
+
+    ``keep_100``: TPC at keep 100% over the dense reference, paired per round (median and 95% interval of
+    ``tpc / dense`` - 1), and, for a model with stabilizers, the same model without them (``tpc@100% without
+    stabilizers``, a copy): what the controller and the runtime cost, apart from the stabilizers, a model component
+    the dense model does not have (their MACs are counted in its GMACs)."""
+    import copy
+
+    from .bench import paired_speedup
+
     device = torch.device(device)
     m = unwrap(tpc).eval()
     torch.manual_seed(0)
@@ -130,6 +138,11 @@ def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float]
             policy = ExecutionPolicy(mode="budget", keep=keep, decide_every=every)
             name = f"tpc@{keep:.0%}{every_suffix(every)}"
             fns[name] = lambda p=policy: m.forward_head(m._propagate(x, p, with_trace=False)[0])
+        if keep == 1.0 and len(m.stabilizers):
+            bare = copy.deepcopy(m)
+            bare.stabilizers = nn.ModuleDict()
+            fns[f"{name} {WITHOUT_STABILIZERS}"] = lambda p=policy, b=bare: b.forward_head(
+                b._propagate(x, p, with_trace=False)[0])
         if keep < 1.0:
             fns[f"cut once@{keep:.0%}"] = lambda k=keep: cut_forward(dense, x, start, k, m.tpc_cfg.paused_keys)
     iters = max(1, 16 // batch) if device.type == "cpu" else 10
@@ -138,7 +151,17 @@ def model_times(tpc: nn.Module, dense: nn.Module, batch: int, keeps: list[float]
     syncs = {k: sum(host_syncs(f).values()) for k, f in fns.items()}
     adaptive = ExecutionPolicy(mode="adaptive")  # for the record: its one read of the token count per decision
     syncs["tpc adaptive (not timed)"] = sum(host_syncs(lambda: m._propagate(x, adaptive, with_trace=False)).values())
-    return {k: round(statistics.median(v) * 1e3, 4) for k, v in samples.items()}, ops, syncs
+    reference = samples.get("dense (lean)", samples["dense"])
+    keep_100 = {}
+    for key, name in (("overhead", "tpc@100%"), ("without_stabilizers", f"tpc@100% {WITHOUT_STABILIZERS}")):
+        if name in samples:
+            ratio, low, high = paired_speedup(samples[name], reference)  # median of tpc / dense per round
+            keep_100[key] = [round(v - 1, 4) if v is not None else None for v in (ratio, low, high)]
+    return {"model_ms": {k: round(statistics.median(v) * 1e3, 4) for k, v in samples.items()}, "aten_ops": ops,
+            "host_syncs": syncs, "keep_100": keep_100}
+
+
+WITHOUT_STABILIZERS = "without stabilizers"
 
 
 def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], rounds: int = 7, device: str = "cpu",
@@ -156,15 +179,27 @@ def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], round
               "decide_every": list(decide_every), "controlled_blocks": controlled, "machine": machine_info(device),
               "rounds": rounds, "batches": {}}
     for batch in batch_sizes:
-        times, ops, syncs = model_times(tpc, dense, batch, keeps, rounds, device, decide_every)
+        measured = model_times(tpc, dense, batch, keeps, rounds, device, decide_every)
+        times = measured["model_ms"]
         parts = {f"{keep:g}": block_parts(tpc, batch, keep, rounds, device=device) for keep in keeps}
-        overhead = times["tpc@100%"] / times.get("dense (lean)", times["dense"]) - 1
         ceiling = {f"{keep:g}{every_suffix(every)}":
                    round(times[f"cut once@{keep:.0%}"] / times[f"tpc@{keep:.0%}{every_suffix(every)}"], 4)
                    for keep in keeps if keep < 1.0 for every in decide_every}
-        result["batches"][str(batch)] = {"model_ms": times, "aten_ops": ops, "host_syncs": syncs, "block_us": parts,
-                                         "overhead_at_keep_100": overhead, "ceiling_fraction": ceiling}
+        result["batches"][str(batch)] = {**measured, "block_us": parts, "ceiling_fraction": ceiling}
     return result
+
+
+def _keep_100_text(r: dict) -> str:
+    """The keep-100% overhead, paired per round, and its part apart from the stabilizers."""
+    def fmt(v: list) -> str:
+        return f"{v[0]:+.1%}" + (f" [{v[1]:+.1%}, {v[2]:+.1%}]" if v[1] is not None else "")
+
+    text = f"{fmt(r['keep_100']['overhead'])} overhead, paired per round"
+    if "without_stabilizers" in r["keep_100"]:
+        text += (f"; {fmt(r['keep_100']['without_stabilizers'])} without its stabilizers, i.e. the controller and "
+                 "the runtime, the rest being the stabilizers: a model component the dense model lacks, its MACs "
+                 "counted")
+    return text
 
 
 def breakdown_markdown(result: dict) -> str:
@@ -180,7 +215,7 @@ def breakdown_markdown(result: dict) -> str:
                   markdown_table(["part"] + [f"keep {float(k):.0%}" for k in keeps],
                                  [[p] + [f"{r['block_us'][k][p]:.1f}" for k in keeps] for p in parts]), "",
                   f"Batch {batch}: whole forward, milliseconds (TPC at keep 100% vs {reference}: "
-                  f"{r['overhead_at_keep_100']:+.1%} overhead)", "",
+                  f"{_keep_100_text(r)})", "",
                   markdown_table(["variant", "ms", "vs dense (timm)", "vs dense (lean)", "ATen calls per forward",
                                   "host syncs per forward"],
                                  [[k, f"{v:.3f}", f"{r['model_ms']['dense'] / v:.2f}x",
