@@ -11,12 +11,14 @@ named in the JSON. Writes ``<out>_<model>_<dtype>.{json,md,png}`` and prints one
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 import tpcvit  # noqa: F401  (registers the models; import before timm)
+from tpcvit.bench import machine_info
 from tpcvit.compare import compare_markdown, run_compare, write_compare
 from tpcvit.config import load_config
 
@@ -41,6 +43,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output prefix")
     p.add_argument("--dry-run", action="store_true", help="CPU, a 4-block 32 px model, batch 1 and 4, one round, "
                    "budget 0.5")
+    p.add_argument("--fresh", action="store_true", help="re-measure every (model, dtype), even those whose result "
+                   "this same run already wrote under --out (by default they are reused: a GPU lease that ends "
+                   "mid-run loses nothing finished)")
     return p.parse_args(argv)
 
 
@@ -62,21 +67,41 @@ def main(argv: list[str] | None = None) -> int:
     specs = ["dense", "dense-lean"] + [f"{m}@{b:g}" + (f"/{k}" if k > 1 else "") for b in args.budgets
                                        for m in args.methods for k in everies[m]]
     summary = []
+    where_now = machine_info(torch.device(args.device))
     for name in args.models:
         for dtype_name in args.dtypes:
-            cfg = load_config(None, [f"model.name={name}", *extra])
-            result = run_compare(cfg, specs, {}, args.batch_sizes, args.rounds, calib_images=4, with_data=False,
-                                 device=args.device, progress=False, dtype=getattr(torch, dtype_name),
-                                 cuda_graphs=args.cuda_graphs)
-            result["command"] = "python benchmarks/gpu_bench.py " + " ".join(sys.argv[1:])
             out = Path(f"{args.out}_{name}_{dtype_name}")
-            write_compare(result, out)
+            run_args = {"model": name, "dtype": dtype_name, "specs": specs, "batch_sizes": args.batch_sizes,
+                        "rounds": args.rounds, "cuda_graphs": args.cuda_graphs, "extra": extra,
+                        "device": where_now.get("gpu", where_now["cpu"])}
+            result = None if args.fresh else finished(out, run_args)
+            if result is not None:
+                print(f"reused {out}.json (the same run, already measured; --fresh re-measures it)", flush=True)
+            else:
+                cfg = load_config(None, [f"model.name={name}", *extra])
+                result = run_compare(cfg, specs, {}, args.batch_sizes, args.rounds, calib_images=4, with_data=False,
+                                     device=args.device, progress=False, dtype=getattr(torch, dtype_name),
+                                     cuda_graphs=args.cuda_graphs)
+                result["command"] = "python benchmarks/gpu_bench.py " + " ".join(sys.argv[1:])
+                result["gpu_bench_args"] = run_args
+                write_compare(result, out)
             where = result["machine"].get("gpu", result["machine"]["cpu"])
             graphs = ", CUDA graphs" if args.cuda_graphs else ""
             summary.append(f"## {name}, {dtype_name}{graphs}, {where}\n\n{compare_markdown(result)}\n")
             print(summary[-1], flush=True)
     Path(f"{args.out}_summary.md").write_text("\n".join(summary))
     return 0
+
+
+def finished(out: Path, run_args: dict) -> dict | None:
+    """The result of exactly this (model, dtype, variants, batch sizes, rounds, device) already written under
+    ``out``, or None. Lets a run cut off at the end of a GPU lease resume where it stopped."""
+    path = out.with_suffix(".json")  # where write_compare puts it
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("gpu_bench_args") == run_args else None
 
 
 if __name__ == "__main__":

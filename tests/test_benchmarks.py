@@ -39,3 +39,23 @@ def test_onnx_speed_script_runs_on_a_small_model(tmp_path):
     dense, tpc = result["deit_small"]
     assert dense["variant"] == "dense" and tpc["keep"] == 0.5 and tpc["gmacs"] < dense["gmacs"]
     assert "tpc_deit_tiny_patch16_224 (random weights):" in out.with_suffix(".md").read_text()
+
+
+def test_gpu_bench_reuses_only_the_same_finished_run(tmp_path):
+    """A (model, dtype) result is reused only when this exact run wrote it (a GPU lease cut off mid-run resumes);
+    other arguments, another GPU or an unreadable file mean measuring again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks/gpu_bench.py")
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    args = {"model": "deit_small_patch16_224", "dtype": "bfloat16", "specs": ["dense", "tpc@0.5"],
+            "batch_sizes": [1, 256], "rounds": 10, "cuda_graphs": False, "extra": [], "device": "NVIDIA H100"}
+    out = tmp_path / "gpu_x_deit_small_patch16_224_bfloat16"
+    assert gpu_bench.finished(out, args) is None  # nothing written yet
+    out.with_suffix(".json").write_text(json.dumps({"speed": [], "gpu_bench_args": args}))
+    assert gpu_bench.finished(out, args)["gpu_bench_args"] == args
+    for key, other in (("rounds", 5), ("device", "NVIDIA H200"), ("cuda_graphs", True), ("specs", ["dense"])):
+        assert gpu_bench.finished(out, {**args, key: other}) is None
+    out.with_suffix(".json").write_text('{"speed": [')  # cut off mid-write (not atomic elsewhere): measured again
+    assert gpu_bench.finished(out, args) is None
