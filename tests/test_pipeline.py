@@ -296,12 +296,15 @@ def test_pipeline_end_to_end_writes_table_metrics_and_plot(tmp_path):
     out = _cli("pipeline", "-c", "configs/fmnist_main.yaml", "-o", str(tmp_path / "p"), "--quiet", *TINY,
                "model.name=tpc_deit_tiny_patch16_224", "data.train_limit=256", "data.val_limit=128",
                "train.batch_size=32", "pipeline.dense_epochs=1", "pipeline.tpc_epochs=1", "pipeline.bench_rounds=1",
-               "pipeline.bench_batch_sizes=[1,16]", "pipeline.budget_keeps=[0.5]")
+               "pipeline.bench_batch_sizes=[1,16]", "pipeline.budget_keeps=[0.5]", "pipeline.budget_decide_every=[1,2]")
     assert "| tpc adaptive |" in out.stdout and "| tpc budget 50% |" in out.stdout
     assert "| dense + 1 epochs |" in out.stdout  # the dense model with TPC's extra epochs: same total training
     result = json.loads((tmp_path / "p" / "results.json").read_text())
     assert set(result["eval"]) == {"dense", "dense, lean executor", "dense + 1 epochs", "tpc adaptive",
-                                   "tpc budget 50%"}
+                                   "tpc budget 50%", "tpc budget 50%/2"}
+    # deciding in every 2nd block: the same tokens per block, one controller head fewer counted
+    every, second = result["eval"]["tpc budget 50%"], result["eval"]["tpc budget 50%/2"]
+    assert every["keep_per_block"] == second["keep_per_block"] and second["gmacs"] < every["gmacs"]
     assert "| dense, lean executor |" in out.stdout  # the speed baseline on the executor TPC's blocks run with
     extra = yaml.safe_load((tmp_path / "p" / "dense_extra" / "config.yaml").read_text())
     tpc = yaml.safe_load((tmp_path / "p" / "tpc" / "config.yaml").read_text())

@@ -33,6 +33,10 @@ def test_dotted_override_into_a_free_form_section_keeps_the_rest_of_it():
     ("data.train_limit=none", "or null for all of them; got 'none'"),
     ("train.clip_grad=0", "train.clip_grad must be > 0 or null"),
     ("data.workers=-2", "data.workers must be >= 0"),
+    ("pipeline.budget_decide_every=[0]", "pipeline.budget_decide_every must be whole numbers >= 1"),
+    ("pipeline.budget_decide_every=[1,2.5]", "pipeline.budget_decide_every must be whole numbers >= 1"),
+    ("pipeline.budget_decide_every=[]", "pipeline.budget_decide_every must be whole numbers >= 1"),
+    ("pipeline.budget_decide_every=5", "pipeline.budget_decide_every must be a list"),
 ])
 def test_nonsense_numbers_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -83,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
         "tpc_lr": 2.0e-4,
         "distill": True,
         "budget_keeps": [],  # extra TPC rows in budget mode at these keep ratios
+        # ... once per value K: the controller decides in every K-th controlled block only (ExecutionPolicy
+        # decide_every), the same trained weights; 1 = every block. Deciding less often is what makes batch 1 fast
+        "budget_decide_every": [1],
         "dense_extra": True,  # also fine-tune the dense model with TPC's recipe: the same total epochs as TPC
         "bench_batch_sizes": [1, 64],
         "bench_rounds": 5,
@@ -278,6 +281,11 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"data.token_labels are per token position, but {', '.join(moved)} move or mix "
                               "pixels: set data.aug.scale=[1,1] data.aug.hflip=0 data.aug.auto_augment=null "
                               "data.mixup=0 data.cutmix=0")
+    every = flat["pipeline.budget_decide_every"]
+    if not every or not all(_number(k) and k >= 1 and float(k) == int(k) for k in every):
+        raise ConfigError(f"pipeline.budget_decide_every must be whole numbers >= 1 (1 = decide in every block), "
+                          f"e.g. [1, 5]; got {every!r}")
+    _set(cfg, "pipeline.budget_decide_every", [int(k) for k in every])
     keep = flat["eval.keep"]
     if keep is not None and not (_number(keep) and 0 < keep <= 1):
         raise ConfigError(f"eval.keep must be a fraction in (0, 1], got {keep!r}")

@@ -16,8 +16,9 @@ from .data import take_batches
 from .engine import build_model, build_val_data, config_geometry, evaluate, fit, init_distributed
 from .layers import lean_dense
 from .models import dense_name as dense_model_name
+from .policy import ExecutionPolicy, every_suffix
 from .reporting import markdown_table
-from .runtime import set_mode
+from .runtime import set_mode, set_policy
 
 LEAN_DENSE = "dense, lean executor"  # the dense model with its blocks run as TPC's are (LeanDenseViT)
 
@@ -88,11 +89,12 @@ def run_pipeline(cfg: dict, progress: bool = True) -> dict:
     evals["tpc adaptive"] = evaluate(tpc, val_loader, device, info, progress=progress, desc="eval tpc")
     variants["tpc adaptive"] = (tpc, None)
     for keep in cfg["pipeline"]["budget_keeps"]:
-        m = build_model(tpc_cfg, n_cls, init=str(out / "tpc" / "best.safetensors")).to(device)
-        set_mode(m, "budget", keep)
-        name = f"tpc budget {keep:.0%}"
-        evals[name] = evaluate(m, val_loader, device, info, progress=progress, desc=f"eval {name}")
-        variants[name] = (m, keep)
+        for every in cfg["pipeline"]["budget_decide_every"]:
+            m = build_model(tpc_cfg, n_cls, init=str(out / "tpc" / "best.safetensors")).to(device)
+            set_policy(m, ExecutionPolicy(mode="budget", keep=keep, decide_every=every))
+            name = f"tpc budget {keep:.0%}{every_suffix(every)}"
+            evals[name] = evaluate(m, val_loader, device, info, progress=progress, desc=f"eval {name}")
+            variants[name] = (m, keep)
 
     log("[4/4] time on real validation images (interleaved rounds, medians)")
     val_images = torch.cat([x for x, _ in take_batches(val_loader, max(cfg["pipeline"]["bench_batch_sizes"]))])
