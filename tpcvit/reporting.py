@@ -34,19 +34,36 @@ def pareto_front(points: list[tuple[float, float]], higher_x_better: bool) -> li
 
 
 def plot_pipeline(result: dict, path: str | os.PathLike) -> Path:
-    """Left: top-1 vs GMACs per image. Right: share of active tokens per block for every variant."""
+    """Left: top-1 vs GMACs per image. Middle: top-1 vs speed-up over dense at each timed batch size (batch 1 and a
+    large batch apart: where token reduction does and does not turn into speed). Right: share of active tokens per
+    block for every variant."""
     evals = result["eval"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, e in evals.items():
+    speed = {(r["variant"], r["batch"]): r["speedup"] for r in result.get("speed", [])}
+    batches = sorted({b for _, b in speed})
+    fig, (ax1, ax_speed, ax2) = plt.subplots(1, 3, figsize=(16, 4.4))
+    for i, (name, e) in enumerate(evals.items()):
+        color = f"C{i % 10}"  # one colour per variant in every panel (legends, not labels: the points crowd)
+        for j, b in enumerate(batches):  # rows timed in their own right (dense + extra epochs is dense's speed)
+            if (name, b) in speed:
+                ax_speed.scatter(speed[name, b], e["top1"], s=55, color=color, marker="os^D"[j % 4],
+                                 facecolors="none" if j == 0 and len(batches) > 1 else color,
+                                 label=name if j == len(batches) - 1 else None)
         if e.get("same_outputs_as"):  # a timing-only row (the lean dense executor): its point is dense's
             continue
-        ax1.scatter(e["gmacs"] * 1e3, e["top1"], s=60, label=name)
-        ax1.annotate(name, (e["gmacs"] * 1e3, e["top1"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax2.plot(range(1, len(e["keep_per_block"]) + 1), e["keep_per_block"], marker="o", label=name)
+        ax1.scatter(e["gmacs"] * 1e3, e["top1"], s=60, label=name, color=color)
+        ax2.plot(range(1, len(e["keep_per_block"]) + 1), e["keep_per_block"], marker="o", label=name, color=color)
     ax1.set_xlabel("MMACs per image (averaged over the validation set)")
     ax1.set_ylabel("top-1 (%)")
     ax1.set_title("accuracy vs compute")
     ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    ax_speed.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax_speed.set_xlabel("speed-up over dense (timm's forward), " + ", ".join(
+        f"{'hollow' if j == 0 and len(batches) > 1 else 'filled'}: b={b}" for j, b in enumerate(batches)))
+    ax_speed.set_ylabel("top-1 (%)")
+    ax_speed.set_title("accuracy vs speed, per batch size")
+    ax_speed.grid(alpha=0.3)
+    ax_speed.legend(fontsize=7)
     ax2.set_xlabel("block")
     ax2.set_ylabel("share of active patch tokens")
     ax2.set_ylim(0, 1.05)
