@@ -126,6 +126,34 @@ def test_decay_profile_falls_geometrically_with_mean_one():
     assert decay_profile(5, 0.0) == (1.0,) * 5 and decay_profile(1, 3.0) == (1.0,)
 
 
+def test_keep_is_the_mean_share_even_where_the_schedule_asks_a_block_for_more_than_all_its_tokens():
+    from tpcvit.patch import decay_profile
+    from tpcvit.policy import spread_keep
+
+    profile = decay_profile(9, 4.0)  # first factor ~3.6: above 1 / keep for every keep over 0.28
+    assert spread_keep(0.2, profile) == tuple(0.2 * f for f in profile)  # nothing clamped: the plain product
+    for keep in (0.3, 0.5, 0.8, 1.0):
+        spread = spread_keep(keep, profile)
+        assert sum(spread) / 9 == pytest.approx(keep, abs=1e-9) and max(spread) <= 1.0
+        assert list(spread) == sorted(spread, reverse=True)  # the schedule's order is kept
+        free = [s for s in spread if s < 1.0]  # the unclamped blocks keep the schedule's ratios
+        assert all(a / b == pytest.approx(f / g) for a, b, f, g in zip(free, free[1:], profile[9 - len(free):],
+                                                                        profile[10 - len(free):]))
+    assert spread_keep(1.0, profile) == (1.0,) * 9
+
+
+def test_patched_model_at_keep_one_is_the_dense_model_and_keep_is_the_mean_share_of_tokens(x):
+    model = _model("deit_small_patch16_224", depth=8)
+    with torch.no_grad():
+        dense = model(x)
+        tpcvit.patch(model, keep=0.5)  # the default decay schedule: its first factors exceed 1 / 0.5
+        start, n = model.tpc_cfg.start_layer, model.patch_embed.num_patches
+        counts = model.forward_with_trace(x)[1].active[0, start:].sum(-1).float()
+        assert counts[0] == n and counts.mean() / n == pytest.approx(0.5, abs=0.5 / n)
+        set_mode(model, "budget", keep=1.0)
+        assert torch.equal(model(x), dense)  # every token in every block: the model the user had
+
+
 def test_budget_schedule_spreads_tokens_and_still_matches_the_gmacs_target(x):
     uniform = tpcvit.patch(_model("deit_small_patch16_224"), gmacs=0.5, schedule="uniform")
     decayed = tpcvit.patch(_model("deit_small_patch16_224"), gmacs=0.5)  # default: geometric decay

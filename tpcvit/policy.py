@@ -8,10 +8,34 @@ the forward (``model.forward_with_trace(x, policy=...)``) instead of being sprea
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 MODES = ("dense", "adaptive", "budget")
 PATHS = (None, "fast", "masked")
+
+
+@functools.lru_cache(maxsize=256)
+def spread_keep(keep: float, profile: tuple[float, ...]) -> tuple[float, ...]:
+    """Per-block keep ratios ``min(1, s * profile[c])`` whose mean is ``keep``: the schedule's shape, scaled.
+
+    Why not ``keep * profile[c]``: a steep schedule asks more than every token of its first blocks (a factor above
+    ``1 / keep``); clamped there, the blocks would keep fewer tokens than ``keep`` on average, and ``keep=1.0``
+    would not be the dense model. Here the tokens a full block cannot take go to the others, in proportion to
+    their factors (water filling), so ``keep`` is the mean share of active patch tokens over the controlled blocks
+    and 1.0 keeps every token. Where no factor exceeds ``1 / keep`` it is exactly ``keep * profile[c]`` (the factors
+    are taken to have mean 1, as :func:`tpcvit.calibrate_keep_profile` and the decay schedules make them).
+    """
+    if keep * max(profile) <= 1.0:
+        return tuple(keep * f for f in profile)
+    n = len(profile)
+    order = sorted(range(n), key=lambda c: -profile[c])
+    for full in range(n + 1):  # the `full` largest factors are clamped to 1, the rest share what is left
+        rest = sum(profile[c] for c in order[full:])
+        scale = (n * keep - full) / rest if rest > 0 else float("inf")
+        if full == n or scale * profile[order[full]] <= 1.0:
+            break
+    return tuple(1.0 if i in order[:full] else min(1.0, scale * profile[i]) for i in range(n))
 
 
 def every_suffix(decide_every: int) -> str:
@@ -28,8 +52,9 @@ class ExecutionPolicy:
     savings) or ``"masked"`` (full sequence with masks, the training form); ``None`` follows train/eval.
     ``packed``: adaptive batches run the per-token layers on packed tokens (no padding) where the block allows.
     ``keep_profile``: budget mode's schedule over the controlled blocks, relative to ``keep`` (block ``c`` keeps
-    ``keep * keep_profile[c]``; mean 1): docs/METHOD.md's "k from the learned mean schedule", measured by
-    :func:`tpcvit.calibrate_keep_profile`. ``None``: the same ``keep`` in every block.
+    ``keep * keep_profile[c]``, mean 1; a block asked for more than all its tokens gives the rest to the others,
+    so ``keep`` stays the mean share: :func:`spread_keep`): docs/METHOD.md's "k from the learned mean schedule",
+    measured by :func:`tpcvit.calibrate_keep_profile`. ``None``: the same ``keep`` in every block.
     ``adaptive_level``: adaptive mode's compute knob in [0, 1]: an active token pauses when its pause probability
     exceeds ``level``, a paused one restarts when its restart probability exceeds ``1 - level`` (higher: more
     compute). ``None``: both thresholds are the model's ``threshold``.
@@ -78,10 +103,11 @@ class ExecutionPolicy:
 
     def budget_k(self, num_patches: int, controlled: int, default_keep: float) -> int:
         """Active patch tokens of controlled block number ``controlled`` (0 = ``start_layer``) in budget mode:
-        ``round(keep * profile[controlled] * N)`` within ``[1, N]`` (the last factor serves deeper blocks)."""
+        ``round(keep_c * N)`` within ``[1, N]``, ``keep_c`` from :func:`spread_keep` (``keep * profile[controlled]``
+        unless a block would be asked for more than all its tokens; the last factor serves deeper blocks)."""
         keep = default_keep if self.keep is None else self.keep
         if self.keep_profile is not None:
-            keep *= self.keep_profile[min(controlled, len(self.keep_profile) - 1)]
+            keep = spread_keep(float(keep), self.keep_profile)[min(controlled, len(self.keep_profile) - 1)]
         return max(1, min(num_patches, round(keep * num_patches)))
 
     def keeps_every_token(self, num_patches: int, controlled, default_keep: float) -> bool:

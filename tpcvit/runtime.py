@@ -296,7 +296,8 @@ def calibrate_keep_profile(model: nn.Module, images: torch.Tensor, batch_size: i
     """Budget mode's schedule over the controlled blocks, learned from the model itself (docs/METHOD.md: "k from
     the learned mean schedule"): the mean share of active tokens per controlled block in ``adaptive`` mode on
     ``images``, divided by its mean. Stored in the model's policy (``keep_profile``, kept by :func:`set_mode`), so
-    budget mode at ``keep`` then keeps ``keep * profile[c]`` tokens in controlled block ``c``; returned.
+    budget mode at ``keep`` then keeps ``keep * profile[c]`` tokens in controlled block ``c`` (a block asked for more
+    than all its tokens passes the rest on: :func:`tpcvit.policy.spread_keep`); returned.
 
     Why: a TPC model fine-tuned adaptively learns to keep more tokens early and fewer late (its keep prior); the
     same ``keep`` in every block asks it for a distribution it never saw in training.
