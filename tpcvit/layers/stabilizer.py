@@ -45,7 +45,8 @@ class TokenGridStabilizer(nn.Module):
         execution = "conv-channels-last"  # training, tracing and counting (FLOPs, ops): one fixed way
         if torch.compiler.is_compiling():
             execution = COMPILED_EXECUTION
-        elif not (torch.is_grad_enabled() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()):
+        elif not (torch.is_grad_enabled() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
+                  or x.device.type == "meta"):  # a meta tensor has no data to time or to build tables from
             key = (x.device, x.dtype, *x.shape, num_prefix, *grid)
             execution = _EXECUTION.get(key) or _EXECUTION.setdefault(key, self._fastest(x, num_prefix, grid))
         return self.run(x, num_prefix, grid, execution)
@@ -103,7 +104,7 @@ class TokenGridStabilizer(nn.Module):
         r = k // 2
         t = num_prefix + h * w
         rows = torch.arange(t).repeat_interleave(k * k).view(t, k * k)
-        taps = weight.detach().reshape(d, k * k).t().to(x.dtype)  # [k*k, D]
+        taps = weight.detach().reshape(d, k * k).t().to("cpu", x.dtype)  # [k*k, D]; one copy from a GPU, not T*k*k
         per_row = torch.zeros(t, k * k, d, dtype=x.dtype)
         for i in range(h):
             for j in range(w):
@@ -115,7 +116,7 @@ class TokenGridStabilizer(nn.Module):
                         per_row[row, tap] = taps[tap]
         per_row[:, (k * k) // 2] += 1.0  # the residual; a prefix row (no taps set): itself through the centre
         full_bias = torch.zeros(t, d, dtype=x.dtype)
-        full_bias[num_prefix:] = bias.detach().to(x.dtype)
+        full_bias[num_prefix:] = bias.detach().to("cpu", x.dtype)
         tables = (rows.reshape(-1).to(x.device), per_row.to(x.device), full_bias.to(x.device))
         self._tables = (made_of, *tables)
         return tables

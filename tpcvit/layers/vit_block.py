@@ -78,12 +78,13 @@ def _affine(rows: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None]
     return rows.mm(weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
 
 
-_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (generation, params, pointers, PlainBlock)
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (generation, slots, pointers, PlainBlock)
 
 # Bumped whenever any module anywhere registers a parameter or a submodule (torch's global registration hooks: a
 # part or a weight replaced, ``load_state_dict(assign=True)``, the fake parameters of ``torch.export``): every
 # cached PlainBlock is then checked afresh. A weight whose data moves (``.to()`` / ``.half()`` swap ``param.data``)
-# changes its data pointer, which the cache compares too.
+# changes its data pointer, which the cache compares too, read from the modules' parameter dicts: a ``.to()`` that
+# puts new Parameter objects there without registering them (to or from the meta device, ``to_empty``) is seen.
 _GENERATION = [0]
 
 
@@ -95,10 +96,14 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
 torch.nn.modules.module.register_module_module_registration_hook(_registered)
 
 
-def _parameters(plain: PlainBlock) -> tuple[torch.Tensor, ...]:
-    """The parameters a PlainBlock's views come from (their ``_base``), to compare data pointers."""
-    views = (plain.norm1, plain.qkv, plain.proj, plain.norm2, plain.fc1, plain.fc2)
-    return tuple(t if t._base is None else t._base for pair in views for t in pair if t is not None)
+def _slots(blk: nn.Module) -> tuple[tuple[dict, str], ...]:
+    """Where every parameter of the block lives, ``(owner's parameter dict, name)``: the cache reads the current
+    parameters' data pointers through them (a dict lookup each, no module attribute access)."""
+    return tuple((m._parameters, n) for m in blk.modules() for n, t in m._parameters.items() if t is not None)
+
+
+def _pointers(slots: tuple[tuple[dict, str], ...]) -> list[int]:
+    return [d[n].data_ptr() for d, n in slots]
 
 
 def plain_block(blk: nn.Module) -> PlainBlock | None:
@@ -113,11 +118,11 @@ def plain_block(blk: nn.Module) -> PlainBlock | None:
         # to the parameters (cached ones made under no_grad would not)
         return _plain_block(blk)
     cached = _PLAIN.get(blk)
-    if cached is not None and cached[0] == _GENERATION[0] and [t.data_ptr() for t in cached[1]] == cached[2]:
+    if cached is not None and cached[0] == _GENERATION[0] and _pointers(cached[1]) == cached[2]:
         return cached[3]
     plain = _plain_block(blk)
-    params = () if plain is None else _parameters(plain)
-    _PLAIN[blk] = (_GENERATION[0], params, [t.data_ptr() for t in params], plain)
+    slots = () if plain is None else _slots(blk)
+    _PLAIN[blk] = (_GENERATION[0], slots, _pointers(slots), plain)
     return plain
 
 
