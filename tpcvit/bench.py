@@ -157,8 +157,9 @@ class _HostSyncs(TorchDispatchMode):
 def host_syncs(fn) -> Counter[str]:
     """Device -> host synchronisations of one ``fn()`` by kind (none = the pass can be captured in a CUDA graph and
     never stalls the CPU). Works on any device, CPU included: it counts the ops that would wait on a GPU, plus
-    ``Tensor.tolist`` calls (read on the host without an ATen op). Runs under ``no_grad`` (not inference mode,
-    where scalar reads skip the dispatcher)."""
+    ``Tensor.tolist`` calls (read on the host without an ATen op). Runs under ``no_grad`` with inference mode off,
+    also when called inside it (there ``.item()`` skips the dispatcher: a variant reading a scalar would pass as
+    sync-free and be sent to a CUDA graph capture)."""
     mode = _HostSyncs()
     tolist = torch.Tensor.tolist
 
@@ -166,7 +167,7 @@ def host_syncs(fn) -> Counter[str]:
         mode.found["Tensor.tolist"] += 1
         return tolist(self)
 
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():
         fn()  # warm: caches built on a first call are not the steady state
         torch.Tensor.tolist = counted_tolist
         try:
