@@ -225,6 +225,8 @@ def test_unsupported_models_get_a_clear_error():
     with pytest.raises(TypeError, match="tpc_swin"):
         tpcvit.patch(timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=2, embed_dim=24,
                                        depths=(1, 1), num_heads=(1, 1)))
+    with pytest.raises(TypeError, match="rotary position embeddings"):  # EVA-02, DINOv3, RoPE ViTs
+        tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", img_size=32, embed_dim=32, depth=1, num_heads=2))
     with pytest.raises(ValueError, match="dynamic_img_size"):
         tpcvit.patch(_model("vit_small_patch16_224", dynamic_img_size=True))
     patched = tpcvit.patch(_model("deit_small_patch16_224"))
@@ -308,3 +310,16 @@ def test_pretrained_without_weights_anywhere_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import tpcvit, timm; timm.create_model('tpc_lvvit_s', "
                           "pretrained=True)"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0 and "tpcvit.load_backbone" in out.stderr
+
+
+def test_attention_pool_head_models_patch_and_count(x):
+    """SigLIP-style heads (a learned latent query, no class token): patched, counted, keep 1.0 the original. Counting
+    failed before (torch's flop counter tracked a view of the latent parameter as needing grad)."""
+    model = _model("vit_small_patch16_224", class_token=False, global_pool="map")
+    with torch.no_grad():
+        original, dense = model(x), count_gmacs(model, x)
+        tpcvit.patch(model, keep=0.5)
+        assert count_gmacs(model, x) < dense
+        set_mode(model, "budget", keep=1.0)
+        assert torch.equal(model(x), original)
+    assert all(p.requires_grad for p in model.parameters())  # counting gives the parameters back as they were

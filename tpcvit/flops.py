@@ -33,9 +33,20 @@ CUSTOM_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: _attention_flo
 
 
 def count_flops(fn, *args) -> int:
-    """Total FLOPs (2 per multiply-add) of ``fn(*args)``."""
-    with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
-        fn(*args)
+    """Total FLOPs (2 per multiply-add) of ``fn(*args)``.
+
+    A module's parameters stop requiring grad while it is counted (restored after): the counter's module tracker
+    hooks every module input that requires grad, and a view of a parameter still does under ``no_grad`` (SigLIP's
+    attention-pool head feeds ``latent.expand(...)`` to a linear), which made it fail with an AssertionError."""
+    frozen = [q for q in fn.parameters() if q.requires_grad] if isinstance(fn, nn.Module) else []
+    for q in frozen:
+        q.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
+            fn(*args)
+    finally:
+        for q in frozen:
+            q.requires_grad_(True)
     return counter.get_total_flops()
 
 

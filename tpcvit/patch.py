@@ -76,9 +76,13 @@ def check_patchable(model: nn.Module) -> None:
     if tpc_modules(model):
         raise ValueError("this model already has TPC (a tpc_* model or patched before): use tpcvit.set_mode")
     if not isinstance(model, VisionTransformer):
-        raise TypeError(f"tpcvit.patch works on timm VisionTransformer models (DeiT, ViT, AugReg, DINOv2-style "
-                        f"register tokens, ...), got {type(model).__name__}; for Swin use "
-                        "timm.create_model('tpc_swin_tiny_patch4_window7_224')")
+        kind = type(model).__name__
+        hint = {"SwinTransformer": "; for Swin use timm.create_model('tpc_swin_tiny_patch4_window7_224') (or _small)",
+                "Eva": " (EVA-02, DINOv3, RoPE ViTs, Perception Encoder: rotary position embeddings, not supported "
+                       "yet)"}.get(kind, "")
+        raise TypeError(f"tpcvit.patch works on timm VisionTransformer models (DeiT, ViT, AugReg, CLIP, SigLIP, "
+                        f"DINOv2, register tokens, ...), got {kind}{hint}; the models it runs on: "
+                        "benchmarks/results/timm_coverage.md")
     if getattr(model, "dynamic_img_size", False):
         raise ValueError("TPC needs a fixed token grid: create the model without dynamic_img_size=True")
     if not hasattr(getattr(model, "patch_embed", None), "grid_size"):
