@@ -300,3 +300,59 @@ def test_token_cut_loss_is_zero_for_separated_sets_and_one_for_uniform_attention
     # tokens that did not take part in the block are left out of both sets
     half = torch.tensor([[True, True, False, True, True, False]])
     assert token_cut_loss(uniform, half, selected, p).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", sorted(BUDGET))
+def test_as_peer_on_a_model_the_user_has_is_the_registered_peer(method, grid_images):
+    """``as_peer`` on a dense DeiT gives the registered peer's outputs (same weights, same method parts), keeps the
+    model's state-dict keys, and works on timm ViTs no peer is registered for (register tokens, distilled)."""
+    from tpcvit.baselines import as_peer
+
+    registered = _peer(f"{method}_deit_small_patch16_224", **BUDGET[method]).eval()
+    torch.manual_seed(0)
+    dense = timm.create_model("deit_small_patch16_224", **GRID).eval()
+    dense_keys = set(dense.state_dict())
+    converted = as_peer(dense, method, **BUDGET[method])
+    assert set(converted.state_dict()) >= dense_keys
+    converted.load_state_dict(registered.state_dict())  # the method's own parts initialise randomly: align them
+    with torch.no_grad():
+        assert torch.equal(converted(grid_images), registered(grid_images))
+    for kw in ({"reg_tokens": 4}, {"distilled": True}):
+        name = "deit_small_distilled_patch16_224" if kw.pop("distilled", False) else "vit_small_patch16_224"
+        model = as_peer(timm.create_model(name, **{**GRID, **kw}), method, **BUDGET[method]).eval()
+        with torch.no_grad():
+            logits, trace = model.forward_with_trace(grid_images)
+        assert logits.shape == (6, 5) and torch.isfinite(logits).all() and trace.keep.shape[0] == 6
+
+
+def test_as_peer_errors_name_what_the_model_lacks():
+    from tpcvit.baselines import as_peer
+
+    no_class_token = timm.create_model("vit_small_patch16_224", **GRID, class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match="no class token"):
+        as_peer(no_class_token, "evit")
+    assert as_peer(no_class_token, "tome", tome_r=4).budget == 4  # merging needs no class token
+    with pytest.raises(ValueError, match="already is a token-reduction peer"):
+        as_peer(no_class_token, "dynamicvit")
+    with pytest.raises(ValueError, match="unknown peer method"):
+        as_peer(timm.create_model("vit_small_patch16_224", **GRID), "merge")
+    with pytest.raises(TypeError, match="rotary"):
+        as_peer(timm.create_model("vit_small_patch16_rope_224", img_size=32, embed_dim=32, depth=1, num_heads=2),
+                "tome")
+
+
+def test_bench_builds_a_peer_on_any_timm_vit_by_name():
+    """``tpcvit bench --model vit_... --methods tome@0.5``: the peer on a backbone it is not registered for."""
+    from tpcvit.compare import build_variant
+    from tpcvit.config import load_config
+
+    cfg = load_config(None, ["model.name=vit_small_patch16_224",
+                             "model.kwargs={img_size: 32, patch_size: 8, depth: 4, embed_dim: 64, num_heads: 2, "
+                             "reg_tokens: 2}"])
+    model = build_variant(cfg, parse_spec("tome=3"), 10, {})
+    assert type(model).__name__ == "ToMeVisionTransformer" and model.num_prefix_tokens == 3
+    model.set_budget(3)  # as the bench moves the knob
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ConfigError, match="unknown model"):
+        build_variant(load_config(None, ["model.name=vit_nonexistent_patch16_224"]), parse_spec("tome=3"), 10, {})

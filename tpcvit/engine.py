@@ -121,6 +121,7 @@ def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str 
     name = name or cfg["model"]["name"]
     kwargs = dict(cfg["model"]["kwargs"], num_classes=num_classes)
     method = reducer_method(name)
+    peer: dict = {}
     if method == "tpc":
         kwargs.update(cfg["model"]["tpc"])
     elif method is not None:
@@ -128,13 +129,23 @@ def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str 
         if set(peer) & set(PEER_METHODS):  # per-method sections: {evit: {keep_rate: 0.5}, avit: {...}}
             peer = peer.get(method, {})
         kwargs.update(peer)
+    # a peer on a timm ViT it is not registered for (DINOv2, CLIP, ...): the dense model, given the method
+    on_any = method not in (None, "tpc") and not timm.is_model(name) and timm.is_model(dense_name(name))
     try:
-        model = timm.create_model(name, **kwargs)
+        if on_any:
+            from .baselines import as_peer
+
+            dense_kwargs = {k: v for k, v in kwargs.items() if k not in peer}
+            model = as_peer(timm.create_model(dense_name(name), **dense_kwargs), method, **peer)
+        else:
+            model = timm.create_model(name, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ConfigError(f"unknown model {name!r}: see timm.list_models('tpc_*')") from err
+            hint = ("tpc_* models are registered for DeiT, LV-ViT and Swin; on another timm ViT use the training-free "
+                    "tpc-free (tpcvit.patch)" if method == "tpc" else "see timm.list_models('*vit*')")
+            raise ConfigError(f"unknown model {name!r}: {hint}") from err
         raise
-    except (TypeError, ValueError) as err:  # unknown or out-of-range model options
+    except (TypeError, ValueError) as err:  # unknown or out-of-range model options, a backbone a peer cannot run
         raise ConfigError(f"bad model.kwargs / model.tpc / model.peer for {name}: {_first_line(err)}") from err
     if init:
         load_backbone(model, init)

@@ -28,11 +28,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 
 from .budget import match_gmacs
 from .flops import count_gmacs
-from .layers import supports_packing
+from .layers import check_timm_vit
 from .models import TPCViT
 from .propagation import TPCConfig
 from .runtime import current_policy, set_mode, set_policy, tpc_modules
@@ -75,23 +74,7 @@ def check_patchable(model: nn.Module) -> None:
     """A clear error naming what a model lacks for TPC."""
     if tpc_modules(model):
         raise ValueError("this model already has TPC (a tpc_* model or patched before): use tpcvit.set_mode")
-    if not isinstance(model, VisionTransformer):
-        kind = type(model).__name__
-        hint = {"SwinTransformer": "; for Swin use timm.create_model('tpc_swin_tiny_patch4_window7_224') (or _small)",
-                "Eva": " (EVA-02, DINOv3, RoPE ViTs, Perception Encoder: rotary position embeddings, not supported "
-                       "yet)"}.get(kind, "")
-        raise TypeError(f"tpcvit.patch works on timm VisionTransformer models (DeiT, ViT, AugReg, CLIP, SigLIP, "
-                        f"DINOv2, register tokens, ...), got {kind}{hint}; the models it runs on: "
-                        "benchmarks/results/timm_coverage.md")
-    if getattr(model, "dynamic_img_size", False):
-        raise ValueError("TPC needs a fixed token grid: create the model without dynamic_img_size=True")
-    if not hasattr(getattr(model, "patch_embed", None), "grid_size"):
-        raise ValueError(f"{type(model.patch_embed).__name__} has no fixed patch grid: TPC needs timm's PatchEmbed")
-    other = sorted({type(b).__name__ + (f"/{type(b.attn).__name__}" if hasattr(b, "attn") else "")
-                    for b in model.blocks if not supports_packing(b)})
-    if other:
-        raise ValueError(f"blocks {other} are not timm's pre-norm Block with Attention: TPC runs a block on a token "
-                         "selection through that block's parts (qkv, proj, mlp, layer scale)")
+    check_timm_vit(model, "tpcvit.patch")
 
 
 def patch(

@@ -1,11 +1,11 @@
 """Peer token-reduction methods in the same harness as TPC, each on timm's ViT with one budget knob.
 
 ``import tpcvit`` registers ``tome_deit_*``, ``evit_deit_*``, ``avit_deit_*``, ``idlevit_deit_*`` and
-``dynamicvit_deit_*`` in timm's registry.
+``dynamicvit_deit_*`` in timm's registry; :func:`as_peer` gives any of them to a timm ViT the user already has.
 """
 
 from .avit import AViTVisionTransformer
-from .common import PEER_METHODS, PeerMixin, PeerTrace, peer_modules
+from .common import PEER_METHODS, PeerMixin, PeerTrace, as_peer, peer_modules
 from .dynamicvit import DynamicViTVisionTransformer
 from .evit import EViTVisionTransformer
 from .idlevit import IdleViTVisionTransformer
@@ -13,4 +13,7 @@ from .tome import ToMeVisionTransformer
 
 __all__ = ["PEER_METHODS", "AViTVisionTransformer", "DynamicViTVisionTransformer",
            "EViTVisionTransformer", "IdleViTVisionTransformer", "PeerMixin", "PeerTrace", "ToMeVisionTransformer",
-           "peer_modules"]
+           "as_peer", "peer_modules"]
+
+PEERS = {cls.method: cls for cls in (ToMeVisionTransformer, EViTVisionTransformer, AViTVisionTransformer,
+                                     IdleViTVisionTransformer, DynamicViTVisionTransformer)}

@@ -58,10 +58,9 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
     adaptive = True
     added_modules = ("halting",)
 
-    def __init__(self, *args, halt_threshold: float = 0.99, target_depth: float = 0.5, prior_std: float = 1.0,
-                 halt_gate: str = "linear", gate_scale: float = 10.0, gate_center: float = 30.0,
-                 ponder_weight: float = 5e-4, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def _setup_peer(self, halt_threshold: float = 0.99, target_depth: float = 0.5, prior_std: float = 1.0,
+                    halt_gate: str = "linear", gate_scale: float = 10.0, gate_center: float = 30.0,
+                    ponder_weight: float = 5e-4) -> None:
         depth = len(self.blocks)
         if not 0.0 < target_depth <= 1.0:
             raise ValueError(f"target_depth is a fraction of the depth in (0, 1], got {target_depth}")

@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..layers import image_geometry
 from ..models._builder import DEIT_SIZES, PEER_METHODS, build_reducer
 
-__all__ = ["PEER_METHODS", "PeerMixin", "PeerTrace", "create_peer", "peer_modules", "reduction_blocks"]
+__all__ = ["PEER_METHODS", "PeerMixin", "PeerTrace", "as_peer", "create_peer", "peer_modules", "reduction_blocks"]
 
 
 @dataclass
@@ -45,7 +45,21 @@ class PeerMixin:
     budget_bounds: tuple[float, float] = (0.0, 1.0)
     budget_raises_compute: bool = True
     adaptive: bool = False  # cost differs per image (A-ViT): counted image by image
+    reads_class_token: bool = False  # ranks tokens by the class token's attention (needs one)
     added_modules: tuple[str, ...] = ()  # modules the method adds to the backbone (absent from dense weights)
+
+    def __init__(self, *args, **kwargs) -> None:
+        """The timm model's constructor, then :meth:`_setup_peer` with the keyword arguments it takes (the method's
+        knobs): the same method parts whether the model is built here or converted by :func:`as_peer`."""
+        import inspect
+
+        knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in inspect.signature(self._setup_peer).parameters}
+        super().__init__(*args, **kwargs)
+        self._setup_peer(**knobs)
+
+    def _setup_peer(self, **knobs) -> None:
+        """Add the method's parts to a built timm ViT (knobs as keyword arguments with defaults)."""
+        raise NotImplementedError
 
     def _init_peer(self, budget: float) -> None:
         self._gmacs_cache: dict[tuple, float] = {}
@@ -94,6 +108,41 @@ class PeerMixin:
             probe = torch.zeros(1, *image_geometry(self), device=trace.keep.device)
             self._gmacs_cache[key] = count_gmacs(self, probe)
         return trace.keep.new_full((trace.keep.shape[0],), self._gmacs_cache[key], dtype=torch.float64)
+
+
+_ON: dict[tuple[type, type], type] = {}
+
+
+def as_peer(model: nn.Module, method: str, **knobs) -> nn.Module:
+    """Give ``method`` (a peer: tome, evit, avit, idlevit, dynamicvit) to a timm ``VisionTransformer`` the user
+    already has, in place (and return it): any size, patch, image size, register tokens, DINOv2 / CLIP / SigLIP
+    weights, as ``tpcvit.patch`` does for TPC. Its weights and state-dict keys stay; the method's parts are added
+    (``knobs``: what the method's registered models take, e.g. ``tome_r=8``, ``keep_rate=0.7``), on the model's
+    device and dtype. The registered ``<method>_deit_*`` models are the same classes built from scratch.
+
+    Why: comparing TPC with ToMe or EViT on the model a user runs (``tpcvit bench --model vit_small_patch14_dinov2
+    --methods dense,tpc-free@0.5,tome@0.5``) should not need a DeiT."""
+    from ..layers import check_timm_vit
+    from . import PEERS
+
+    if method not in PEERS:
+        raise ValueError(f"unknown peer method {method!r}: one of {sorted(PEERS)}")
+    if peer_modules(model):
+        raise ValueError(f"this model already is a token-reduction peer ({type(model).__name__})")
+    cls = PEERS[method]
+    check_timm_vit(model, method)
+    if cls.reads_class_token and getattr(model, "cls_token", None) is None:
+        raise ValueError(f"{method} ranks tokens by the class token's attention: this model has no class token "
+                         "(global_pool='avg' / 'map'); use tome or dynamicvit")
+    base = type(model)
+    if (cls, base) not in _ON:
+        _ON[(cls, base)] = cls if base in cls.__mro__ else type(
+            f"{cls.__name__.removesuffix('VisionTransformer')}{base.__name__}", (cls, base),
+            {"__module__": __name__, "__doc__": f"{base.__name__} with {method} (tpcvit.baselines.as_peer)"})
+    param = next(model.parameters())
+    model.__class__ = _ON[(cls, base)]
+    model._setup_peer(**knobs)
+    return model.to(device=param.device, dtype=param.dtype)
 
 
 def peer_modules(model: nn.Module) -> list[nn.Module]:

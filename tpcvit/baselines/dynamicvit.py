@@ -54,8 +54,7 @@ class DynamicViTVisionTransformer(PeerMixin, VisionTransformer):
     method = "dynamicvit"
     added_modules = ("predictors",)
 
-    def __init__(self, *args, keep_rate: float = 0.7, dvit_blocks: tuple[int, ...] | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def _setup_peer(self, keep_rate: float = 0.7, dvit_blocks: tuple[int, ...] | None = None) -> None:
         depth = len(self.blocks)
         self.dvit_blocks = sorted(dvit_blocks) if dvit_blocks is not None else reduction_blocks(depth)
         if not all(1 <= i < depth for i in self.dvit_blocks):

@@ -43,11 +43,11 @@ class EViTVisionTransformer(PeerMixin, VisionTransformer):
     """timm ``VisionTransformer`` with EViT's attentive-token selection and inattentive-token fusion."""
 
     method = "evit"
+    reads_class_token = True
     budget_bounds = (0.01, 1.0)
 
-    def __init__(self, *args, keep_rate: float = 0.7, fuse_token: bool = True,
-                 evit_blocks: tuple[int, ...] | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def _setup_peer(self, keep_rate: float = 0.7, fuse_token: bool = True,
+                    evit_blocks: tuple[int, ...] | None = None) -> None:
         self.fuse_token = fuse_token
         self.evit_blocks = list(evit_blocks) if evit_blocks is not None else reduction_blocks(len(self.blocks))
         self._init_peer(keep_rate)

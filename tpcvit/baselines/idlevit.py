@@ -52,10 +52,10 @@ class IdleViTVisionTransformer(PeerMixin, VisionTransformer):
     """timm ``VisionTransformer`` whose blocks compute only the top-k tokens by class attention; the rest idle."""
 
     method = "idlevit"
+    reads_class_token = True
 
-    def __init__(self, *args, keep_rate: float = 0.5, idle_start: int | None = None,
-                 token_cut_weight: float = 0.1, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def _setup_peer(self, keep_rate: float = 0.5, idle_start: int | None = None,
+                    token_cut_weight: float = 0.1) -> None:
         depth = len(self.blocks)
         self.idle_start = reduction_blocks(depth)[0] if idle_start is None else int(idle_start)
         if not 1 <= self.idle_start < depth:

@@ -79,8 +79,7 @@ class ToMeVisionTransformer(PeerMixin, VisionTransformer):
     method = "tome"
     budget_raises_compute = False
 
-    def __init__(self, *args, tome_r: float = 0.0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def _setup_peer(self, tome_r: float = 0.0) -> None:
         n = self.patch_embed.num_patches
         self.budget_bounds = (0.0, n / 2)
         self._init_peer(tome_r)

@@ -14,6 +14,7 @@ from .vit_block import (
     attention_parts,
     block_forward,
     block_rows,
+    check_timm_vit,
     class_row_attention,
     context_block,
     context_rows,
@@ -26,7 +27,7 @@ from .vit_block import (
 )
 
 __all__ = ["ControllerHead", "LeanDenseViT", "PlainBlock", "TokenGridStabilizer", "attend", "attention_half",
-           "attention_output", "attention_parts", "block_forward", "block_rows",
-           "check_images", "class_row_attention", "context_block", "context_rows", "embed_tokens", "image_geometry",
+           "attention_output", "attention_parts", "block_forward", "block_rows", "check_images", "check_timm_vit",
+           "class_row_attention", "context_block", "context_rows", "embed_tokens", "image_geometry",
            "lean_dense", "mlp_half", "packed_block", "packed_selection_block", "plain_block", "sparse_swin_block",
            "supports_packing", "unwrap", "upsample_tokens", "window_attention_heads"]

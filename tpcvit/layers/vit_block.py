@@ -23,6 +23,30 @@ def supports_packing(blk: nn.Module) -> bool:
     return type(blk) is Block and type(blk.attn) is Attention and attention_gate(blk.attn) is None
 
 
+def check_timm_vit(model: nn.Module, who: str) -> None:
+    """A one-line error naming what ``model`` lacks for a token reducer that runs timm's ViT blocks on token
+    selections (``who``: TPC's patch, a peer): a timm ``VisionTransformer``, a fixed token grid, timm's ``Block``."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        kind = type(model).__name__
+        hint = {"SwinTransformer": "; for Swin use timm.create_model('tpc_swin_tiny_patch4_window7_224') (or _small)",
+                "Eva": " (EVA-02, DINOv3, RoPE ViTs, Perception Encoder: rotary position embeddings, not supported "
+                       "yet)"}.get(kind, "")
+        raise TypeError(f"{who} works on timm VisionTransformer models (DeiT, ViT, AugReg, CLIP, SigLIP, DINOv2, "
+                        f"register tokens, ...), got {kind}{hint}; the models tpcvit.patch runs on: "
+                        "benchmarks/results/timm_coverage.md")
+    if getattr(model, "dynamic_img_size", False):
+        raise ValueError(f"{who} needs a fixed token grid: create the model without dynamic_img_size=True")
+    if not hasattr(getattr(model, "patch_embed", None), "grid_size"):
+        raise ValueError(f"{type(model.patch_embed).__name__} has no fixed patch grid: {who} needs timm's PatchEmbed")
+    other = sorted({type(b).__name__ + (f"/{type(b.attn).__name__}" if hasattr(b, "attn") else "")
+                    for b in model.blocks if not supports_packing(b)})
+    if other:
+        raise ValueError(f"blocks {other} are not timm's pre-norm Block with Attention: {who} runs a block on a "
+                         "token selection through that block's parts (qkv, proj, mlp, layer scale)")
+
+
 def packed_block(blk: nn.Module, x: torch.Tensor, active: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """Run a timm ``Block`` (eval) on the active tokens of ``x`` only, with no padding in the per-token layers.
 
