@@ -11,6 +11,7 @@ import torch
 
 import tpcvit
 from tpcvit import count_gmacs, set_mode
+from tpcvit.runtime import current_policy
 
 VARIANTS = {  # the timm ViT variants users run, small
     "deit": ("deit_small_patch16_224", {}),
@@ -65,6 +66,10 @@ def test_training_free_controller_masked_equals_fast_and_restarts(variant, mode,
     torch.testing.assert_close(alone, fast[:1], rtol=1e-4, atol=1e-5)
     start = model.tpc_cfg.start_layer
     assert abs(t_fast.active[:, start:].float().mean().item() - 0.4) < 0.08  # budget, or calibrated threshold
+    if mode == "budget":  # the default decay leaves the last of 3 controlled blocks 1 token: count restarts where
+        tpcvit.set_policy(model, current_policy(model).replace(keep_profile=None))  # every block keeps 40%
+        with torch.no_grad():
+            t_fast = model.forward_with_trace(x, path="fast")[1]
     assert t_fast.restarted[:, start + 1:].any()  # paused tokens come back when their attention rises
 
 
