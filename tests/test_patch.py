@@ -328,3 +328,30 @@ def test_attention_pool_head_models_patch_and_count(x):
         set_mode(model, "budget", keep=1.0)
         assert torch.equal(model(x), original)
     assert all(p.requires_grad for p in model.parameters())  # counting gives the parameters back as they were
+
+
+def test_with_tpc_is_the_registered_tpc_model_on_deit_and_fine_tunes_any_timm_vit(x):
+    """``with_tpc`` (and ``model.name: tpc_<any timm vit>`` in the harness) gives the learned TPC of the ``tpc_*``
+    models to a backbone none is registered for; on DeiT it is the registered model."""
+    from tpcvit.config import load_config
+    from tpcvit.engine import build_model
+
+    kw = dict(img_size=64, embed_dim=96, depth=6, num_heads=3, num_classes=7)
+    torch.manual_seed(0)
+    registered = timm.create_model("tpc_deit_small_patch16_224", **kw, start_layer=2, target_keep=0.5).eval()
+    converted = tpcvit.with_tpc(timm.create_model("deit_small_patch16_224", **kw),
+                                tpcvit.TPCConfig(start_layer=2, target_keep=0.5)).eval()
+    assert set(converted.state_dict()) == set(registered.state_dict())
+    converted.load_state_dict(registered.state_dict())
+    with torch.no_grad():
+        for mode in ("adaptive", "budget"):
+            set_mode(registered, mode), set_mode(converted, mode)
+            (a, ta), (b, tb) = registered.forward_with_trace(x), converted.forward_with_trace(x)
+            assert torch.equal(a, b) and torch.equal(ta.active, tb.active)
+    cfg = load_config(None, ["model.name=tpc_vit_small_patch16_224", "model.kwargs={img_size: 64, embed_dim: 96, "
+                             "depth: 4, num_heads: 3, reg_tokens: 2}", "model.tpc={start_layer: 1, target_keep: 0.4}"])
+    model = build_model(cfg, 5).train()
+    assert model.num_prefix_tokens == 3 and model.tpc_cfg.target_keep == 0.4 and len(model.controller) == 3
+    logits, trace = model(x, return_trace=True)
+    (logits.logsumexp(1).mean() + tpcvit.tpc_loss(trace, model.tpc_cfg, 1.0, 1.0)["total"]).backward()
+    assert all(p.grad is not None for p in model.controller.parameters())

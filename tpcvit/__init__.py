@@ -13,7 +13,7 @@ from . import baselines, controller  # noqa: E402  (baselines registers tome_/ev
 from .checkpoint import CheckpointError, load_backbone, save_weights  # noqa: E402
 from .flops import count_gmacs, vit_gmacs_from_trace  # noqa: E402
 from .models import TPCVisionTransformer, TPCVisionTransformerDistilled  # noqa: E402
-from .patch import calibrate_threshold, patch  # noqa: E402
+from .patch import calibrate_threshold, patch, with_tpc  # noqa: E402
 from .policy import MODES, ExecutionPolicy  # noqa: E402
 from .propagation import TokenTrace, TPCConfig, tpc_loss  # noqa: E402
 from .runtime import calibrate_keep_profile, override_probs, set_mode, set_policy  # noqa: E402
@@ -25,5 +25,5 @@ __all__ = [
     "TPCVisionTransformerDistilled", "TokenTrace", "baselines", "calibrate_keep_profile", "calibrate_threshold",
     "controller", "count_gmacs",
     "load_backbone", "override_probs", "patch", "save_weights", "set_mode", "set_policy", "tpc_loss",
-    "vit_gmacs_from_trace",
+    "vit_gmacs_from_trace", "with_tpc",
 ]

@@ -129,10 +129,16 @@ def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str 
         if set(peer) & set(PEER_METHODS):  # per-method sections: {evit: {keep_rate: 0.5}, avit: {...}}
             peer = peer.get(method, {})
         kwargs.update(peer)
-    # a peer on a timm ViT it is not registered for (DINOv2, CLIP, ...): the dense model, given the method
-    on_any = method not in (None, "tpc") and not timm.is_model(name) and timm.is_model(dense_name(name))
+    # TPC or a peer on a timm ViT it is not registered for (DINOv2, CLIP, ...): the dense model, given the method
+    on_any = method is not None and not timm.is_model(name) and timm.is_model(dense_name(name))
     try:
-        if on_any:
+        if on_any and method == "tpc":
+            from .patch import with_tpc
+            from .propagation import TPCConfig
+
+            tpc_cfg = TPCConfig.pop_from(kwargs)
+            model = with_tpc(timm.create_model(dense_name(name), **kwargs), tpc_cfg)
+        elif on_any:
             from .baselines import as_peer
 
             dense_kwargs = {k: v for k, v in kwargs.items() if k not in peer}
@@ -141,9 +147,8 @@ def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str 
             model = timm.create_model(name, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            hint = ("tpc_* models are registered for DeiT, LV-ViT and Swin; on another timm ViT use the training-free "
-                    "tpc-free (tpcvit.patch)" if method == "tpc" else "see timm.list_models('*vit*')")
-            raise ConfigError(f"unknown model {name!r}: {hint}") from err
+            raise ConfigError(f"unknown model {name!r}: a timm model name, or tpc_ / a peer's prefix before one "
+                              "(see timm.list_models('*vit*'))") from err
         raise
     except (TypeError, ValueError) as err:  # unknown or out-of-range model options, a backbone a peer cannot run
         raise ConfigError(f"bad model.kwargs / model.tpc / model.peer for {name}: {_first_line(err)}") from err

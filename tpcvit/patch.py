@@ -77,6 +77,20 @@ def check_patchable(model: nn.Module) -> None:
     check_timm_vit(model, "tpcvit.patch")
 
 
+def with_tpc(model: nn.Module, cfg: TPCConfig | None = None) -> nn.Module:
+    """TPC as configured (:class:`TPCConfig`: the learned controller and stabilizers by default, as the ``tpc_*``
+    models) on a timm ``VisionTransformer`` the user has, in place (and returned): what ``tpc_deit_*`` is on DeiT,
+    on any backbone :func:`patch` runs on, for fine-tuning (``tpcvit train`` with ``model.name:
+    tpc_vit_small_patch14_dinov2``). Weights and state-dict keys kept; heads and stabilizers added on the model's
+    device and dtype. :func:`patch` is this plus the training-free controller and a budget."""
+    check_patchable(model)
+    param = next(model.parameters())
+    was_training = model.training
+    model.__class__ = _patched_class(type(model))
+    model._init_tpc(cfg or TPCConfig())
+    return model.to(device=param.device, dtype=param.dtype).train(was_training)
+
+
 def patch(
     model: nn.Module,
     keep: float | None = 0.5,
@@ -115,12 +129,8 @@ def patch(
                            if model.num_prefix_tokens else 1)
     cfg = TPCConfig(start_layer=start, target_keep=keep if keep is not None else 0.5, paused_keys=True,
                     controller=controller, **options)
-    param = next(model.parameters())
-    was_training = model.training
-    model.__class__ = _patched_class(type(model))
-    model._init_tpc(cfg)
+    with_tpc(model, cfg)
     set_policy(model, current_policy(model).replace(decide_every=decide_every))
-    model.to(device=param.device, dtype=param.dtype).train(was_training)
     if mode == "budget":
         fit_schedule(model, schedule, keep=model.tpc_cfg.target_keep if gmacs is None else None, gmacs=gmacs,
                      images=images)
