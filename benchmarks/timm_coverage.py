@@ -104,7 +104,6 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", help="timm names to check instead of the built-in list")
     ap.add_argument("--out", default="benchmarks/results/timm_coverage", help="writes <out>.md and <out>.json")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     warnings.filterwarnings("ignore")
     models = [(m, m) for m in args.models] if args.models else MODELS
     t0, rows = time.time(), []

@@ -121,30 +121,24 @@ def build_model(cfg: dict, num_classes: int, name: str | None = None, init: str 
     name = name or cfg["model"]["name"]
     kwargs = dict(cfg["model"]["kwargs"], num_classes=num_classes)
     method = reducer_method(name)
-    peer: dict = {}
+    options: dict = {}  # the method's own: TPCConfig fields, or a peer's knobs
     if method == "tpc":
-        kwargs.update(cfg["model"]["tpc"])
+        options = dict(cfg["model"]["tpc"])
     elif method is not None:
-        peer = cfg["model"]["peer"]
-        if set(peer) & set(PEER_METHODS):  # per-method sections: {evit: {keep_rate: 0.5}, avit: {...}}
-            peer = peer.get(method, {})
-        kwargs.update(peer)
-    # TPC or a peer on a timm ViT it is not registered for (DINOv2, CLIP, ...): the dense model, given the method
-    on_any = method is not None and not timm.is_model(name) and timm.is_model(dense_name(name))
+        options = cfg["model"]["peer"]
+        if set(options) & set(PEER_METHODS):  # per-method sections: {evit: {keep_rate: 0.5}, avit: {...}}
+            options = options.get(method, {})
     try:
-        if on_any and method == "tpc":
+        if method is None or timm.is_model(name) or not timm.is_model(dense_name(name)):
+            model = timm.create_model(name, **kwargs, **options)
+        else:  # TPC or a peer on a timm ViT it is not registered for (DINOv2, CLIP, ...): the dense model, given it
+            from .baselines import as_peer
             from .patch import with_tpc
             from .propagation import TPCConfig
 
-            tpc_cfg = TPCConfig.pop_from(kwargs)
-            model = with_tpc(timm.create_model(dense_name(name), **kwargs), tpc_cfg)
-        elif on_any:
-            from .baselines import as_peer
-
-            dense_kwargs = {k: v for k, v in kwargs.items() if k not in peer}
-            model = as_peer(timm.create_model(dense_name(name), **dense_kwargs), method, **peer)
-        else:
-            model = timm.create_model(name, **kwargs)
+            dense = timm.create_model(dense_name(name), **kwargs)
+            model = (with_tpc(dense, TPCConfig.pop_from(options)) if method == "tpc"
+                     else as_peer(dense, method, **options))
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ConfigError(f"unknown model {name!r}: a timm model name, or tpc_ / a peer's prefix before one "

@@ -33,10 +33,9 @@ from .budget import match_gmacs
 from .flops import count_gmacs
 from .layers import check_timm_vit
 from .models import TPCViT
+from .models._builder import convert_in_place
 from .propagation import TPCConfig
 from .runtime import current_policy, set_mode, set_policy, tpc_modules
-
-_PATCHED: dict[type, type] = {}
 
 # Budget mode's token schedule over the controlled blocks: keep factors falling geometrically, first / last =
 # e^decay. DEFAULT_DECAY: the middle of what schedule="auto" chose on the converged 49-token evidence backbone
@@ -62,14 +61,6 @@ def default_key_pool(grid: tuple[int, int]) -> int:
     return max(1, min(grid) // 7)
 
 
-def _patched_class(cls: type) -> type:
-    """``cls`` with the TPC propagation loop in front of it in the MRO (one class per timm class, cached)."""
-    if cls not in _PATCHED:
-        _PATCHED[cls] = type(f"TPC{cls.__name__}", (TPCViT, cls),
-                             {"__module__": __name__, "__doc__": f"{cls.__name__} patched with tpcvit.patch"})
-    return _PATCHED[cls]
-
-
 def check_patchable(model: nn.Module) -> None:
     """A clear error naming what a model lacks for TPC."""
     if tpc_modules(model):
@@ -84,11 +75,7 @@ def with_tpc(model: nn.Module, cfg: TPCConfig | None = None) -> nn.Module:
     tpc_vit_small_patch14_dinov2``). Weights and state-dict keys kept; heads and stabilizers added on the model's
     device and dtype. :func:`patch` is this plus the training-free controller and a budget."""
     check_patchable(model)
-    param = next(model.parameters())
-    was_training = model.training
-    model.__class__ = _patched_class(type(model))
-    model._init_tpc(cfg or TPCConfig())
-    return model.to(device=param.device, dtype=param.dtype).train(was_training)
+    return convert_in_place(model, TPCViT, "TPC", lambda m: m._init_tpc(cfg or TPCConfig()))
 
 
 def patch(

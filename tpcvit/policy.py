@@ -35,7 +35,8 @@ def spread_keep(keep: float, profile: tuple[float, ...]) -> tuple[float, ...]:
         scale = (n * keep - full) / rest if rest > 0 else float("inf")
         if full == n or scale * profile[order[full]] <= 1.0:
             break
-    return tuple(1.0 if i in order[:full] else min(1.0, scale * profile[i]) for i in range(n))
+    # each block filled raised the scale, so the filled ones have scale * f > 1: min() clamps exactly them
+    return tuple(min(1.0, scale * f) for f in profile)
 
 
 def every_suffix(decide_every: int) -> str:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import image_geometry
-from ..models._builder import DEIT_SIZES, PEER_METHODS, build_reducer
+from ..models._builder import DEIT_SIZES, PEER_METHODS, build_reducer, convert_in_place
 
 __all__ = ["PEER_METHODS", "PeerMixin", "PeerTrace", "as_peer", "create_peer", "peer_modules", "reduction_blocks"]
 
@@ -110,9 +110,6 @@ class PeerMixin:
         return trace.keep.new_full((trace.keep.shape[0],), self._gmacs_cache[key], dtype=torch.float64)
 
 
-_ON: dict[tuple[type, type], type] = {}
-
-
 def as_peer(model: nn.Module, method: str, **knobs) -> nn.Module:
     """Give ``method`` (a peer: tome, evit, avit, idlevit, dynamicvit) to a timm ``VisionTransformer`` the user
     already has, in place (and return it): any size, patch, image size, register tokens, DINOv2 / CLIP / SigLIP
@@ -134,15 +131,8 @@ def as_peer(model: nn.Module, method: str, **knobs) -> nn.Module:
     if cls.reads_class_token and getattr(model, "cls_token", None) is None:
         raise ValueError(f"{method} ranks tokens by the class token's attention: this model has no class token "
                          "(global_pool='avg' / 'map'); use tome or dynamicvit")
-    base = type(model)
-    if (cls, base) not in _ON:
-        _ON[(cls, base)] = cls if base in cls.__mro__ else type(
-            f"{cls.__name__.removesuffix('VisionTransformer')}{base.__name__}", (cls, base),
-            {"__module__": __name__, "__doc__": f"{base.__name__} with {method} (tpcvit.baselines.as_peer)"})
-    param = next(model.parameters())
-    model.__class__ = _ON[(cls, base)]
-    model._setup_peer(**knobs)
-    return model.to(device=param.device, dtype=param.dtype)
+    return convert_in_place(model, cls, cls.__name__.removesuffix("VisionTransformer"),
+                            lambda m: m._setup_peer(**knobs))
 
 
 def peer_modules(model: nn.Module) -> list[nn.Module]:

@@ -3,6 +3,8 @@ the registry's naming (which dense timm model a ``tpc_*`` / peer name is built o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn as nn
 
 from ..layers import image_geometry
@@ -112,3 +114,24 @@ def attach_default_cfg(model: nn.Module, variant: str, distilled: bool = False) 
     model.pretrained_cfg = model.default_cfg = _cfg(
         num_classes=model.num_classes, input_size=image_geometry(model),
         classifier=("head", "head_dist") if distilled else "head", architecture=variant)
+
+
+_CONVERTED: dict[tuple[type, type], type] = {}
+
+
+def convert_in_place(model: nn.Module, front: type, prefix: str, setup: Callable[[nn.Module], None]) -> nn.Module:
+    """Give a built timm model a method in place (and return it): its class becomes ``front`` in front of its own
+    (one class per pair, cached, named ``<prefix><its class>``; ``front`` itself when it already derives from the
+    model's class) and ``setup(model)`` adds the method's parts, moved to the model's device and dtype, its
+    train/eval mode kept. Weights and state-dict keys stay. What ``tpcvit.patch`` / ``with_tpc`` and
+    ``tpcvit.baselines.as_peer`` share."""
+    base = type(model)
+    if (front, base) not in _CONVERTED:
+        _CONVERTED[(front, base)] = front if issubclass(front, base) else type(
+            f"{prefix}{base.__name__}", (front, base),
+            {"__module__": __name__, "__doc__": f"{base.__name__} with {prefix} (converted in place)"})
+    param = next(model.parameters())
+    was_training = model.training
+    model.__class__ = _CONVERTED[(front, base)]
+    setup(model)
+    return model.to(device=param.device, dtype=param.dtype).train(was_training)
