@@ -19,6 +19,11 @@ VARIANTS = {  # the timm ViT variants users run, small
     "register tokens": ("vit_small_patch16_224", {"reg_tokens": 4}),
     "avg pool, no class token": ("vit_small_patch16_224", {"class_token": False, "global_pool": "avg"}),
     "narrow, shallow": ("vit_small_patch16_224", {"embed_dim": 96, "depth": 4, "num_heads": 2}),
+    # rotary position embeddings (timm's Eva; LayerScale at 1 so that every block changes the tokens visibly)
+    "EVA-02 (RoPE, SwiGLU)": ("eva02_tiny_patch14_224", {}),
+    "DINOv3 (RoPE, registers)": ("vit_small_patch16_dinov3", {"dynamic_img_size": False, "init_values": 1.0}),
+    "RoPE per block and head": ("vit_small_patch16_rope_mixed_224", {"init_values": 1.0}),
+    "Perception Encoder (attention pool)": ("vit_pe_core_small_patch16_384", {}),
 }
 
 
@@ -27,7 +32,14 @@ def _model(name, **kw):
     base = {"img_size": 64, "num_classes": 7, **kw}
     if "embed_dim" not in kw:
         base.update(embed_dim=96, depth=6, num_heads=3)
-    return timm.create_model(name, **base).eval()
+    model = timm.create_model(name, **base).eval()
+    if hasattr(model, "rope"):  # sharp attention: at timm's init the logits are ~0 and any key order looks alike,
+        with torch.no_grad():  # so a token given another token's rotary position would go unnoticed
+            for blk in model.blocks:
+                width = blk.attn.num_heads * blk.attn.head_dim
+                blk.attn.qkv.weight[:2 * width] *= 4
+            torch.nn.init.normal_(model.head.weight, std=model.embed_dim ** -0.5)  # timm's Eva head: ~1e-4 logits
+    return model
 
 
 @pytest.fixture
@@ -230,8 +242,15 @@ def test_unsupported_models_get_a_clear_error():
     with pytest.raises(TypeError, match="tpc_swin"):
         tpcvit.patch(timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=2, embed_dim=24,
                                        depths=(1, 1), num_heads=(1, 1)))
-    with pytest.raises(TypeError, match="rotary position embeddings"):  # EVA-02, DINOv3, RoPE ViTs
-        tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", img_size=32, embed_dim=32, depth=1, num_heads=2))
+    eva = {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    with pytest.raises(ValueError, match="dynamic_img_size=False"):  # timm's DINOv3 default
+        tpcvit.patch(timm.create_model("vit_small_patch16_dinov3", **eva))
+    with pytest.raises(ValueError, match="EvaBlockPostNorm"):
+        tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", use_post_norm=True, **eva))
+    with pytest.raises(ValueError, match="patch_drop_rate=0"):
+        tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", patch_drop_rate=0.5, **eva))
+    with pytest.raises(ValueError, match="paused_key_pool=1"):  # a pooled key has no position to rotate by
+        tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", **eva), paused_key_pool=2)
     with pytest.raises(ValueError, match="dynamic_img_size"):
         tpcvit.patch(_model("vit_small_patch16_224", dynamic_img_size=True))
     patched = tpcvit.patch(_model("deit_small_patch16_224"))
@@ -355,3 +374,31 @@ def test_with_tpc_is_the_registered_tpc_model_on_deit_and_fine_tunes_any_timm_vi
     logits, trace = model(x, return_trace=True)
     (logits.logsumexp(1).mean() + tpcvit.tpc_loss(trace, model.tpc_cfg, 1.0, 1.0)["total"]).backward()
     assert all(p.grad is not None for p in model.controller.parameters())
+
+
+ROPE_VARIANTS = [v for v in VARIANTS if hasattr(_model(*VARIANTS[v][0:1], depth=1, embed_dim=32, num_heads=2), "rope")]
+
+
+@pytest.mark.parametrize("variant", ROPE_VARIANTS)
+def test_learned_tpc_on_rope_models_trains_and_its_selection_carries_the_positions(variant, x):
+    """``with_tpc`` on an ``Eva`` (no paused keys: each selected token runs the block alone with its own rows of
+    the rotary table): it trains on the masked path, and the gathered fast path is the masked path in budget and
+    adaptive mode, whose GMACs the trace gives as counted."""
+    name, kw = VARIANTS[variant]
+    model = tpcvit.with_tpc(_model(name, **kw), tpcvit.TPCConfig(start_layer=1, target_keep=0.5,
+                                                                 pause_bias_init=0.0, restart_bias_init=0.0))
+    logits, trace = model.train()(x, return_trace=True)
+    (logits.logsumexp(1).mean() + tpcvit.tpc_loss(trace, model.tpc_cfg, 1.0, 1.0)["total"]).backward()
+    assert all(p.grad is not None for p in model.controller.parameters())
+    assert model.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        for mode in ("budget", "adaptive"):
+            set_mode(model, mode, keep=0.5 if mode == "budget" else None)
+            fast, t_fast = model.forward_with_trace(x, path="fast")
+            masked, t_masked = model.forward_with_trace(x, path="masked")
+            assert torch.equal(t_fast.active, t_masked.active) and not t_fast.active[:, 1:].all()
+            torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+            counted = count_gmacs(model, x)
+            assert model.gmacs_per_image(t_fast).mean().item() == pytest.approx(counted, rel=0.01)
+            assert counted < count_gmacs(set_mode(model, "dense"), x)

@@ -38,7 +38,8 @@ def count_flops(fn, *args) -> int:
     A module's parameters stop requiring grad while it is counted (restored after): the counter's module tracker
     hooks every module input that requires grad, and a view of a parameter still does under ``no_grad`` (SigLIP's
     attention-pool head feeds ``latent.expand(...)`` to a linear), which made it fail with an AssertionError."""
-    frozen = [q for q in fn.parameters() if q.requires_grad] if isinstance(fn, nn.Module) else []
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)  # a module or its bound method
+    frozen = [q for q in owner.parameters() if q.requires_grad] if isinstance(owner, nn.Module) else []
     for q in frozen:
         q.requires_grad_(False)
     try:
@@ -97,22 +98,35 @@ def measured_gmacs(model: nn.Module, x: torch.Tensor) -> float:
         inner.train(was_training)
 
 
-def vit_block_macs(tokens, dim: int, mlp_hidden: int, context=None):
-    """MACs of one pre-norm ViT block updating ``tokens`` tokens that attend to ``context`` tokens (default: the
-    same ones): q + proj + MLP on ``tokens``, k/v on ``context``, attention QK^T and AV."""
-    context = tokens if context is None else context
-    return tokens * dim * (2 * dim + 2 * mlp_hidden) + context * 2 * dim * dim + 2 * tokens * context * dim
+def block_linear_macs(blk: nn.Module) -> tuple[int, int, int]:
+    """MACs of a transformer block's linears per computed token (query side: q, output projection, gate, MLP) and
+    per key/value token (k, v), and the attention width (heads x head size): what its work is made of, read from
+    its modules so that any MLP (GELU, SwiGLU) and attention (fused or separate q/k/v, fewer kv heads) counts."""
+    attn = blk.attn
+    per_query = per_key = 0
+    for name, layer in blk.named_modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        macs = layer.in_features * layer.out_features
+        if name == "attn.qkv":  # q | k | v rows
+            q = attn.num_heads * attn.head_dim * layer.in_features
+            per_query, per_key = per_query + q, per_key + macs - q
+        elif name in ("attn.k_proj", "attn.v_proj"):
+            per_key += macs
+        else:
+            per_query += macs
+    return per_query, per_key, attn.num_heads * attn.head_dim
 
 
 def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: float = 0.0,
-                          paused_keys: bool | torch.Tensor = False) -> torch.Tensor:
+                          paused_keys: bool | torch.Tensor = False, head_macs: float | None = None) -> torch.Tensor:
     """GMACs per image ``[B]`` of a timm ViT whose block ``l`` computes ``counts[:, l]`` patch tokens (plus the
     prefix tokens): patch embedding, blocks, classifier head(s), plus ``extra_macs`` per image. ``paused_keys``:
-    every token is a key/value; or ``[B, depth]`` keys/values besides the computed tokens (pooled paused keys)."""
+    every token is a key/value; or ``[B, depth]`` keys/values besides the computed tokens (pooled paused keys).
+    ``head_macs``: the head's MACs when they are not one linear per head (an attention-pool head)."""
     m = unwrap(model)
     dim = m.embed_dim
     n = m.patch_embed.num_patches
-    mlp_hidden = m.blocks[0].mlp.fc1.out_features
     if hasattr(m.patch_embed, "stem_macs"):  # convolutional stem (LV-ViT)
         macs = m.patch_embed.stem_macs()
     else:
@@ -120,18 +134,22 @@ def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: fl
         macs = n * dim * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     macs += extra_macs
     tokens = counts.double() + m.num_prefix_tokens
-    heads = 2 if getattr(m, "head_dist", None) is not None else 1
-    heads += n if getattr(m, "aux_head", None) is not None else 0  # token-labelling head on every patch token
+    if head_macs is None:
+        heads = 2 if getattr(m, "head_dist", None) is not None else 1
+        heads += n if getattr(m, "aux_head", None) is not None else 0  # token-labelling head on every patch token
+        head_macs = heads * dim * m.num_classes
     if isinstance(paused_keys, torch.Tensor):
         context = tokens + paused_keys.double()
     else:
-        context = n + m.num_prefix_tokens if paused_keys else None  # every token is a key/value
-    total = vit_block_macs(tokens, dim, mlp_hidden, context).sum(dim=1) + macs + heads * dim * m.num_classes
-    return total / 1e9
+        context = n + m.num_prefix_tokens if paused_keys else tokens  # every token is a key/value
+    per_query, per_key, width = block_linear_macs(m.blocks[0])
+    blocks = tokens * per_query + context * per_key + 2 * tokens * context * width
+    return (blocks.sum(dim=1) + macs + head_macs) / 1e9
 
 
-def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
-    """GMACs per image ``[B]`` of a TPC ViT's fast path, from the active counts in ``trace``."""
+def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace, head_macs: float | None = None) -> torch.Tensor:
+    """GMACs per image ``[B]`` of a TPC ViT's fast path, from the active counts in ``trace`` (``head_macs``: see
+    :func:`vit_gmacs_from_counts`)."""
     m = unwrap(model)
     dim, n = m.embed_dim, trace.active.shape[2]
     dense, policy = m.tpc_policy.mode == "dense", m.tpc_policy
@@ -150,7 +168,7 @@ def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
     if keys and m.tpc_cfg.paused_key_pool > 1:  # every window's pooled key/value, in a block that pauses any token
         windows = math.prod(-(-side // m.tpc_cfg.paused_key_pool) for side in trace.grid)  # (static shapes)
         keys = (~trace.active).any(dim=2) * windows
-    return vit_gmacs_from_counts(m, trace.active_counts(), extra, paused_keys=keys)
+    return vit_gmacs_from_counts(m, trace.active_counts(), extra, paused_keys=keys, head_macs=head_macs)
 
 
 def swin_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from .budget import match_gmacs
 from .flops import count_gmacs
-from .layers import check_timm_vit
-from .models import TPCViT
+from .layers import check_timm_eva, check_timm_vit
+from .models import TPCEva, TPCViT
 from .models._builder import convert_in_place
 from .propagation import TPCConfig
 from .runtime import current_policy, set_mode, set_policy, tpc_modules
@@ -61,11 +61,20 @@ def default_key_pool(grid: tuple[int, int]) -> int:
     return max(1, min(grid) // 7)
 
 
+def _is_eva(model: nn.Module) -> bool:
+    from timm.models.eva import Eva
+
+    return isinstance(model, Eva)
+
+
 def check_patchable(model: nn.Module) -> None:
     """A clear error naming what a model lacks for TPC."""
     if tpc_modules(model):
         raise ValueError("this model already has TPC (a tpc_* model or patched before): use tpcvit.set_mode")
-    check_timm_vit(model, "tpcvit.patch")
+    if _is_eva(model):
+        check_timm_eva(model, "tpcvit.patch")
+    else:
+        check_timm_vit(model, "tpcvit.patch")
 
 
 def with_tpc(model: nn.Module, cfg: TPCConfig | None = None) -> nn.Module:
@@ -75,7 +84,8 @@ def with_tpc(model: nn.Module, cfg: TPCConfig | None = None) -> nn.Module:
     tpc_vit_small_patch14_dinov2``). Weights and state-dict keys kept; heads and stabilizers added on the model's
     device and dtype. :func:`patch` is this plus the training-free controller and a budget."""
     check_patchable(model)
-    return convert_in_place(model, TPCViT, "TPC", lambda m: m._init_tpc(cfg or TPCConfig()))
+    return convert_in_place(model, TPCEva if _is_eva(model) else TPCViT, "TPC",
+                            lambda m: m._init_tpc(cfg or TPCConfig()))
 
 
 def patch(
@@ -111,9 +121,9 @@ def patch(
     depth = len(model.blocks)
     start = max(1, depth // 4) if start_layer is None else int(start_layer)
     options = {"stabilizer": controller != "attention", **tpc_options}
-    if controller == "attention":
+    if controller == "attention":  # (rotary models: per-token keys, each at its own position; see models/eva.py)
         options.setdefault("paused_key_pool", default_key_pool(tuple(model.patch_embed.grid_size))
-                           if model.num_prefix_tokens else 1)
+                           if model.num_prefix_tokens and not _is_eva(model) else 1)
     cfg = TPCConfig(start_layer=start, target_keep=keep if keep is not None else 0.5, paused_keys=True,
                     controller=controller, **options)
     with_tpc(model, cfg)

@@ -33,6 +33,7 @@ class BlockStep:
     forced: bool  # decisions given by the caller (``forced_active``), not by the controller
     budget_k: int  # active patch tokens per image in budget mode
     attention: bool  # the attention controller needs this block's class attention back
+    rope: torch.Tensor | None = None  # the block's rotary table over every patch token (RoPE families), else None
 
     @property
     def budget_selection(self) -> bool:
@@ -73,8 +74,16 @@ class TPCRuntime:
         """Inverse of :meth:`_tpc_tokens` (``[B, T, D]`` back to the family's layout)."""
         return tokens
 
-    def _tpc_dense_block(self, blk: nn.Module, x: torch.Tensor, seed_attention: bool):
-        """A block computing every token; ``seed_attention``: also return the class attention (see ViT)."""
+    def _tpc_embed_positions(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """:meth:`_tpc_embed` and, per block, the rotary position table of every patch token (RoPE families: made
+        with the embedding, once per forward; it must follow every token selection), or ``None``: the positions
+        are in the tokens."""
+        return self._tpc_embed(x), None
+
+    def _tpc_dense_block(self, blk: nn.Module, x: torch.Tensor, seed_attention: bool,
+                         rope: torch.Tensor | None = None):
+        """A block computing every token; ``seed_attention``: also return the class attention (see ViT);
+        ``rope``: the block's rotary table (:meth:`_tpc_embed_positions`)."""
         return blk(x), None
 
     def _tpc_run_block(self, blk: nn.Module, x: torch.Tensor, step: BlockStep):
@@ -130,7 +139,7 @@ class TPCRuntime:
         policy = self.tpc_policy if policy is None else policy
         cfg = self.tpc_cfg
         fast = policy.is_fast(self.training)
-        x = self._tpc_embed(x)
+        x, ropes = self._tpc_embed_positions(x)
         forced = self._tpc_check_forced(forced_active, x.shape[0])
         attention = cfg.reads_attention and policy.mode != "dense"
         score = None  # training-free controller: relative class attention of every token, from the last block
@@ -155,9 +164,10 @@ class TPCRuntime:
             while j < len(blocks):
                 if str(g) in self.stabilizers:
                     x = self._tpc_restore(self.stabilizers[str(g)](self._tpc_tokens(x)[0], prefix, grid), x)
+                rope = None if ropes is None else ropes[g]
                 if policy.mode == "dense" or g < cfg.start_layer or keeps_all:
                     x, seeded = self._tpc_dense_block(blocks[j], x,
-                                                      attention and not keeps_all and g == cfg.start_layer - 1)
+                                                      attention and not keeps_all and g == cfg.start_layer - 1, rope)
                     score = seeded if seeded is not None else score
                     prop.dense_block()
                     j, g = j + 1, g + 1
@@ -165,7 +175,7 @@ class TPCRuntime:
 
                 if forced is None and not policy.decides(controlled):  # a run cut by a stabilizer: reuse
                     first = BlockStep(prop.repeat(), fast, policy, False, k,
-                                      wants_score(controlled, j + 1 == len(blocks)))
+                                      wants_score(controlled, j + 1 == len(blocks)), rope)
                 else:
                     tokens = self._tpc_tokens(x)[0]
                     logits = self.controller[g - cfg.start_layer](tokens, prefix) if len(self.controller) else None
@@ -175,13 +185,14 @@ class TPCRuntime:
                         logits = free if logits is None else free + logits
                     k = policy.budget_k(prop.num_patches, g - cfg.start_layer, cfg.target_keep)
                     first = BlockStep(prop.step(j, logits, k), fast, policy, forced is not None, k,
-                                      wants_score(controlled, j + 1 == len(blocks)))
+                                      wants_score(controlled, j + 1 == len(blocks)), rope)
                 # the blocks after it that reuse this decision (decide_every) run with it as one group
                 run = [first]
                 while (forced is None and j + len(run) < len(blocks) and not policy.decides(controlled + len(run))
                        and str(g + len(run)) not in self.stabilizers):
                     run.append(BlockStep(prop.repeat(), fast, policy, False, k,
-                                         wants_score(controlled + len(run), j + len(run) + 1 == len(blocks))))
+                                         wants_score(controlled + len(run), j + len(run) + 1 == len(blocks)),
+                                         None if ropes is None else ropes[g + len(run)]))
                 x, seen = self._tpc_run_group(blocks[j:j + len(run)], x, run)
                 score = seen if seen is not None else score
                 j, g, controlled = j + len(run), g + len(run), controlled + len(run)

@@ -31,8 +31,8 @@ def check_timm_vit(model: nn.Module, who: str) -> None:
     if not isinstance(model, VisionTransformer):
         kind = type(model).__name__
         hint = {"SwinTransformer": "; for Swin use timm.create_model('tpc_swin_tiny_patch4_window7_224') (or _small)",
-                "Eva": " (EVA-02, DINOv3, RoPE ViTs, Perception Encoder: rotary position embeddings, not supported "
-                       "yet)"}.get(kind, "")
+                "Eva": " (EVA-02, DINOv3, RoPE ViTs, Perception Encoder: rotary position embeddings; tpcvit.patch "
+                       "and tpcvit.with_tpc run them, the peers do not yet)"}.get(kind, "")
         raise TypeError(f"{who} works on timm VisionTransformer models (DeiT, ViT, AugReg, CLIP, SigLIP, DINOv2, "
                         f"register tokens, ...), got {kind}{hint}; the models tpcvit.patch runs on: "
                         "benchmarks/results/timm_coverage.md")

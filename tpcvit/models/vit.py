@@ -66,10 +66,26 @@ class TPCViT(TPCRuntime):
             raise ValueError(f"forced_active must be [B, depth, N] = {[batch, len(self.blocks), n]}")
         return [forced_active]
 
-    def _tpc_dense_block(self, blk: nn.Module, x: torch.Tensor, seed_attention: bool):
+    def _tpc_dense_block(self, blk: nn.Module, x: torch.Tensor, seed_attention: bool,
+                         rope: torch.Tensor | None = None):
         if seed_attention:  # seeds the scores of the first controlled block
-            return context_block(blk, x, x, class_attention=True, num_prefix=self.num_prefix_tokens)
-        return block_forward(blk, x), None
+            return self._tpc_exec_context(blk, x, x, None, rope, class_attention=True)
+        return self._tpc_exec(blk, x, None, None, rope), None
+
+    # -- how a block runs on rows of the buffer (a RoPE family overrides these two: tpcvit/models/eva.py) ------
+    def _tpc_exec(self, blk: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor | None,
+                  rope: torch.Tensor | None) -> torch.Tensor:
+        """``blk`` on ``tokens`` ``[B, n, D]``: the buffer positions ``index`` ``[B, n]`` (prefix first; ``None``:
+        the whole buffer), ``mask`` an additive key bias. Positions are in the tokens here (absolute embeddings)."""
+        return block_forward(blk, tokens, mask)
+
+    def _tpc_exec_context(self, blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor,
+                          index: torch.Tensor | None, rope: torch.Tensor | None, class_attention: bool = False,
+                          key_bias: torch.Tensor | None = None):
+        """``blk`` updating ``tokens`` (buffer positions ``index``) while attending to ``context``, the whole
+        buffer or the selection followed by pooled paused keys (:func:`~tpcvit.layers.context_block`)."""
+        return context_block(blk, tokens, context, class_attention=class_attention,
+                             num_prefix=self.num_prefix_tokens, key_bias=key_bias)
 
     def _tpc_run_block(self, blk: nn.Module, x: torch.Tensor, step: BlockStep,
                        sel: TokenSelection | PackedSelection | None = None):
@@ -79,9 +95,10 @@ class TPCViT(TPCRuntime):
         if step.fast and sel is None:
             sel = self._tpc_selection(blk, x, step)
         pooled = cfg.paused_key_pool > 1 and not (step.fast and sel.full)  # pooled keys: never packed
+        index = sel.index if step.fast and isinstance(sel, TokenSelection) else None  # rows' buffer positions
 
         def run(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            return block_forward(blk, tokens, mask)
+            return self._tpc_exec(blk, tokens, mask, index, step.rope)
 
         if cfg.paused_keys and (step.fast or step.attention or pooled):  # selected tokens query the buffer
             context, means, counts = x, None, None
@@ -96,9 +113,9 @@ class TPCViT(TPCRuntime):
                 if means is not None:  # the selected tokens and one key per window of paused tokens
                     context, bias = torch.cat([tokens, means], dim=1), self._pooled_bias(mask, tokens.shape[1], counts)
                 if not step.attention:
-                    return context_block(blk, tokens, context, key_bias=bias)
-                out, score = context_block(blk, tokens, context, class_attention=True, num_prefix=prefix,
-                                           key_bias=bias)
+                    return self._tpc_exec_context(blk, tokens, context, index, step.rope, key_bias=bias)
+                out, score = self._tpc_exec_context(blk, tokens, context, index, step.rope, class_attention=True,
+                                                    key_bias=bias)
                 seen["score"] = score if means is None else self._spread_score(score, sel.index, sel.valid, counts)
                 return out
 

@@ -1,0 +1,125 @@
+"""Running a timm ``EvaBlock`` (EVA-02, DINOv3, RoPE ViTs, Perception Encoder) on a selection of its tokens.
+
+These models have no position in the tokens: every block rotates its queries and keys by the rotary table of the
+tokens' grid positions (RoPE). A token selection must therefore carry its rows of the table with it
+(:func:`rope_rows`); the block itself is timm's (its forward takes a per-image table, as timm's own patch dropout
+uses it). Paused tokens as keys (:func:`eva_context_block`) keep their own positions: the selected queries are
+rotated by theirs, every key by its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .vit_block import class_row_attention
+
+
+def check_timm_eva(model: nn.Module, who: str) -> None:
+    """A one-line error naming what an ``Eva`` model lacks for ``who`` (TPC's patch): a fixed token grid, no patch
+    dropout, timm's pre-norm ``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``."""
+    from timm.layers import AttentionRope
+    from timm.models.eva import EvaAttention, EvaBlock
+
+    if getattr(model, "dynamic_img_size", False):
+        raise ValueError(f"{who} needs a fixed token grid: create the model with dynamic_img_size=False (timm's "
+                         "DINOv3 models default to True)")
+    if getattr(model, "patch_drop", None) is not None:
+        raise ValueError(f"{who} selects tokens itself: create the model with patch_drop_rate=0")
+    other = sorted({f"{type(b).__name__}/{type(getattr(b, 'attn', None)).__name__}" for b in model.blocks
+                    if type(b) is not EvaBlock or type(b.attn) not in (EvaAttention, AttentionRope)})
+    if other:
+        raise ValueError(f"blocks {other} are not timm's pre-norm EvaBlock with EvaAttention/AttentionRope: {who} "
+                         "runs a block on a token selection through those parts")
+
+
+def rope_rows(rope: torch.Tensor | None, index: torch.Tensor | None, num_prefix: int) -> torch.Tensor | None:
+    """The rotary table rows of the tokens at buffer positions ``index`` ``[B, n]`` (prefix tokens first; they
+    have no rotation): ``[B, 1 or heads, n - prefix, C]``, the per-image table timm's Eva attention accepts.
+    ``index=None``: every token, the table itself."""
+    if rope is None or index is None:
+        return rope
+    patches = index[:, num_prefix:] - num_prefix
+    rows = rope.index_select(-2, patches.reshape(-1)).unflatten(-2, patches.shape)  # [..., B, n, C]
+    return rows.unsqueeze(1) if rope.dim() == 2 else rows.transpose(0, 1)
+
+
+def _rotate(x: torch.Tensor, rope: torch.Tensor | None, num_prefix: int, half: bool, like: torch.Tensor):
+    """timm's rotation of queries or keys ``[B, H, n, Dh]``: the prefix tokens unrotated, the rest by ``rope``."""
+    from timm.layers import apply_rot_embed_cat
+
+    if rope is None:
+        return x
+    rotated = apply_rot_embed_cat(x[:, :, num_prefix:], rope, half=half)
+    return torch.cat([x[:, :, :num_prefix], rotated], dim=2).type_as(like)
+
+
+def _qkv_weight(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused qkv projection's weight and bias (EvaAttention keeps q/k/v biases apart, k's a zero buffer)."""
+    if getattr(attn, "q_bias", None) is not None:
+        return attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    return attn.qkv.weight, attn.qkv.bias
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def eva_queries(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Queries ``[B, H, n, Dh]`` of normed tokens ``x`` (q norm applied; not rotated)."""
+    if attn.qkv is None:
+        return attn.q_norm(_heads(attn.q_proj(x), attn.num_heads))
+    width = attn.num_heads * attn.head_dim
+    weight, bias = _qkv_weight(attn)
+    return attn.q_norm(_heads(F.linear(x, weight[:width], None if bias is None else bias[:width]), attn.num_heads))
+
+
+def eva_keys_values(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (k norm applied; not rotated) and values ``[B, H_kv, n, Dh]`` of normed tokens ``x``."""
+    heads = getattr(attn, "num_kv_heads", attn.num_heads)
+    if attn.qkv is None:
+        return attn.k_norm(_heads(attn.k_proj(x), heads)), _heads(attn.v_proj(x), heads)
+    width = attn.num_heads * attn.head_dim
+    weight, bias = _qkv_weight(attn)
+    kv = F.linear(x, weight[width:], None if bias is None else bias[width:])
+    k, v = kv.view(*x.shape[:2], 2, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.k_norm(k), v
+
+
+def eva_context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, rope_tokens: torch.Tensor | None,
+                      rope_context: torch.Tensor | None, num_prefix: int, class_attention: bool = False,
+                      key_bias: torch.Tensor | None = None):
+    """A timm ``EvaBlock`` updating ``tokens`` ``[B, n, D]`` while attending to ``context`` ``[B, T, D]`` (paused
+    keys: the whole buffer, paused tokens with their frozen features). Same math as ``EvaBlock.forward`` on the full
+    sequence, restricted to the rows of ``tokens``; ``rope_tokens`` / ``rope_context``: the tables of their patch
+    tokens (:func:`rope_rows`). ``class_attention=True`` also returns the class token's attention over every key
+    times their number (``[B, T]``; the mean query stands in without a class token), as
+    :func:`~tpcvit.layers.context_block` does."""
+    attn = blk.attn
+    b, n, _ = tokens.shape
+    t = context.shape[1]
+    half = getattr(attn, "rotate_half", False)
+    normed = blk.norm1(tokens)
+    normed_context = normed if context is tokens else blk.norm1(context)
+    k, v = eva_keys_values(attn, normed_context)
+    k = _rotate(k, rope_context, num_prefix, half, v)
+    q = _rotate(eva_queries(attn, normed), rope_tokens, num_prefix, half, v)
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads (timm's order)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
+    row = None
+    if class_attention:
+        query = q[:, :, :1] if num_prefix else eva_queries(attn, normed_context.mean(dim=1, keepdim=True))
+        row = class_row_attention(query, k, key_bias) * t
+    del q, k, v
+    o = attn.norm(o.transpose(1, 2).reshape(b, n, -1))
+    if getattr(attn, "gate", None) is not None:
+        o = o * attn.gate(normed).sigmoid()
+    o = attn.proj_drop(attn.proj(o))
+    tokens = tokens + blk.drop_path1(o if blk.gamma_1 is None else blk.gamma_1 * o)
+    m = blk.mlp(blk.norm2(tokens))
+    out = tokens + blk.drop_path2(m if blk.gamma_2 is None else blk.gamma_2 * m)
+    return out if row is None else (out, row)

@@ -1,0 +1,74 @@
+"""TPC on timm's ``Eva`` (EVA-02, DINOv3, RoPE ViTs, Perception Encoder): the RoPE adapter of the ViT family.
+
+An ``Eva`` is a pre-norm ViT whose positions are not in its tokens: every block rotates queries and keys by a
+rotary table of the patch grid. Everything TPC does on a ViT (one stage, prefix tokens, budget / adaptive / paused
+keys, the training-free controller) carries over; what changes is how one block runs on a selection of the buffer:
+the selected rows bring their rows of the rotary table (:func:`~tpcvit.layers.rope_rows`), and paused tokens seen as
+keys keep their own positions (:func:`~tpcvit.layers.eva_context_block`). The tables are made once per forward with
+the embedding, as timm's ``Eva.forward_features`` makes them.
+
+Pooled paused keys (``paused_key_pool > 1``) are not offered here: a window's mean token has no grid position to
+rotate it by, and a key without one is attended to as if it sat nowhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..layers import check_images, eva_context_block, rope_rows
+from ..propagation import TokenTrace, TPCConfig
+from ..runtime import BlockStep, TPCRuntime
+from .vit import TPCViT
+
+
+class TPCEva(TPCViT):
+    """TPC on a timm ``Eva`` (converted in place by ``tpcvit.patch`` / ``tpcvit.with_tpc``)."""
+
+    def _init_tpc(self, cfg: TPCConfig) -> None:
+        if cfg.paused_key_pool > 1:
+            raise ValueError("paused_key_pool > 1 pools paused tokens into keys without a grid position, which "
+                             f"{type(self).__name__} (rotary position embeddings) cannot rotate: use paused_key_pool=1")
+        super()._init_tpc(cfg)
+
+    def _tpc_embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self._tpc_embed_positions(x)[0]
+
+    def _tpc_embed_positions(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        check_images(self, x)
+        x, rope = self._pos_embed(self.patch_embed(x))
+        x = self.norm_pre(x)
+        if rope is None:
+            return x, None
+        # depth-dependent RoPE: one [heads, N, C] table per block; else one [N, C] table shared by every block
+        return x, list(rope.unbind(0)) if getattr(self, "rope_mixed", False) else [rope] * len(self.blocks)
+
+    def _tpc_exec(self, blk: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor | None,
+                  rope: torch.Tensor | None) -> torch.Tensor:
+        return blk(tokens, rope=rope_rows(rope, index, self.num_prefix_tokens), attn_mask=mask)
+
+    def _tpc_exec_context(self, blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor,
+                          index: torch.Tensor | None, rope: torch.Tensor | None, class_attention: bool = False,
+                          key_bias: torch.Tensor | None = None):
+        prefix = self.num_prefix_tokens
+        return eva_context_block(blk, tokens, context, rope_rows(rope, index, prefix), rope, prefix,
+                                 class_attention=class_attention, key_bias=key_bias)
+
+    def _tpc_run_group(self, blocks: list[nn.Module], x: torch.Tensor, steps: list[BlockStep]):
+        """Blocks sharing one decision share its selection (made once); each block gathers and scatters."""
+        if not steps[0].fast:
+            return TPCRuntime._tpc_run_group(self, blocks, x, steps)
+        sel, seen = self._tpc_selection(blocks[0], x, steps[0]), None
+        for blk, step in zip(blocks, steps):
+            x, score = self._tpc_run_block(blk, x, step, sel)
+            seen = score if score is not None else seen
+        return x, seen
+
+    def gmacs_per_image(self, trace: TokenTrace) -> torch.Tensor:
+        """As a ViT's, with the head (pooling, attention pool, classifier) counted on the final tokens."""
+        from ..flops import count_flops, vit_gmacs_from_trace
+
+        param = next(self.parameters())
+        feats = torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, self.embed_dim,
+                            device=param.device, dtype=param.dtype)
+        return vit_gmacs_from_trace(self, trace, head_macs=count_flops(self.forward_head, feats) / 2)
