@@ -23,7 +23,7 @@ import tpcvit  # before timm: its import guard
 from tpcvit.bench import machine_info
 from tpcvit.checkpoint import atomic_write
 
-MODELS = [  # (what a user knows it as, timm name)
+MODELS = [  # (what a user knows it as, timm name[, create_model arguments])
     ("DeiT", "deit_small_patch16_224"),
     ("DeiT distilled", "deit_small_distilled_patch16_224"),
     ("DeiT III (LayerScale)", "deit3_small_patch16_224"),
@@ -42,8 +42,10 @@ MODELS = [  # (what a user knows it as, timm name)
     ("BEiT-3", "beit3_base_patch16_224"),
     ("BEiT (relative position bias)", "beit_base_patch16_224"),
     ("EVA-02", "eva02_small_patch14_224"),
-    ("DINOv3", "vit_small_patch16_dinov3"),
+    ("DINOv3 (timm default: dynamic image size)", "vit_small_patch16_dinov3"),
+    ("DINOv3, dynamic_img_size=False", "vit_small_patch16_dinov3", {"dynamic_img_size": False}),
     ("ViT with RoPE", "vit_small_patch16_rope_224"),
+    ("ViT with RoPE per block (mixed)", "vit_small_patch16_rope_mixed_224"),
     ("Perception Encoder", "vit_pe_core_small_patch16_384"),
     ("ViT parallel blocks", "vit_small_patch16_18x2_224"),
     ("ViT parallel scaling block", "vit_pwee_patch16_reg1_gap_256"),
@@ -57,12 +59,12 @@ MODELS = [  # (what a user knows it as, timm name)
 ]
 
 
-def check(name: str) -> dict:
+def check(name: str, kwargs: dict | None = None) -> dict:
     """One model: patched at keep 0.5, then keep 1.0 against the original logits."""
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval()
+    model = timm.create_model(name, pretrained=False, **(kwargs or {})).eval()
     size = getattr(getattr(model, "patch_embed", None), "img_size", None) or model.pretrained_cfg["input_size"][1:]
     x = torch.randn(1, 3, *size)
     row = {"model": name, "class": type(model).__name__,
@@ -107,13 +109,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     models = [(m, m) for m in args.models] if args.models else MODELS
     t0, rows = time.time(), []
-    for label, name in models:
-        rows.append(check(name))
+    for label, name, *kwargs in models:
+        rows.append(check(name, *kwargs))
         r = rows[-1]
         print(f"{label:32s} {name:36s} " + ("works" if r["works"] else "error: " + r["error"][:90]), flush=True)
     command = "python benchmarks/timm_coverage.py" + (f" --models {' '.join(args.models)}" if args.models else "")
     meta = {"machine": machine_info(torch.device("cpu")), "command": command, "seconds": time.time() - t0,
-            "timm": __import__("timm").__version__, "labels": [label for label, _ in models]}
+            "timm": __import__("timm").__version__, "labels": [label for label, *_ in models]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"meta": meta, "rows": rows}, indent=1)

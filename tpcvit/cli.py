@@ -81,7 +81,7 @@ def _bench_methods(args: argparse.Namespace, command: str) -> int:
     if args.config is None:  # speed only: the named backbone at its own size on random images
         overrides.append(f"model.name={args.model}")
         if args.img_size:
-            overrides.append(f"model.kwargs={{img_size: {args.img_size}}}")
+            overrides.append(f"model.kwargs.img_size={args.img_size}")  # beside any other model.kwargs given
     cfg = load_config(args.config, overrides)
     weights = {}
     for item in args.weights or []:

@@ -155,7 +155,10 @@ def build_variant(cfg: dict, spec: Spec, num_classes: int, weights: dict[str, st
     if spec.method == "tpc-free":  # training-free TPC on the dense model (tpcvit.patch, attention controller)
         from .patch import patch
 
-        patch(model)
+        try:
+            patch(model)
+        except (TypeError, ValueError) as err:  # a backbone patch cannot run on: its one-line reason
+            raise ConfigError(f"tpc-free on {cfg['model']['name']}: {err}") from None
     if spec.method.endswith("-adaptive"):
         set_mode(model, "adaptive")
     if spec.every > 1:
