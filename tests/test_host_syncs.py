@@ -137,3 +137,18 @@ def test_graph_variants_captures_the_sync_free_passes_and_leaves_the_rest_eager(
     assert captured == [budget_pass] and set(fns) == {"tpc@50%", "tpc adaptive", "odd op"}
     assert eager == {"tpc adaptive": "host syncs: Tensor.tolist x3",
                      "odd op": "capture failed: operation not permitted when stream is capturing"}
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_small_patch16_rope_mixed_224"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_training_free_tpc_on_rope_models_never_syncs(name, batch):
+    """The Eva adapter's budget mode (rotary rows gathered with each selection, paused keys at their own
+    positions; depth-dependent tables) is sync-free and makes no host tensor mid-forward, as the ViT's."""
+    cfg = load_config(None, [f"model.name={name}", "model.kwargs={img_size: 32, patch_size: 8, embed_dim: 64, "
+                             "depth: 4, num_heads: 2, dynamic_img_size: false}"])
+    model = build_variant(cfg, parse_spec("tpc-free=0.5"), 10, {}).eval()
+    model.set_budget(0.5)
+    x = torch.randn(batch, 3, 32, 32)
+    assert host_syncs(lambda: model(x)) == {}
+    with torch.no_grad():
+        assert model.to("meta")(x.to("meta")).device.type == "meta"

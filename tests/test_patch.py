@@ -402,3 +402,14 @@ def test_learned_tpc_on_rope_models_trains_and_its_selection_carries_the_positio
             counted = count_gmacs(model, x)
             assert model.gmacs_per_image(t_fast).mean().item() == pytest.approx(counted, rel=0.01)
             assert counted < count_gmacs(set_mode(model, "dense"), x)
+
+
+def test_bench_tpc_free_on_a_backbone_patch_refuses_is_a_config_error():
+    """``tpcvit bench --methods tpc-free@0.5`` on such a backbone: the CLI's one-line error, not a traceback."""
+    from tpcvit.compare import build_variant, parse_spec
+    from tpcvit.config import ConfigError, load_config
+
+    cfg = load_config(None, ["model.name=vit_small_patch16_dinov3", "model.kwargs={img_size: 32, patch_size: 8, "
+                             "embed_dim: 32, depth: 2, num_heads: 2}"])
+    with pytest.raises(ConfigError, match="tpc-free on vit_small_patch16_dinov3: .*dynamic_img_size=False"):
+        build_variant(cfg, parse_spec("tpc-free@0.5"), 10, {})

@@ -79,8 +79,8 @@ def check_patchable(model: nn.Module) -> None:
 
 def with_tpc(model: nn.Module, cfg: TPCConfig | None = None) -> nn.Module:
     """TPC as configured (:class:`TPCConfig`: the learned controller and stabilizers by default, as the ``tpc_*``
-    models) on a timm ``VisionTransformer`` the user has, in place (and returned): what ``tpc_deit_*`` is on DeiT,
-    on any backbone :func:`patch` runs on, for fine-tuning (``tpcvit train`` with ``model.name:
+    models) on a timm ``VisionTransformer`` or ``Eva`` the user has, in place (and returned): what ``tpc_deit_*`` is
+    on DeiT, on any backbone :func:`patch` runs on, for fine-tuning (``tpcvit train`` with ``model.name:
     tpc_vit_small_patch14_dinov2``). Weights and state-dict keys kept; heads and stabilizers added on the model's
     device and dtype. :func:`patch` is this plus the training-free controller and a budget."""
     check_patchable(model)
@@ -101,7 +101,8 @@ def patch(
     decide_every: int = 1,
     **tpc_options,
 ) -> nn.Module:
-    """Give TPC to a timm ``VisionTransformer`` in place (and return it).
+    """Give TPC to a timm ``VisionTransformer`` or ``Eva`` (EVA-02, DINOv3, RoPE ViTs, Perception Encoder: rotary
+    positions follow every selection, paused keys per token) in place (and return it).
 
     ``keep``: share of patch tokens computed in each controlled block (budget mode). ``gmacs``: instead, a fraction
     of the dense model's GMACs; the keep ratio is found by bisection (budget mode has static shapes, so no real
