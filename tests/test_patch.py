@@ -274,6 +274,22 @@ def test_patched_model_exports_to_onnx_in_budget_mode(tmp_path, x):
     assert report.checked_batches and report.max_abs_diff < 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["DINOv3 (RoPE, registers)", "RoPE per block and head"])
+def test_patched_rope_model_exports_to_onnx_in_budget_mode(tmp_path, x, variant):
+    """The rotary rows gathered per selection are ONNX ops too (Gather on the table): onnxruntime gives PyTorch's
+    logits (O(1) here: the test model's head is re-initialised, timm's gives ~1e-4)."""
+    pytest.importorskip("onnxruntime")
+    from tpcvit.export import export_onnx
+
+    name, kw = VARIANTS[variant]
+    model = tpcvit.patch(_model(name, **kw), keep=0.5)
+    with torch.no_grad():
+        assert model(x).abs().max() > 0.1
+    report = export_onnx(model, tmp_path / "m.onnx", "budget", 0.5, 2)
+    assert report.checked_batches and report.max_abs_diff < 1e-3
+
+
 # ---------------------------------------------------------------------------------------------- pretrained=True
 HUB_SCRIPT = r"""
 import json, os, sys
