@@ -51,6 +51,20 @@ def test_patched_timm_vit_and_peers_on_cuda(cuda_images):
             assert torch.isfinite(model(cuda_images)).all()
 
 
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_small_patch16_rope_mixed_224"])
+def test_patched_rope_models_on_cuda_match_cpu(name, cuda_images):
+    """The Eva adapter on a GPU: rotary rows gathered on the device, the same selection and logits as on CPU."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2,
+                              dynamic_img_size=False).eval()
+    tpcvit.patch(model, keep=0.5)
+    with torch.no_grad():
+        cpu, t_cpu = model.forward_with_trace(cuda_images.cpu())
+        fast, t_fast = model.cuda().forward_with_trace(cuda_images)
+    assert torch.equal(t_fast.active.cpu(), t_cpu.active)
+    torch.testing.assert_close(fast.cpu(), cpu, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("paused_keys", [False, True])
 def test_budget_mode_replays_from_a_cuda_graph(paused_keys, cuda_images):
     """Budget mode has no host sync (tests/test_host_syncs.py): captured once, a replay on new images in the same
