@@ -429,3 +429,18 @@ def test_bench_tpc_free_on_a_backbone_patch_refuses_is_a_config_error():
                              "embed_dim: 32, depth: 2, num_heads: 2}"])
     with pytest.raises(ConfigError, match="tpc-free on vit_small_patch16_dinov3: .*dynamic_img_size=False"):
         build_variant(cfg, parse_spec("tpc-free@0.5"), 10, {})
+
+
+def test_speed_breakdown_runs_rope_blocks_with_their_tables():
+    """``block_parts`` times an Eva block on its selection with the selection's rotary rows (a block run without
+    its table would time a different model)."""
+    from tpcvit.breakdown import block_parts
+
+    name, kw = VARIANTS["RoPE per block and head"]
+    model = tpcvit.patch(_model(name, **kw), keep=0.5)
+    tables = []
+    model.blocks[model.tpc_cfg.start_layer].register_forward_pre_hook(
+        lambda _m, _args, kwargs: tables.append(kwargs.get("rope")), with_kwargs=True)
+    parts = block_parts(model, batch=1, keep=0.5, rounds=1, iters=1)
+    assert parts["block on its selection (incl. gather/scatter)"] > 0 and parts["block on every token (dense)"] > 0
+    assert tables and all(t is not None and t.shape[-2] == model.patch_embed.num_patches for t in tables)

@@ -42,16 +42,17 @@ def block_parts(model: nn.Module, batch: int, keep: float, rounds: int = 7, iter
     device = torch.device(device)
     cfg, policy = m.tpc_cfg, ExecutionPolicy(mode="budget", keep=keep)
     torch.manual_seed(0)
-    x = m._tpc_embed(torch.randn(batch, *image_geometry(m), device=device))
+    x, ropes = m._tpc_embed_positions(torch.randn(batch, *image_geometry(m), device=device))
     _, grid, prefix = m._tpc_tokens(x)
     n = grid[0] * grid[1]
     blk = m._tpc_stages()[0].blocks[cfg.start_layer]
+    rope = None if ropes is None else ropes[cfg.start_layer]  # RoPE families: the block's rotary table
     head = m.controller[0] if len(m.controller) else None
     logits = head(x, prefix) if head is not None else torch.zeros(batch, n, 2, device=device)
     prop = Propagation(cfg, policy, batch, n, grid, device, sample=False, record=False)
     k = policy.budget_k(n, 0, cfg.target_keep)
     decision = prop.step(0, logits, k)
-    step = BlockStep(decision, True, policy, False, k, attention=False)
+    step = BlockStep(decision, True, policy, False, k, attention=False, rope=rope)
 
     def gather_scatter() -> torch.Tensor:
         sel = m._tpc_selection(blk, x, step)
@@ -64,7 +65,7 @@ def block_parts(model: nn.Module, batch: int, keep: float, rounds: int = 7, iter
            "decision (probabilities, smoothing, top-k)": lambda: prop.step(0, logits, k),
            "selection + gather/scatter": gather_scatter,
            "block on its selection (incl. gather/scatter)": selected_block,
-           "block on every token (dense)": lambda: blk(x)}
+           "block on every token (dense)": (lambda: blk(x)) if rope is None else (lambda: blk(x, rope=rope))}
     fns = {k: f for k, f in fns.items() if f is not None}
     if cfg.reads_attention:  # the training-free signal: the class row of the previous block's attention
         score = torch.rand(batch, x.shape[1], device=device)
