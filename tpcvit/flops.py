@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import image_geometry, unwrap
+from .layers._timm import head_dim
 from .policy import ExecutionPolicy
 from .propagation import TokenTrace
 
@@ -109,13 +110,13 @@ def block_linear_macs(blk: nn.Module) -> tuple[int, int, int]:
             continue
         macs = layer.in_features * layer.out_features
         if name == "attn.qkv":  # q | k | v rows
-            q = attn.num_heads * attn.head_dim * layer.in_features
+            q = attn.num_heads * head_dim(attn) * layer.in_features
             per_query, per_key = per_query + q, per_key + macs - q
         elif name in ("attn.k_proj", "attn.v_proj"):
             per_key += macs
         else:
             per_query += macs
-    return per_query, per_key, attn.num_heads * attn.head_dim
+    return per_query, per_key, attn.num_heads * head_dim(attn)
 
 
 def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: float = 0.0,

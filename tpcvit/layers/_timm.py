@@ -4,6 +4,8 @@ Supported: timm >= 1.0.17 (the first release whose ``Block.forward`` takes ``att
 on 1.0.17 and on the pinned release. What differs across them: the optional output norm ``Attention.norm``
 (scale_norm) and the output ``gate`` exist only in some releases, ``Attention.attn_dim`` not in the oldest;
 ``VisionTransformer._pos_embed`` (position embedding + prefix tokens) is a private method every 1.0.x release has.
+The Eva family: ``EvaAttention.head_dim`` and the ``half`` (rotate-half) argument of ``apply_rot_embed_cat`` are not
+in the oldest; ``Eva._pos_embed`` (tokens and rotary table) is in every one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ _IDENTITY = nn.Identity()
 def attention_dim(attn: nn.Module) -> int:
     """Width of the concatenated heads of a timm ``Attention``."""
     return getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+
+
+def head_dim(attn: nn.Module) -> int:
+    """Width of one head of a timm ``Attention`` / ``EvaAttention`` / ``AttentionRope`` (the output projection
+    reads every head)."""
+    return getattr(attn, "head_dim", None) or attn.proj.in_features // attn.num_heads
+
+
+def rotate(x: torch.Tensor, rope: torch.Tensor, half: bool) -> torch.Tensor:
+    """timm's rotation of ``x`` by a concatenated sin/cos table (interleaved, or rotate-half where supported)."""
+    from timm.layers import apply_rot_embed_cat
+
+    return apply_rot_embed_cat(x, rope, half=True) if half else apply_rot_embed_cat(x, rope)
 
 
 def attention_out_norm(attn: nn.Module) -> nn.Module:

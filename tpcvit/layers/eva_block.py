@@ -13,14 +13,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._timm import head_dim, rotate
 from .vit_block import class_row_attention
 
 
 def check_timm_eva(model: nn.Module, who: str) -> None:
     """A one-line error naming what an ``Eva`` model lacks for ``who`` (TPC's patch): a fixed token grid, no patch
     dropout, timm's pre-norm ``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``."""
-    from timm.layers import AttentionRope
+    import timm.layers
     from timm.models.eva import EvaAttention, EvaBlock
+
+    attentions = tuple(c for c in (EvaAttention, getattr(timm.layers, "AttentionRope", None)) if c is not None)
 
     if getattr(model, "dynamic_img_size", False):
         raise ValueError(f"{who} needs a fixed token grid: create the model with dynamic_img_size=False (timm's "
@@ -28,7 +31,7 @@ def check_timm_eva(model: nn.Module, who: str) -> None:
     if getattr(model, "patch_drop", None) is not None:
         raise ValueError(f"{who} selects tokens itself: create the model with patch_drop_rate=0")
     other = sorted({f"{type(b).__name__}/{type(getattr(b, 'attn', None)).__name__}" for b in model.blocks
-                    if type(b) is not EvaBlock or type(b.attn) not in (EvaAttention, AttentionRope)})
+                    if type(b) is not EvaBlock or type(b.attn) not in attentions})
     if other:
         raise ValueError(f"blocks {other} are not timm's pre-norm EvaBlock with EvaAttention/AttentionRope: {who} "
                          "runs a block on a token selection through those parts")
@@ -47,11 +50,9 @@ def rope_rows(rope: torch.Tensor | None, index: torch.Tensor | None, num_prefix:
 
 def _rotate(x: torch.Tensor, rope: torch.Tensor | None, num_prefix: int, half: bool, like: torch.Tensor):
     """timm's rotation of queries or keys ``[B, H, n, Dh]``: the prefix tokens unrotated, the rest by ``rope``."""
-    from timm.layers import apply_rot_embed_cat
-
     if rope is None:
         return x
-    rotated = apply_rot_embed_cat(x[:, :, num_prefix:], rope, half=half)
+    rotated = rotate(x[:, :, num_prefix:], rope, half)
     return torch.cat([x[:, :, :num_prefix], rotated], dim=2).type_as(like)
 
 
@@ -71,7 +72,7 @@ def eva_queries(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Queries ``[B, H, n, Dh]`` of normed tokens ``x`` (q norm applied; not rotated)."""
     if attn.qkv is None:
         return attn.q_norm(_heads(attn.q_proj(x), attn.num_heads))
-    width = attn.num_heads * attn.head_dim
+    width = attn.num_heads * head_dim(attn)
     weight, bias = _qkv_weight(attn)
     return attn.q_norm(_heads(F.linear(x, weight[:width], None if bias is None else bias[:width]), attn.num_heads))
 
@@ -81,10 +82,10 @@ def eva_keys_values(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     heads = getattr(attn, "num_kv_heads", attn.num_heads)
     if attn.qkv is None:
         return attn.k_norm(_heads(attn.k_proj(x), heads)), _heads(attn.v_proj(x), heads)
-    width = attn.num_heads * attn.head_dim
+    width = attn.num_heads * head_dim(attn)
     weight, bias = _qkv_weight(attn)
     kv = F.linear(x, weight[width:], None if bias is None else bias[width:])
-    k, v = kv.view(*x.shape[:2], 2, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    k, v = kv.view(*x.shape[:2], 2, heads, head_dim(attn)).permute(2, 0, 3, 1, 4).unbind(0)
     return attn.k_norm(k), v
 
 
