@@ -65,8 +65,10 @@ def test_timm_coverage_script_reports_what_patches_and_what_errs(tmp_path):
     out = tmp_path / "coverage"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, str(ROOT / "benchmarks/timm_coverage.py"), "--models", "deit_tiny_patch16_224",
-                    "xcit_nano_12_p16_224", "--out", str(out)], check=True, env=env, capture_output=True, text=True)
-    deit, xcit = json.loads(out.with_suffix(".json").read_text())["rows"]
+                    "xcit_nano_12_p16_224", "eva02_tiny_patch14_224", "--out", str(out)], check=True, env=env,
+                   capture_output=True, text=True)
+    deit, xcit, eva = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert eva["works"] and eva["class"] == "Eva" and eva["keep_1_max_diff"] == 0.0  # rotary positions: the Eva adapter
     assert deit["works"] and deit["keep_1_max_diff"] == 0.0 and deit["mean_keep"] == pytest.approx(0.5, abs=0.01)
     assert 0.5 < deit["gmacs_share"] < 0.8  # paused tokens keep pooled keys
     assert not xcit["works"] and "Xcit" in xcit["error"]
