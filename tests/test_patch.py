@@ -446,3 +446,16 @@ def test_speed_breakdown_runs_rope_blocks_with_their_tables():
     parts = block_parts(model, batch=1, keep=0.5, rounds=1, iters=1)
     assert parts["block on its selection (incl. gather/scatter)"] > 0 and parts["block on every token (dense)"] > 0
     assert tables and all(t is not None and t.shape[-2] == model.patch_embed.num_patches for t in tables)
+
+
+@pytest.mark.parametrize("mode", ["budget", "adaptive"])
+def test_rope_model_deciding_every_other_block_keeps_each_blocks_own_table(mode, x):
+    """Blocks sharing one decision share its selection but not their rotary tables (per-block RoPE): the gathered
+    path still equals the masked one."""
+    name, kw = VARIANTS["RoPE per block and head"]
+    model = tpcvit.patch(_model(name, **kw), keep=0.4, mode=mode, images=x, decide_every=2)
+    with torch.no_grad():
+        fast, t_fast = model.forward_with_trace(x, path="fast")
+        masked, t_masked = model.forward_with_trace(x, path="masked")
+    assert torch.equal(t_fast.active, t_masked.active)
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
