@@ -18,12 +18,13 @@ import torch.nn as nn
 
 from ..layers import check_images, eva_context_block, rope_rows
 from ..propagation import TokenTrace, TPCConfig
-from ..runtime import BlockStep, TPCRuntime
 from .vit import TPCViT
 
 
 class TPCEva(TPCViT):
     """TPC on a timm ``Eva`` (converted in place by ``tpcvit.patch`` / ``tpcvit.with_tpc``)."""
+
+    flat_rows_between_blocks = False  # its blocks run as timm modules, each with its selection's rotary rows
 
     def _init_tpc(self, cfg: TPCConfig) -> None:
         if cfg.paused_key_pool > 1:
@@ -53,16 +54,6 @@ class TPCEva(TPCViT):
         prefix = self.num_prefix_tokens
         return eva_context_block(blk, tokens, context, rope_rows(rope, index, prefix), rope, prefix,
                                  class_attention=class_attention, key_bias=key_bias)
-
-    def _tpc_run_group(self, blocks: list[nn.Module], x: torch.Tensor, steps: list[BlockStep]):
-        """Blocks sharing one decision share its selection (made once); each block gathers and scatters."""
-        if not steps[0].fast:
-            return TPCRuntime._tpc_run_group(self, blocks, x, steps)
-        sel, seen = self._tpc_selection(blocks[0], x, steps[0]), None
-        for blk, step in zip(blocks, steps):
-            x, score = self._tpc_run_block(blk, x, step, sel)
-            seen = score if score is not None else seen
-        return x, seen
 
     def gmacs_per_image(self, trace: TokenTrace) -> torch.Tensor:
         """As a ViT's, with the head (pooling, attention pool, classifier) counted on the final tokens."""

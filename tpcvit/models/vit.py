@@ -46,6 +46,10 @@ from ._builder import DEIT_SIZES, build_reducer, dense_name
 class TPCViT(TPCRuntime):
     """The ViT family adapter (timm ``VisionTransformer`` and subclasses: DeiT, distilled, LV-ViT, patched)."""
 
+    # the gathered rows of a group of blocks pass from block to block flattened, through the lean executors of
+    # timm's ``Block`` (:func:`~tpcvit.layers.block_rows`); a family whose blocks run as modules says False
+    flat_rows_between_blocks = True
+
     def _tpc_stages(self) -> list[Stage]:
         return [Stage(list(self.blocks))]
 
@@ -182,7 +186,8 @@ class TPCViT(TPCRuntime):
         if not steps[0].fast:  # masked path: per block
             return super()._tpc_run_group(blocks, x, steps)
         sel = self._tpc_selection(blocks[0], x, steps[0])  # one selection (one host sync if adaptive) per group
-        if isinstance(sel, PackedSelection) or sel.full or sel.valid is not None:  # packed, full or padded
+        if (not self.flat_rows_between_blocks or isinstance(sel, PackedSelection) or sel.full
+                or sel.valid is not None):  # per block: module-run blocks; packed, full or padded selections
             seen = None
             for blk, step in zip(blocks, steps):
                 # a later block packing cannot run (not a plain timm Block) makes its own padded selection
