@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from .budget import match_gmacs
 from .flops import count_gmacs
-from .layers import check_timm_eva, check_timm_vit
 from .models import TPCEva, TPCViT
 from .models._builder import convert_in_place
 from .propagation import TPCConfig
@@ -61,20 +60,18 @@ def default_key_pool(grid: tuple[int, int]) -> int:
     return max(1, min(grid) // 7)
 
 
-def _is_eva(model: nn.Module) -> bool:
+def _family(model: nn.Module) -> type[TPCViT]:
+    """The adapter ``model``'s class gets: rotary-position models (timm's ``Eva``) theirs, every other ViT the ViT's."""
     from timm.models.eva import Eva
 
-    return isinstance(model, Eva)
+    return TPCEva if isinstance(model, Eva) else TPCViT
 
 
 def check_patchable(model: nn.Module) -> None:
     """A clear error naming what a model lacks for TPC."""
     if tpc_modules(model):
         raise ValueError("this model already has TPC (a tpc_* model or patched before): use tpcvit.set_mode")
-    if _is_eva(model):
-        check_timm_eva(model, "tpcvit.patch")
-    else:
-        check_timm_vit(model, "tpcvit.patch")
+    _family(model).check_backbone(model, "tpcvit.patch")
 
 
 def with_tpc(model: nn.Module, cfg: TPCConfig | None = None) -> nn.Module:
@@ -84,7 +81,7 @@ def with_tpc(model: nn.Module, cfg: TPCConfig | None = None) -> nn.Module:
     tpc_vit_small_patch14_dinov2``). Weights and state-dict keys kept; heads and stabilizers added on the model's
     device and dtype. :func:`patch` is this plus the training-free controller and a budget."""
     check_patchable(model)
-    return convert_in_place(model, TPCEva if _is_eva(model) else TPCViT, "TPC",
+    return convert_in_place(model, _family(model), "TPC",
                             lambda m: m._init_tpc(cfg or TPCConfig()))
 
 
@@ -124,7 +121,7 @@ def patch(
     options = {"stabilizer": controller != "attention", **tpc_options}
     if controller == "attention":  # (rotary models: per-token keys, each at its own position; see models/eva.py)
         options.setdefault("paused_key_pool", default_key_pool(tuple(model.patch_embed.grid_size))
-                           if model.num_prefix_tokens and not _is_eva(model) else 1)
+                           if model.num_prefix_tokens and _family(model).pools_paused_keys else 1)
     cfg = TPCConfig(start_layer=start, target_keep=keep if keep is not None else 0.5, paused_keys=True,
                     controller=controller, **options)
     with_tpc(model, cfg)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import controller as C
-from .layers import ControllerHead, TokenGridStabilizer
+from .layers import ControllerHead, TokenGridStabilizer, check_fixed_grid
 from .policy import ExecutionPolicy
 from .propagation import Decision, Propagation, TokenTrace, TPCConfig, tpc_loss
 
@@ -112,8 +112,7 @@ class TPCRuntime:
     def _init_tpc(self, cfg: TPCConfig) -> None:
         dims = self._tpc_block_dims()
         depth = len(dims)
-        if getattr(self, "dynamic_img_size", False):
-            raise ValueError("TPC models need a fixed token grid: create them without dynamic_img_size=True")
+        check_fixed_grid(self, "TPC")
         if cfg.start_layer >= depth:
             raise ValueError(f"start_layer={cfg.start_layer} must be < depth={depth}")
         if cfg.reads_attention and cfg.start_layer < 1:
@@ -140,6 +139,9 @@ class TPCRuntime:
         cfg = self.tpc_cfg
         fast = policy.is_fast(self.training)
         x, ropes = self._tpc_embed_positions(x)
+
+        def rope(block: int) -> torch.Tensor | None:  # the block's rotary table (RoPE families), else None
+            return None if ropes is None else ropes[block]
         forced = self._tpc_check_forced(forced_active, x.shape[0])
         attention = cfg.reads_attention and policy.mode != "dense"
         score = None  # training-free controller: relative class attention of every token, from the last block
@@ -164,10 +166,9 @@ class TPCRuntime:
             while j < len(blocks):
                 if str(g) in self.stabilizers:
                     x = self._tpc_restore(self.stabilizers[str(g)](self._tpc_tokens(x)[0], prefix, grid), x)
-                rope = None if ropes is None else ropes[g]
                 if policy.mode == "dense" or g < cfg.start_layer or keeps_all:
                     x, seeded = self._tpc_dense_block(blocks[j], x,
-                                                      attention and not keeps_all and g == cfg.start_layer - 1, rope)
+                                                      attention and not keeps_all and g == cfg.start_layer - 1, rope(g))
                     score = seeded if seeded is not None else score
                     prop.dense_block()
                     j, g = j + 1, g + 1
@@ -175,7 +176,7 @@ class TPCRuntime:
 
                 if forced is None and not policy.decides(controlled):  # a run cut by a stabilizer: reuse
                     first = BlockStep(prop.repeat(), fast, policy, False, k,
-                                      wants_score(controlled, j + 1 == len(blocks)), rope)
+                                      wants_score(controlled, j + 1 == len(blocks)), rope(g))
                 else:
                     tokens = self._tpc_tokens(x)[0]
                     logits = self.controller[g - cfg.start_layer](tokens, prefix) if len(self.controller) else None
@@ -185,14 +186,14 @@ class TPCRuntime:
                         logits = free if logits is None else free + logits
                     k = policy.budget_k(prop.num_patches, g - cfg.start_layer, cfg.target_keep)
                     first = BlockStep(prop.step(j, logits, k), fast, policy, forced is not None, k,
-                                      wants_score(controlled, j + 1 == len(blocks)), rope)
+                                      wants_score(controlled, j + 1 == len(blocks)), rope(g))
                 # the blocks after it that reuse this decision (decide_every) run with it as one group
                 run = [first]
                 while (forced is None and j + len(run) < len(blocks) and not policy.decides(controlled + len(run))
                        and str(g + len(run)) not in self.stabilizers):
                     run.append(BlockStep(prop.repeat(), fast, policy, False, k,
                                          wants_score(controlled + len(run), j + len(run) + 1 == len(blocks)),
-                                         None if ropes is None else ropes[g + len(run)]))
+                                         rope(g + len(run))))
                 x, seen = self._tpc_run_group(blocks[j:j + len(run)], x, run)
                 score = seen if seen is not None else score
                 j, g, controlled = j + len(run), g + len(run), controlled + len(run)

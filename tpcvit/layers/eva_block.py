@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._timm import head_dim, rotate
+from .geometry import check_fixed_grid
 from .vit_block import class_row_attention
 
 
@@ -25,9 +26,7 @@ def check_timm_eva(model: nn.Module, who: str) -> None:
 
     attentions = tuple(c for c in (EvaAttention, getattr(timm.layers, "AttentionRope", None)) if c is not None)
 
-    if getattr(model, "dynamic_img_size", False):
-        raise ValueError(f"{who} needs a fixed token grid: create the model with dynamic_img_size=False (timm's "
-                         "DINOv3 models default to True)")
+    check_fixed_grid(model, who)
     if getattr(model, "patch_drop", None) is not None:
         raise ValueError(f"{who} selects tokens itself: create the model with patch_drop_rate=0")
     other = sorted({f"{type(b).__name__}/{type(getattr(b, 'attn', None)).__name__}" for b in model.blocks

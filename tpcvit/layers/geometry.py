@@ -23,6 +23,17 @@ def image_geometry(model: nn.Module) -> tuple[int, int, int]:
     return (getattr(pe, "in_chans", None) or pe.proj.in_channels, *(int(s) for s in pe.img_size))
 
 
+def check_fixed_grid(model: nn.Module, who: str) -> None:
+    """A one-line error where ``model`` has no fixed token grid, which ``who`` (TPC, a peer) needs: its
+    controllers, budgets and token windows are sized for one grid."""
+    if getattr(model, "dynamic_img_size", False):
+        raise ValueError(f"{who} needs a fixed token grid: create the model with dynamic_img_size=False (timm's "
+                         "DINOv3 models default to True)")
+    if not hasattr(getattr(model, "patch_embed", None), "grid_size"):
+        raise ValueError(f"{type(getattr(model, 'patch_embed', None)).__name__} has no fixed patch grid: {who} "
+                         "needs timm's PatchEmbed")
+
+
 def check_images(model: nn.Module, x: torch.Tensor) -> None:
     """A clear error for images of the wrong size or channel count."""
     c, h, w = image_geometry(model)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..tokens import PackedSelection, from_padded, pack, select_packed, to_padded, unpack
 from ._timm import attention_dim, attention_gate, attention_out_norm
-from .geometry import embed_tokens
+from .geometry import check_fixed_grid, embed_tokens
 
 
 def supports_packing(blk: nn.Module) -> bool:
@@ -36,10 +36,7 @@ def check_timm_vit(model: nn.Module, who: str) -> None:
         raise TypeError(f"{who} works on timm VisionTransformer models (DeiT, ViT, AugReg, CLIP, SigLIP, DINOv2, "
                         f"register tokens, ...), got {kind}{hint}; the models tpcvit.patch runs on: "
                         "benchmarks/results/timm_coverage.md")
-    if getattr(model, "dynamic_img_size", False):
-        raise ValueError(f"{who} needs a fixed token grid: create the model without dynamic_img_size=True")
-    if not hasattr(getattr(model, "patch_embed", None), "grid_size"):
-        raise ValueError(f"{type(model.patch_embed).__name__} has no fixed patch grid: {who} needs timm's PatchEmbed")
+    check_fixed_grid(model, who)
     other = sorted({type(b).__name__ + (f"/{type(b.attn).__name__}" if hasattr(b, "attn") else "")
                     for b in model.blocks if not supports_packing(b)})
     if other:

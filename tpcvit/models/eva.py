@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers import check_images, eva_context_block, rope_rows
+from ..layers import check_images, check_timm_eva, eva_context_block, rope_rows
 from ..propagation import TokenTrace, TPCConfig
 from .vit import TPCViT
 
@@ -25,9 +25,14 @@ class TPCEva(TPCViT):
     """TPC on a timm ``Eva`` (converted in place by ``tpcvit.patch`` / ``tpcvit.with_tpc``)."""
 
     flat_rows_between_blocks = False  # its blocks run as timm modules, each with its selection's rotary rows
+    pools_paused_keys = False  # a window's mean token has no grid position to rotate it by
+
+    @staticmethod
+    def check_backbone(model: nn.Module, who: str) -> None:
+        check_timm_eva(model, who)
 
     def _init_tpc(self, cfg: TPCConfig) -> None:
-        if cfg.paused_key_pool > 1:
+        if cfg.paused_key_pool > 1 and not self.pools_paused_keys:
             raise ValueError("paused_key_pool > 1 pools paused tokens into keys without a grid position, which "
                              f"{type(self).__name__} (rotary position embeddings) cannot rotate: use paused_key_pool=1")
         super()._init_tpc(cfg)

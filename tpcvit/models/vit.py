@@ -19,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..layers import (
     block_forward,
     block_rows,
+    check_timm_vit,
     context_block,
     context_rows,
     embed_tokens,
@@ -49,6 +50,13 @@ class TPCViT(TPCRuntime):
     # the gathered rows of a group of blocks pass from block to block flattened, through the lean executors of
     # timm's ``Block`` (:func:`~tpcvit.layers.block_rows`); a family whose blocks run as modules says False
     flat_rows_between_blocks = True
+    # paused tokens may be pooled into one key per window (``paused_key_pool``): their mean's position is in it
+    pools_paused_keys = True
+
+    @staticmethod
+    def check_backbone(model: nn.Module, who: str) -> None:
+        """A one-line error naming what ``model`` lacks for this family's adapter (``who``: TPC's patch)."""
+        check_timm_vit(model, who)
 
     def _tpc_stages(self) -> list[Stage]:
         return [Stage(list(self.blocks))]
