@@ -34,6 +34,7 @@ MODELS = [  # (what a user knows it as, timm name[, create_model arguments])
     ("ViT-B", "vit_base_patch16_224"),
     ("DINOv2", "vit_small_patch14_dinov2"),
     ("DINOv2 + registers", "vit_small_patch14_reg4_dinov2"),
+    ("DINOv2 + registers, any image size", "vit_small_patch14_reg4_dinov2", {"dynamic_img_size": True}),
     ("CLIP ViT (pre-norm)", "vit_base_patch16_clip_224"),
     ("SigLIP (attention-pool head)", "vit_base_patch16_siglip_224"),
     ("FlexiViT", "flexivit_small"),
@@ -70,8 +71,13 @@ def check(name: str, kwargs: dict | None = None) -> dict:
     row = {"model": name, "class": type(model).__name__,
            "block": type(model.blocks[0]).__name__ if hasattr(model, "blocks") else "-",
            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
+    other = None
+    if getattr(model, "dynamic_img_size", False):  # any image size: also checked two patches off on each side
+        ph, pw = model.patch_embed.patch_size
+        other = torch.randn(1, 3, size[0] - 2 * ph, size[1] + 2 * pw)
     with torch.no_grad():
         original = model(x)
+        original_other = None if other is None else model(other)
         dense_gmacs = tpcvit.count_gmacs(model, x)
         try:
             tpcvit.patch(model, keep=0.5)
@@ -83,6 +89,9 @@ def check(name: str, kwargs: dict | None = None) -> dict:
                    mean_keep=round(float(trace.active[:, start:].float().mean()), 3))
         tpcvit.set_mode(model, "budget", keep=1.0)
         row["keep_1_max_diff"] = float((model(x) - original).abs().max())
+        if other is not None:
+            row["other_size"] = list(other.shape[2:])
+            row["keep_1_max_diff"] = max(row["keep_1_max_diff"], float((model(other) - original_other).abs().max()))
     return row
 
 
@@ -93,8 +102,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for label, r in zip(meta["labels"], rows):
         kind = f"{r['class']} / {r['block']}"
         if r["works"]:
-            lines.append(f"| {label} | `{r['model']}` | {kind} | {r['params_m']} | works | {r['keep_1_max_diff']:.1e} "
-                         f"| {r['gmacs_share']:.0%} | {r['mean_keep']:.2f} |")
+            sizes = f" (also at {r['other_size'][0]}x{r['other_size'][1]})" if r.get("other_size") else ""
+            lines.append(f"| {label} | `{r['model']}` | {kind} | {r['params_m']} | works | {r['keep_1_max_diff']:.1e}"
+                         f"{sizes} | {r['gmacs_share']:.0%} | {r['mean_keep']:.2f} |")
         else:
             error = r["error"].replace("|", "/")
             lines.append(f"| {label} | `{r['model']}` | {kind} | {r['params_m']} | error: {error} | - | - | - |")

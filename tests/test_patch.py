@@ -244,16 +244,12 @@ def test_unsupported_models_get_a_clear_error():
         tpcvit.patch(timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=2, embed_dim=24,
                                        depths=(1, 1), num_heads=(1, 1)))
     eva = {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}
-    with pytest.raises(ValueError, match="dynamic_img_size=False"):  # timm's DINOv3 default
-        tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", dynamic_img_size=True, **eva))
     with pytest.raises(ValueError, match="EvaBlockPostNorm"):
         tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", use_post_norm=True, **eva))
     with pytest.raises(ValueError, match="patch_drop_rate=0"):
         tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", patch_drop_rate=0.5, **eva))
     with pytest.raises(ValueError, match="paused_key_pool=1"):  # a pooled key has no position to rotate by
         tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", **eva), paused_key_pool=2)
-    with pytest.raises(ValueError, match="dynamic_img_size"):
-        tpcvit.patch(_model("vit_small_patch16_224", dynamic_img_size=True))
     patched = tpcvit.patch(_model("deit_small_patch16_224"))
     with pytest.raises(ValueError, match="already has TPC"):
         tpcvit.patch(patched)
@@ -428,8 +424,8 @@ def test_bench_tpc_free_on_a_backbone_patch_refuses_is_a_config_error():
     from tpcvit.config import ConfigError, load_config
 
     cfg = load_config(None, ["model.name=vit_small_patch16_rope_224", "model.kwargs={img_size: 32, patch_size: 8, "
-                             "embed_dim: 32, depth: 2, num_heads: 2, dynamic_img_size: true}"])
-    with pytest.raises(ConfigError, match="tpc-free on vit_small_patch16_rope_224: .*dynamic_img_size=False"):
+                             "embed_dim: 32, depth: 2, num_heads: 2, patch_drop_rate: 0.5}"])
+    with pytest.raises(ConfigError, match="tpc-free on vit_small_patch16_rope_224: .*patch_drop_rate=0"):
         build_variant(cfg, parse_spec("tpc-free@0.5"), 10, {})
 
 
@@ -459,3 +455,80 @@ def test_rope_model_deciding_every_other_block_keeps_each_blocks_own_table(mode,
         masked, t_masked = model.forward_with_trace(x, path="masked")
     assert torch.equal(t_fast.active, t_masked.active)
     torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+
+
+DYNAMIC = {  # timm models that take images of any size: DINOv3 by default, any ViT asked for it
+    "ViT, dynamic_img_size=True, pooled paused keys": ("vit_small_patch16_224", {"dynamic_img_size": True},
+                                                       {"paused_key_pool": 2}),
+    "DINOv3 (timm's default: dynamic_img_size=True)": ("vit_small_patch16_dinov3", {"init_values": 1.0}, {}),
+}
+DYNAMIC = {k: v for k, v in DYNAMIC.items() if timm.is_model(v[0])}
+
+
+def _other_size_images():
+    torch.manual_seed(2)
+    return torch.randn(3, 3, 48, 96)  # a 3 x 6 patch grid (the models are built for 64 x 64: 4 x 4)
+
+
+@pytest.mark.parametrize("variant", list(DYNAMIC))
+def test_dynamic_size_model_at_keep_one_is_the_original_at_any_size(variant, x):
+    name, kw, options = DYNAMIC[variant]
+    original = _model(name, **kw)
+    assert original.dynamic_img_size
+    patched = tpcvit.patch(_model(name, **kw), keep=1.0, **options)
+    y = _other_size_images()
+    with torch.no_grad():
+        for images in (x, y):
+            assert torch.equal(patched(images), original(images))
+
+
+@pytest.mark.parametrize("variant", list(DYNAMIC))
+@pytest.mark.parametrize("mode", ["budget", "adaptive"])
+def test_dynamic_size_model_sizes_its_decisions_for_each_inputs_grid(variant, mode, x):
+    """Patched at its native size, run on images of another size: the trace is on their 3 x 6 grid, the budget is
+    a share of their tokens, the gathered path equals the masked one (pooled keys in windows cut at the grid's
+    edge), an image alone equals it in the batch, and the GMACs the trace gives are those counted."""
+    name, kw, options = DYNAMIC[variant]
+    model = tpcvit.patch(_model(name, **kw), keep=0.4, mode=mode, images=x, schedule="uniform", **options)
+    y = _other_size_images()
+    with torch.no_grad():
+        fast, t_fast = model.forward_with_trace(y, path="fast")
+        masked, t_masked = model.forward_with_trace(y, path="masked")
+        alone = model(y[:1])
+    start = model.tpc_cfg.start_layer
+    assert t_fast.grid == (3, 6) and t_fast.active.shape == (3, len(model.blocks), 18)
+    assert torch.equal(t_fast.active, t_masked.active) and not t_fast.active[:, start:].all()
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone, fast[:1], rtol=1e-4, atol=1e-5)
+    if mode == "budget":
+        assert (t_fast.active[:, start:].sum(-1) == round(0.4 * 18)).all()
+    counted = count_gmacs(model, y)
+    assert model.gmacs_per_image(t_fast).mean().item() == pytest.approx(counted, rel=0.01)
+    assert counted < count_gmacs(set_mode(model, "dense"), y)
+
+
+def test_learned_tpc_on_a_dynamic_size_model_trains_on_any_grid():
+    """``with_tpc`` (controller heads, stabilizers on the token grid) trains on images of another size."""
+    model = tpcvit.with_tpc(_model("vit_small_patch16_224", dynamic_img_size=True),
+                            tpcvit.TPCConfig(start_layer=1, target_keep=0.5))
+    y = _other_size_images()
+    logits, trace = model.train()(y, return_trace=True)
+    assert trace.grid == (3, 6)
+    (logits.logsumexp(1).mean() + tpcvit.tpc_loss(trace, model.tpc_cfg, 1.0, 1.0)["total"]).backward()
+    assert all(p.grad is not None for p in model.controller.parameters())
+    assert all(p.grad is not None for p in model.stabilizers.parameters())
+    with torch.no_grad():
+        fast, t_fast = set_mode(model.eval(), "budget", keep=0.5).forward_with_trace(y, path="fast")
+        masked, t_masked = model.forward_with_trace(y, path="masked")
+    assert torch.equal(t_fast.active, t_masked.active)
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_size_model_names_an_image_size_its_patches_do_not_tile():
+    model = tpcvit.patch(_model("vit_small_patch16_224", dynamic_img_size=True), keep=0.5)
+    with pytest.raises(ValueError, match=r"not a multiple of the patch size \[16, 16\].*dynamic_img_pad=True"):
+        model(torch.randn(1, 3, 50, 64))
+    padded = tpcvit.patch(_model("vit_small_patch16_224", dynamic_img_size=True, dynamic_img_pad=True), keep=0.5)
+    with torch.no_grad():
+        _, trace = padded.forward_with_trace(torch.randn(1, 3, 50, 64))
+    assert trace.grid == (4, 4)  # timm pads 50 to 64

@@ -42,17 +42,18 @@ def block_parts(model: nn.Module, batch: int, keep: float, rounds: int = 7, iter
     device = torch.device(device)
     cfg, policy = m.tpc_cfg, ExecutionPolicy(mode="budget", keep=keep)
     torch.manual_seed(0)
-    x, ropes = m._tpc_embed_positions(torch.randn(batch, *image_geometry(m), device=device))
-    _, grid, prefix = m._tpc_tokens(x)
+    images = torch.randn(batch, *image_geometry(m), device=device)
+    x, ropes = m._tpc_embed_positions(images)
+    prefix, stage = m._tpc_tokens(x)[1], m._tpc_stages(images)[0]
+    grid, blk = stage.grid, stage.blocks[cfg.start_layer]
     n = grid[0] * grid[1]
-    blk = m._tpc_stages()[0].blocks[cfg.start_layer]
     rope = None if ropes is None else ropes[cfg.start_layer]  # RoPE families: the block's rotary table
     head = m.controller[0] if len(m.controller) else None
     logits = head(x, prefix) if head is not None else torch.zeros(batch, n, 2, device=device)
     prop = Propagation(cfg, policy, batch, n, grid, device, sample=False, record=False)
     k = policy.budget_k(n, 0, cfg.target_keep)
     decision = prop.step(0, logits, k)
-    step = BlockStep(decision, True, policy, False, k, attention=False, rope=rope)
+    step = BlockStep(decision, True, policy, False, k, attention=False, grid=grid, rope=rope)
 
     def gather_scatter() -> torch.Tensor:
         sel = m._tpc_selection(blk, x, step)

@@ -120,14 +120,16 @@ def block_linear_macs(blk: nn.Module) -> tuple[int, int, int]:
 
 
 def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: float = 0.0,
-                          paused_keys: bool | torch.Tensor = False, head_macs: float | None = None) -> torch.Tensor:
+                          paused_keys: bool | torch.Tensor = False, head_macs: float | None = None,
+                          num_patches: int | None = None) -> torch.Tensor:
     """GMACs per image ``[B]`` of a timm ViT whose block ``l`` computes ``counts[:, l]`` patch tokens (plus the
     prefix tokens): patch embedding, blocks, classifier head(s), plus ``extra_macs`` per image. ``paused_keys``:
     every token is a key/value; or ``[B, depth]`` keys/values besides the computed tokens (pooled paused keys).
-    ``head_macs``: the head's MACs when they are not one linear per head (an attention-pool head)."""
+    ``head_macs``: the head's MACs when they are not one linear per head (an attention-pool head).
+    ``num_patches``: the images' patch tokens (a dynamic-size model; default: the model's fixed grid)."""
     m = unwrap(model)
     dim = m.embed_dim
-    n = m.patch_embed.num_patches
+    n = m.patch_embed.num_patches if num_patches is None else num_patches
     if hasattr(m.patch_embed, "stem_macs"):  # convolutional stem (LV-ViT)
         macs = m.patch_embed.stem_macs()
     else:
@@ -169,7 +171,8 @@ def vit_gmacs_from_trace(model: nn.Module, trace: TokenTrace, head_macs: float |
     if keys and m.tpc_cfg.paused_key_pool > 1:  # every window's pooled key/value, in a block that pauses any token
         windows = math.prod(-(-side // m.tpc_cfg.paused_key_pool) for side in trace.grid)  # (static shapes)
         keys = (~trace.active).any(dim=2) * windows
-    return vit_gmacs_from_counts(m, trace.active_counts(), extra, paused_keys=keys, head_macs=head_macs)
+    return vit_gmacs_from_counts(m, trace.active_counts(), extra, paused_keys=keys, head_macs=head_macs,
+                                 num_patches=n)
 
 
 def swin_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:

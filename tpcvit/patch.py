@@ -99,7 +99,8 @@ def patch(
     **tpc_options,
 ) -> nn.Module:
     """Give TPC to a timm ``VisionTransformer`` or ``Eva`` (EVA-02, DINOv3, RoPE ViTs, Perception Encoder: rotary
-    positions follow every selection, paused keys per token) in place (and return it).
+    positions follow every selection, paused keys per token) in place (and return it). A model made with
+    ``dynamic_img_size=True`` takes any image size after it, each forward deciding on its images' grid.
 
     ``keep``: share of patch tokens computed in each controlled block (budget mode). ``gmacs``: instead, a fraction
     of the dense model's GMACs; the keep ratio is found by bisection (budget mode has static shapes, so no real

@@ -33,6 +33,7 @@ class BlockStep:
     forced: bool  # decisions given by the caller (``forced_active``), not by the controller
     budget_k: int  # active patch tokens per image in budget mode
     attention: bool  # the attention controller needs this block's class attention back
+    grid: tuple[int, int]  # the patch grid the block runs on (these images'; see Stage)
     rope: torch.Tensor | None = None  # the block's rotary table over every patch token (RoPE families), else None
 
     @property
@@ -43,9 +44,11 @@ class BlockStep:
 
 @dataclass(frozen=True)
 class Stage:
-    """A run of blocks on one token grid; ``enter`` (e.g. Swin's patch merging) runs before the first block."""
+    """A run of blocks on one token grid (``grid``: patch rows, columns of these images); ``enter`` (e.g. Swin's
+    patch merging) runs before the first block."""
 
     blocks: list[nn.Module]
+    grid: tuple[int, int]
     enter: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
@@ -56,7 +59,8 @@ class TPCRuntime:
     added_modules: tuple[str, ...] = ("controller", "stabilizers")  # not in dense weights (load_backbone)
 
     # -- what a family supplies ----------------------------------------------------------------------------
-    def _tpc_stages(self) -> list[Stage]:
+    def _tpc_stages(self, images: torch.Tensor) -> list[Stage]:
+        """The stages ``images`` run through, each on its token grid (a dynamic-size model: these images')."""
         raise NotImplementedError
 
     def _tpc_block_dims(self) -> list[int]:
@@ -66,8 +70,9 @@ class TPCRuntime:
     def _tpc_embed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _tpc_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], int]:
-        """``x`` as ``[B, T, D]`` tokens, its patch grid and number of prefix tokens."""
+    def _tpc_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``x`` as ``[B, T, D]`` tokens (prefix tokens first, then the stage's grid row-major) and the number of
+        prefix tokens."""
         raise NotImplementedError
 
     def _tpc_restore(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -104,7 +109,7 @@ class TPCRuntime:
         """Final features and the trace (``None`` when ``with_trace`` is False)."""
         raise NotImplementedError
 
-    def _tpc_check_forced(self, forced_active, batch: int) -> list[torch.Tensor] | None:
+    def _tpc_check_forced(self, forced_active, batch: int, stages: list[Stage]) -> list[torch.Tensor] | None:
         """Caller-forced decisions, one ``[B, blocks, N]`` tensor per stage (clear error on a wrong shape)."""
         raise NotImplementedError
 
@@ -112,7 +117,7 @@ class TPCRuntime:
     def _init_tpc(self, cfg: TPCConfig) -> None:
         dims = self._tpc_block_dims()
         depth = len(dims)
-        check_fixed_grid(self, "TPC")
+        check_fixed_grid(self, "TPC", dynamic_ok=True)  # (each stage's grid is that of the input: _tpc_stages)
         if cfg.start_layer >= depth:
             raise ValueError(f"start_layer={cfg.start_layer} must be < depth={depth}")
         if cfg.reads_attention and cfg.start_layer < 1:
@@ -132,17 +137,18 @@ class TPCRuntime:
         self.stabilizers = nn.ModuleDict({str(i): TokenGridStabilizer(dims[i]) for i in cfg.stabilized_blocks(depth)})
         self.tpc_policy = ExecutionPolicy()
 
-    def _propagate(self, x: torch.Tensor, policy: ExecutionPolicy | None = None, forced_active=None,
+    def _propagate(self, images: torch.Tensor, policy: ExecutionPolicy | None = None, forced_active=None,
                    with_trace: bool = True) -> tuple[torch.Tensor, TokenTrace | None]:
         """Run every block under ``policy`` (default: the model's stored one); features and trace."""
         policy = self.tpc_policy if policy is None else policy
         cfg = self.tpc_cfg
         fast = policy.is_fast(self.training)
-        x, ropes = self._tpc_embed_positions(x)
+        x, ropes = self._tpc_embed_positions(images)
 
         def rope(block: int) -> torch.Tensor | None:  # the block's rotary table (RoPE families), else None
             return None if ropes is None else ropes[block]
-        forced = self._tpc_check_forced(forced_active, x.shape[0])
+        stages = self._tpc_stages(images)
+        forced = self._tpc_check_forced(forced_active, x.shape[0], stages)
         attention = cfg.reads_attention and policy.mode != "dense"
         score = None  # training-free controller: relative class attention of every token, from the last block
 
@@ -150,10 +156,10 @@ class TPCRuntime:
             return attention and (last or policy.decides(controlled + 1))
 
         props, g = [], 0
-        for s, stage in enumerate(self._tpc_stages()):
+        for s, stage in enumerate(stages):
             if stage.enter is not None:
                 x = stage.enter(x)
-            tokens, grid, prefix = self._tpc_tokens(x)
+            (tokens, prefix), grid = self._tpc_tokens(x), stage.grid
             prop = Propagation(cfg, policy, tokens.shape[0], grid[0] * grid[1], grid, x.device,
                                sample=self.training and not fast, forced_active=None if forced is None else forced[s],
                                record=with_trace)
@@ -176,7 +182,7 @@ class TPCRuntime:
 
                 if forced is None and not policy.decides(controlled):  # a run cut by a stabilizer: reuse
                     first = BlockStep(prop.repeat(), fast, policy, False, k,
-                                      wants_score(controlled, j + 1 == len(blocks)), rope(g))
+                                      wants_score(controlled, j + 1 == len(blocks)), grid, rope(g))
                 else:
                     tokens = self._tpc_tokens(x)[0]
                     logits = self.controller[g - cfg.start_layer](tokens, prefix) if len(self.controller) else None
@@ -186,14 +192,14 @@ class TPCRuntime:
                         logits = free if logits is None else free + logits
                     k = policy.budget_k(prop.num_patches, g - cfg.start_layer, cfg.target_keep)
                     first = BlockStep(prop.step(j, logits, k), fast, policy, forced is not None, k,
-                                      wants_score(controlled, j + 1 == len(blocks)), rope(g))
+                                      wants_score(controlled, j + 1 == len(blocks)), grid, rope(g))
                 # the blocks after it that reuse this decision (decide_every) run with it as one group
                 run = [first]
                 while (forced is None and j + len(run) < len(blocks) and not policy.decides(controlled + len(run))
                        and str(g + len(run)) not in self.stabilizers):
                     run.append(BlockStep(prop.repeat(), fast, policy, False, k,
                                          wants_score(controlled + len(run), j + len(run) + 1 == len(blocks)),
-                                         rope(g + len(run))))
+                                         grid, rope(g + len(run))))
                 x, seen = self._tpc_run_group(blocks[j:j + len(run)], x, run)
                 score = seen if seen is not None else score
                 j, g, controlled = j + len(run), g + len(run), controlled + len(run)

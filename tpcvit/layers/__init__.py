@@ -2,7 +2,7 @@
 on a token selection, attention parts, the controller head, the stabilizer, image geometry checks."""
 
 from .eva_block import check_timm_eva, eva_context_block, rope_rows
-from .geometry import check_fixed_grid, check_images, embed_tokens, image_geometry, unwrap
+from .geometry import check_fixed_grid, check_images, dynamic_size, embed_tokens, image_geometry, image_grid, unwrap
 from .heads import ControllerHead
 from .stabilizer import TokenGridStabilizer
 from .swin_block import sparse_swin_block, upsample_tokens, window_attention_heads
@@ -29,7 +29,7 @@ from .vit_block import (
 
 __all__ = ["ControllerHead", "LeanDenseViT", "PlainBlock", "TokenGridStabilizer", "attend", "attention_half",
            "attention_output", "attention_parts", "block_forward", "block_rows", "check_fixed_grid", "check_images",
-           "check_timm_eva", "check_timm_vit", "class_row_attention", "context_block", "context_rows", "embed_tokens",
-           "eva_context_block", "image_geometry", "lean_dense", "mlp_half", "packed_block", "packed_selection_block",
-           "plain_block", "rope_rows", "sparse_swin_block", "supports_packing", "unwrap", "upsample_tokens",
-           "window_attention_heads"]
+           "check_timm_eva", "check_timm_vit", "class_row_attention", "context_block", "context_rows", "dynamic_size",
+           "embed_tokens", "eva_context_block", "image_geometry", "image_grid", "lean_dense", "mlp_half",
+           "packed_block", "packed_selection_block", "plain_block", "rope_rows", "sparse_swin_block",
+           "supports_packing", "unwrap", "upsample_tokens", "window_attention_heads"]

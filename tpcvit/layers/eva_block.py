@@ -19,14 +19,14 @@ from .vit_block import class_row_attention
 
 
 def check_timm_eva(model: nn.Module, who: str) -> None:
-    """A one-line error naming what an ``Eva`` model lacks for ``who`` (TPC's patch): a fixed token grid, no patch
+    """A one-line error naming what an ``Eva`` model lacks for ``who`` (TPC's patch): a patch grid, no patch
     dropout, timm's pre-norm ``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``."""
     import timm.layers
     from timm.models.eva import EvaAttention, EvaBlock
 
     attentions = tuple(c for c in (EvaAttention, getattr(timm.layers, "AttentionRope", None)) if c is not None)
 
-    check_fixed_grid(model, who)
+    check_fixed_grid(model, who, dynamic_ok=True)  # the rotary tables follow each input's grid
     if getattr(model, "patch_drop", None) is not None:
         raise ValueError(f"{who} selects tokens itself: create the model with patch_drop_rate=0")
     other = sorted({f"{type(b).__name__}/{type(getattr(b, 'attn', None)).__name__}" for b in model.blocks

@@ -23,10 +23,15 @@ def image_geometry(model: nn.Module) -> tuple[int, int, int]:
     return (getattr(pe, "in_chans", None) or pe.proj.in_channels, *(int(s) for s in pe.img_size))
 
 
-def check_fixed_grid(model: nn.Module, who: str) -> None:
-    """A one-line error where ``model`` has no fixed token grid, which ``who`` (TPC, a peer) needs: its
-    controllers, budgets and token windows are sized for one grid."""
-    if getattr(model, "dynamic_img_size", False):
+def dynamic_size(model: nn.Module) -> bool:
+    """The model takes images of any size (timm's ``dynamic_img_size=True``: position tables follow the grid)."""
+    return bool(getattr(unwrap(model), "dynamic_img_size", False))
+
+
+def check_fixed_grid(model: nn.Module, who: str, dynamic_ok: bool = False) -> None:
+    """A one-line error where ``model`` has no patch grid ``who`` (TPC, a peer) can size its decisions for: timm's
+    ``PatchEmbed``, and (unless ``dynamic_ok``: ``who`` follows each input's grid) a fixed image size."""
+    if dynamic_size(model) and not dynamic_ok:
         raise ValueError(f"{who} needs a fixed token grid: create the model with dynamic_img_size=False (timm's "
                          "DINOv3 models default to True)")
     if not hasattr(getattr(model, "patch_embed", None), "grid_size"):
@@ -34,9 +39,25 @@ def check_fixed_grid(model: nn.Module, who: str) -> None:
                          "needs timm's PatchEmbed")
 
 
+def image_grid(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
+    """The patch grid (rows, columns) ``images`` make in ``model``: its fixed grid, or with ``dynamic_img_size``
+    the grid of these images' size."""
+    pe = unwrap(model).patch_embed
+    if dynamic_size(model):
+        return tuple(int(s) for s in pe.dynamic_feat_size(tuple(images.shape[-2:])))
+    return tuple(int(s) for s in pe.grid_size)
+
+
 def check_images(model: nn.Module, x: torch.Tensor) -> None:
     """A clear error for images of the wrong size or channel count."""
     c, h, w = image_geometry(model)
+    if x.ndim == 4 and x.shape[1] == c and dynamic_size(model):  # any size the patches tile (or timm pads)
+        pe = unwrap(model).patch_embed
+        ph, pw = pe.patch_size
+        if not getattr(pe, "dynamic_img_pad", False) and (x.shape[2] % ph or x.shape[3] % pw):
+            raise ValueError(f"image size {list(x.shape[2:])} is not a multiple of the patch size {[ph, pw]}: resize "
+                             "or crop the input, or create the model with dynamic_img_pad=True")
+        h, w = x.shape[2:]
     if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
         raise ValueError(
             f"expected images [B, {c}, {h}, {w}], got {list(x.shape)}: resize/convert the input (the data "

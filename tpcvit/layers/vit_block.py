@@ -23,9 +23,10 @@ def supports_packing(blk: nn.Module) -> bool:
     return type(blk) is Block and type(blk.attn) is Attention and attention_gate(blk.attn) is None
 
 
-def check_timm_vit(model: nn.Module, who: str) -> None:
+def check_timm_vit(model: nn.Module, who: str, dynamic_ok: bool = False) -> None:
     """A one-line error naming what ``model`` lacks for a token reducer that runs timm's ViT blocks on token
-    selections (``who``: TPC's patch, a peer): a timm ``VisionTransformer``, a fixed token grid, timm's ``Block``."""
+    selections (``who``: TPC's patch, a peer): a timm ``VisionTransformer``, a patch grid (fixed unless
+    ``dynamic_ok``), timm's ``Block``."""
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
@@ -36,7 +37,7 @@ def check_timm_vit(model: nn.Module, who: str) -> None:
         raise TypeError(f"{who} works on timm VisionTransformer models (DeiT, ViT, AugReg, CLIP, SigLIP, DINOv2, "
                         f"register tokens, ...), got {kind}{hint}; the models tpcvit.patch runs on: "
                         "benchmarks/results/timm_coverage.md")
-    check_fixed_grid(model, who)
+    check_fixed_grid(model, who, dynamic_ok)
     other = sorted({type(b).__name__ + (f"/{type(b.attn).__name__}" if hasattr(b, "attn") else "")
                     for b in model.blocks if not supports_packing(b)})
     if other:

@@ -65,6 +65,6 @@ class TPCEva(TPCViT):
         from ..flops import count_flops, vit_gmacs_from_trace
 
         param = next(self.parameters())
-        feats = torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, self.embed_dim,
+        feats = torch.zeros(1, trace.active.shape[2] + self.num_prefix_tokens, self.embed_dim,
                             device=param.device, dtype=param.dtype)
         return vit_gmacs_from_trace(self, trace, head_macs=count_flops(self.forward_head, feats) / 2)

@@ -54,8 +54,8 @@ class TPCSwinTransformer(TPCRuntime, SwinTransformer):
         return [blk for stage in self.layers for blk in stage.blocks]
 
     # -- the runtime's hooks -------------------------------------------------------------------------------
-    def _tpc_stages(self) -> list[Stage]:
-        return [Stage(list(stage.blocks), stage.downsample) for stage in self.layers]
+    def _tpc_stages(self, images: torch.Tensor) -> list[Stage]:
+        return [Stage(list(stage.blocks), tuple(stage.output_resolution), stage.downsample) for stage in self.layers]
 
     def _tpc_block_dims(self) -> list[int]:
         return [blk.dim for blk in self.block_list]
@@ -64,14 +64,14 @@ class TPCSwinTransformer(TPCRuntime, SwinTransformer):
         check_images(self, x)
         return self.patch_embed(x)  # [B, H, W, C]
 
-    def _tpc_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], int]:
+    def _tpc_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         b, h, w, c = x.shape
-        return x.reshape(b, h * w, c), (h, w), 0
+        return x.reshape(b, h * w, c), 0
 
     def _tpc_restore(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return tokens.view(like.shape)
 
-    def _tpc_check_forced(self, forced_active, batch: int) -> list[torch.Tensor] | None:
+    def _tpc_check_forced(self, forced_active, batch: int, stages: list[Stage]) -> list[torch.Tensor] | None:
         if forced_active is None:
             return None
         if len(forced_active) != len(self.block_list):

@@ -23,6 +23,7 @@ from ..layers import (
     context_block,
     context_rows,
     embed_tokens,
+    image_grid,
     packed_selection_block,
     supports_packing,
 )
@@ -56,10 +57,10 @@ class TPCViT(TPCRuntime):
     @staticmethod
     def check_backbone(model: nn.Module, who: str) -> None:
         """A one-line error naming what ``model`` lacks for this family's adapter (``who``: TPC's patch)."""
-        check_timm_vit(model, who)
+        check_timm_vit(model, who, dynamic_ok=True)  # decisions are sized for each input's grid
 
-    def _tpc_stages(self) -> list[Stage]:
-        return [Stage(list(self.blocks))]
+    def _tpc_stages(self, images: torch.Tensor) -> list[Stage]:
+        return [Stage(list(self.blocks), image_grid(self, images))]
 
     def _tpc_block_dims(self) -> list[int]:
         return [self.embed_dim] * len(self.blocks)
@@ -67,13 +68,13 @@ class TPCViT(TPCRuntime):
     def _tpc_embed(self, x: torch.Tensor) -> torch.Tensor:
         return embed_tokens(self, x)
 
-    def _tpc_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], int]:
-        return x, tuple(self.patch_embed.grid_size), self.num_prefix_tokens
+    def _tpc_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return x, self.num_prefix_tokens
 
-    def _tpc_check_forced(self, forced_active, batch: int) -> list[torch.Tensor] | None:
+    def _tpc_check_forced(self, forced_active, batch: int, stages: list[Stage]) -> list[torch.Tensor] | None:
         if forced_active is None:
             return None
-        n = self.patch_embed.num_patches
+        n = stages[0].grid[0] * stages[0].grid[1]
         if forced_active.shape != (batch, len(self.blocks), n):
             raise ValueError(f"forced_active must be [B, depth, N] = {[batch, len(self.blocks), n]}")
         return [forced_active]
@@ -115,10 +116,9 @@ class TPCViT(TPCRuntime):
         if cfg.paused_keys and (step.fast or step.attention or pooled):  # selected tokens query the buffer
             context, means, counts = x, None, None
             if pooled and not step.fast:  # every token's row, paused ones replaced by their window's mean
-                context = self._pooled_buffer(x, d.states)
+                context = self._pooled_buffer(x, d.states, step.grid)
             elif pooled:
-                means, counts = pool_paused(x[:, prefix:], ~d.active, self.patch_embed.grid_size,
-                                            cfg.paused_key_pool)
+                means, counts = pool_paused(x[:, prefix:], ~d.active, step.grid, cfg.paused_key_pool)
 
             def run(tokens: torch.Tensor, mask: torch.Tensor | None, context=context) -> torch.Tensor:
                 bias = None  # the whole buffer: the padding of an adaptive selection are paused tokens, keys too
@@ -128,7 +128,8 @@ class TPCViT(TPCRuntime):
                     return self._tpc_exec_context(blk, tokens, context, index, step.rope, key_bias=bias)
                 out, score = self._tpc_exec_context(blk, tokens, context, index, step.rope, class_attention=True,
                                                     key_bias=bias)
-                seen["score"] = score if means is None else self._spread_score(score, sel.index, sel.valid, counts)
+                seen["score"] = score if means is None else self._spread_score(score, sel.index, sel.valid, counts,
+                                                                               step.grid)
                 return out
 
         if not step.fast:
@@ -139,11 +140,11 @@ class TPCViT(TPCRuntime):
             x = run_on_selection(run, x, sel)
         return x, seen.get("score")
 
-    def _pooled_buffer(self, x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    def _pooled_buffer(self, x: torch.Tensor, states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Masked path of ``paused_key_pool``: the buffer with each paused token replaced by the mean of its
         window's paused tokens. ``count`` equal keys get the attention of one key with bias ``log(count)``, so
         this is the fast path's pooled keys, computed on every token (differentiable in the states)."""
-        prefix, grid, window = self.num_prefix_tokens, self.patch_embed.grid_size, self.tpc_cfg.paused_key_pool
+        prefix, window = self.num_prefix_tokens, self.tpc_cfg.paused_key_pool
         paused = 1.0 - states.to(x.dtype)
         means, _ = pool_paused(x[:, prefix:], paused, grid, window)
         spread = means.index_select(1, window_ids(tuple(grid), window, x.device))
@@ -157,13 +158,13 @@ class TPCViT(TPCRuntime):
         return torch.cat([own, counts.log()], dim=1)[:, None, None, :]
 
     def _spread_score(self, score: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None,
-                      counts: torch.Tensor) -> torch.Tensor:
+                      counts: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Class attention over the compact keys (``score`` ``[B, n + W]``, times their number) -> relative
         attention ``[B, T]`` of every buffer token: a paused token gets its window's share, split over the window's
         paused tokens (what the masked path's equal keys get)."""
-        prefix, grid, window = self.num_prefix_tokens, self.patch_embed.grid_size, self.tpc_cfg.paused_key_pool
+        prefix, window = self.num_prefix_tokens, self.tpc_cfg.paused_key_pool
         n = index.shape[1]
-        total = self.patch_embed.num_patches + prefix
+        total = grid[0] * grid[1] + prefix
         probs = score * (total / score.shape[1])
         share = (probs[:, n:] / counts.clamp_min(1.0)).index_select(1, window_ids(tuple(grid), window, score.device))
         full = F.pad(share, (prefix, 0))
@@ -212,15 +213,14 @@ class TPCViT(TPCRuntime):
         tokens = flat.index_select(0, rows)
         pooled = keys and cfg.paused_key_pool > 1
         if pooled:
-            means, counts = pool_paused(x[:, prefix:], ~steps[0].decision.active, self.patch_embed.grid_size,
-                                        cfg.paused_key_pool)
+            means, counts = pool_paused(x[:, prefix:], ~steps[0].decision.active, steps[0].grid, cfg.paused_key_pool)
             bias = self._pooled_bias(None, sel.index.shape[1], counts)
         for blk, step in zip(blocks, steps):
             if pooled:
                 context = torch.cat([tokens.view(b, -1, d), means], dim=1).reshape(-1, d)
                 out = context_rows(blk, tokens, context, b, step.attention, prefix, key_bias=bias)
                 if step.attention:
-                    tokens, seen = out[0], self._spread_score(out[1], sel.index, None, counts)
+                    tokens, seen = out[0], self._spread_score(out[1], sel.index, None, counts, steps[0].grid)
                 else:
                     tokens = out
                 continue
