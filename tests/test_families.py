@@ -102,6 +102,33 @@ def test_swin_masked_equals_fast_for_fixed_and_own_decisions():
     assert tf.active.shape == (3, 4, 256)  # every block on the first stage's 16x16 grid
 
 
+def test_swin_forward_intermediates_are_timms_when_dense_and_keep_paused_tokens_under_tpc():
+    """Each stage's map (detection / segmentation necks): timm's own in dense mode for every argument; under TPC
+    the last stage's map is what ``forward_features`` computes (before its norm), and ``stop_early`` changes no
+    map."""
+    model = _swin().eval()
+    dense = timm.create_model("swin_tiny_patch4_window7_224", **SWIN_SMALL).eval()
+    tpcvit.load_backbone(model, dense.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        set_mode(model, "dense")
+        for kwargs in ({}, {"indices": 1, "norm": True}, {"indices": [0], "stop_early": True},
+                       {"indices": [0, 1], "norm": True, "intermediates_only": True}):
+            ours, theirs = model.forward_intermediates(x, **kwargs), dense.forward_intermediates(x, **kwargs)
+            if isinstance(ours, tuple):
+                assert torch.equal(ours[0], theirs[0])
+                ours, theirs = ours[1], theirs[1]
+            assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        set_mode(model, "budget", keep=0.5)
+        final, maps = model.forward_intermediates(x)
+        first = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        feats = model.forward_features(x)
+        dense_maps = dense.forward_intermediates(x, intermediates_only=True)
+    assert torch.equal(final, feats) and torch.equal(first[0], maps[0])
+    assert [m.shape for m in maps] == [(2, 32, 16, 16), (2, 64, 8, 8)]
+    assert not torch.allclose(maps[1], dense_maps[1])
+
+
 def test_swin_paused_tokens_keep_their_features_through_a_block():
     model = _swin().eval()
     blk = model.layers[0].blocks[1]

@@ -532,3 +532,89 @@ def test_dynamic_size_model_names_an_image_size_its_patches_do_not_tile():
     with torch.no_grad():
         _, trace = padded.forward_with_trace(torch.randn(1, 3, 50, 64))
     assert trace.grid == (4, 4)  # timm pads 50 to 64
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    return torch.equal(a, b)
+
+
+INTERMEDIATES = {  # a ViT with registers (pooled paused keys), a RoPE model, a model taking any image size
+    "register tokens": ("vit_small_patch16_224", {"reg_tokens": 2}, {"paused_key_pool": 2}),
+    "RoPE per block and head": VARIANTS.get("RoPE per block and head", (None,)) + ({},),
+    "any image size": ("deit_small_patch16_224", {"dynamic_img_size": True}, {}),
+}
+INTERMEDIATES = {k: v for k, v in INTERMEDIATES.items() if v[0] is not None}
+
+
+@pytest.mark.parametrize("variant", list(INTERMEDIATES))
+def test_forward_intermediates_at_keep_one_is_timms_for_every_argument(variant, x):
+    """``forward_intermediates`` (dense prediction, ``features_only``): the patched model answers every argument
+    timm's method takes exactly as the original model does."""
+    import inspect
+
+    name, kw, options = INTERMEDIATES[variant]
+    original = _model(name, **kw)
+    patched = tpcvit.patch(_model(name, **kw), keep=1.0, **options)
+    has_dict = "output_dict" in inspect.signature(original.forward_intermediates).parameters
+    with torch.no_grad():
+        for indices in (None, 2, [1, -1]):
+            for norm, fmt, prefix, only, stop, as_dict in [(False, "NCHW", False, False, False, False),
+                                                           (True, "NLC", True, False, True, False),
+                                                           (False, "NLC", True, True, False, False),
+                                                           (True, "NCHW", False, True, True, False),
+                                                           (False, "NCHW", True, False, False, True),
+                                                           (True, "NLC", True, True, True, True)]:
+                kwargs = {"indices": indices, "norm": norm, "output_fmt": fmt, "return_prefix_tokens": prefix,
+                          "intermediates_only": only, "stop_early": stop}
+                if as_dict and not has_dict:
+                    continue
+                if as_dict:
+                    kwargs["output_dict"] = True
+                assert _same(patched.forward_intermediates(x, **kwargs), original.forward_intermediates(x, **kwargs))
+
+
+@pytest.mark.parametrize("variant", list(INTERMEDIATES))
+@pytest.mark.parametrize("decide_every", [1, 3])
+def test_forward_intermediates_under_tpc_keep_paused_tokens_and_change_nothing(variant, decide_every, x):
+    """At keep 0.4: a paused token's features in a block's output are those it had before it (nothing
+    recomputes them), the last block's map is what ``forward_features`` computes, tapping a block inside a
+    group of blocks sharing one decision changes no result, and ``stop_early`` changes no intermediate."""
+    name, kw, options = INTERMEDIATES[variant]
+    model = tpcvit.patch(_model(name, **kw), keep=0.4, decide_every=decide_every, **options)
+    prefix, depth = model.num_prefix_tokens, len(model.blocks)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        _, trace = model.forward_with_trace(x)
+        final, maps = model.forward_intermediates(x, output_fmt="NLC")
+        early = model.forward_intermediates(x, indices=[1, 3], output_fmt="NLC", stop_early=True,
+                                            intermediates_only=True)
+        last = model.forward_intermediates(x, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)[0]
+    assert torch.equal(final, feats) and torch.equal(last, feats[:, prefix:])
+    assert _same(early, [maps[1], maps[3]])
+    start = model.tpc_cfg.start_layer
+    paused = ~trace.active[:, start:]
+    assert paused.any()
+    for i in range(start, depth):
+        frozen = ~trace.active[:, i]
+        assert torch.equal(maps[i][frozen], maps[i - 1][frozen])
+        assert not torch.equal(maps[i][~frozen], maps[i - 1][~frozen])
+
+
+def test_features_only_model_patched_gives_timms_feature_maps_and_then_tpcs(x):
+    """``timm.create_model(..., features_only=True)`` (timm's feature extractor around ``forward_intermediates``):
+    patching the model inside it gives the same maps at keep 1.0 and whole maps at keep 0.5."""
+    kw = {"img_size": 64, "embed_dim": 96, "depth": 6, "num_heads": 3}
+    torch.manual_seed(0)
+    extractor = timm.create_model("vit_small_patch16_224", features_only=True, out_indices=(2, 4), **kw).eval()
+    with torch.no_grad():
+        reference = extractor(x)
+        tpcvit.patch(extractor.model, keep=1.0)
+        assert _same(extractor(x), reference)
+        set_mode(extractor.model, "budget", keep=0.5)
+        reduced = extractor(x)
+    assert [m.shape for m in reduced] == [m.shape for m in reference] == [(3, 96, 4, 4)] * 2
+    assert not torch.allclose(reduced[1], reference[1])

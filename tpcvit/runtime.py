@@ -138,8 +138,14 @@ class TPCRuntime:
         self.tpc_policy = ExecutionPolicy()
 
     def _propagate(self, images: torch.Tensor, policy: ExecutionPolicy | None = None, forced_active=None,
-                   with_trace: bool = True) -> tuple[torch.Tensor, TokenTrace | None]:
-        """Run every block under ``policy`` (default: the model's stored one); features and trace."""
+                   with_trace: bool = True, taps: dict[int, torch.Tensor | None] | None = None,
+                   stop_early: bool = False) -> tuple[torch.Tensor, TokenTrace | None]:
+        """Run every block under ``policy`` (default: the model's stored one); features and trace.
+
+        ``taps``: block indices whose output to keep (timm's ``forward_intermediates``), filled in place with the
+        family's buffer after that block: every token, paused ones with the features they were paused with. A group
+        of blocks sharing one decision ends at a tapped block (the next one reuses the decision), so a tap changes no
+        result. ``stop_early``: no block after the last tapped one runs."""
         policy = self.tpc_policy if policy is None else policy
         cfg = self.tpc_cfg
         fast = policy.is_fast(self.training)
@@ -155,6 +161,15 @@ class TPCRuntime:
         def wants_score(controlled: int, last: bool) -> bool:  # the class attention feeds the next decision only
             return attention and (last or policy.decides(controlled + 1))
 
+        stop = max(taps) if stop_early and taps else None
+
+        def done() -> bool:
+            return stop is not None and g > stop
+
+        def tap(x: torch.Tensor) -> None:  # after block g - 1 (a copy: inference writes the buffer in place)
+            if taps is not None and g - 1 in taps:
+                taps[g - 1] = x.clone()
+
         props, g = [], 0
         for s, stage in enumerate(stages):
             if stage.enter is not None:
@@ -169,7 +184,7 @@ class TPCRuntime:
             keeps_all = forced is None and not with_trace and not self.training and policy.keeps_every_token(
                 prop.num_patches, range(max(g, cfg.start_layer) - cfg.start_layer, g + len(blocks) - cfg.start_layer),
                 cfg.target_keep)
-            while j < len(blocks):
+            while j < len(blocks) and not done():
                 if str(g) in self.stabilizers:
                     x = self._tpc_restore(self.stabilizers[str(g)](self._tpc_tokens(x)[0], prefix, grid), x)
                 if policy.mode == "dense" or g < cfg.start_layer or keeps_all:
@@ -178,6 +193,7 @@ class TPCRuntime:
                     score = seeded if seeded is not None else score
                     prop.dense_block()
                     j, g = j + 1, g + 1
+                    tap(x)
                     continue
 
                 if forced is None and not policy.decides(controlled):  # a run cut by a stabilizer: reuse
@@ -196,14 +212,17 @@ class TPCRuntime:
                 # the blocks after it that reuse this decision (decide_every) run with it as one group
                 run = [first]
                 while (forced is None and j + len(run) < len(blocks) and not policy.decides(controlled + len(run))
-                       and str(g + len(run)) not in self.stabilizers):
+                       and str(g + len(run)) not in self.stabilizers and g + len(run) - 1 not in (taps or ())):
                     run.append(BlockStep(prop.repeat(), fast, policy, False, k,
                                          wants_score(controlled + len(run), j + len(run) + 1 == len(blocks)),
                                          grid, rope(g + len(run))))
                 x, seen = self._tpc_run_group(blocks[j:j + len(run)], x, run)
                 score = seen if seen is not None else score
                 j, g, controlled = j + len(run), g + len(run), controlled + len(run)
+                tap(x)
             props.append(prop)
+            if done():
+                break
         return self._tpc_finish(x, props, with_trace)
 
     # -- timm's forward trio -------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Supported: timm >= 1.0.17 (the first release whose ``Block.forward`` takes ``attn_mask``); CI runs the model tests
 on 1.0.17 and on the pinned release. What differs across them: the optional output norm ``Attention.norm``
 (scale_norm) and the output ``gate`` exist only in some releases, ``Attention.attn_dim`` not in the oldest;
-``VisionTransformer._pos_embed`` (position embedding + prefix tokens) is a private method every 1.0.x release has.
+``VisionTransformer._pos_embed`` (position embedding + prefix tokens) and ``timm.models._features.feature_take_indices``
+(which blocks ``forward_intermediates`` returns) are private names every 1.0.x release has.
 The Eva family: ``EvaAttention.head_dim`` and the ``half`` (rotate-half) argument of ``apply_rot_embed_cat`` are not
 in the oldest; ``Eva._pos_embed`` (tokens and rotary table) is in every one.
 """
@@ -47,3 +48,11 @@ def attention_gate(attn: nn.Module) -> nn.Module | None:
 def add_pos_embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Position embedding and prefix tokens (class / distillation / register) of a timm ViT."""
     return model._pos_embed(x)
+
+
+def take_indices(depth: int, indices: int | list[int] | None) -> list[int]:
+    """The blocks timm's ``forward_intermediates(indices=...)`` returns: the last n (int), all (None), or those
+    listed (negative: from the end)."""
+    from timm.models._features import feature_take_indices
+
+    return list(feature_take_indices(depth, indices)[0])

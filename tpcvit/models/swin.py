@@ -28,6 +28,7 @@ from timm.models import register_model
 from timm.models.swin_transformer import SwinTransformer
 
 from ..layers import check_images, sparse_swin_block, upsample_tokens
+from ..layers._timm import take_indices
 from ..propagation import Propagation, TokenTrace, TPCConfig
 from ..runtime import BlockStep, Stage, TPCRuntime
 from ._builder import build_reducer, dense_name
@@ -90,7 +91,24 @@ class TPCSwinTransformer(TPCRuntime, SwinTransformer):
         s = d.states.to(x.dtype).view(b, h, w, 1)
         return s * blk(x) + (1.0 - s) * x, None
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's ``forward_intermediates`` (each chosen stage's output map: detection / segmentation necks) with
+        TPC: a paused token is in its stage's map with the features it was paused with. Arguments as timm's."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"Swin's intermediates are NCHW maps, got output_fmt={output_fmt!r}")
+        stages = take_indices(len(self.layers), indices)
+        ends = [sum(len(s.blocks) for s in self.layers[:i + 1]) - 1 for i in range(len(self.layers))]
+        taps = {ends[i]: None for i in stages}
+        final, _ = self._propagate(x, with_trace=False, taps=taps, stop_early=stop_early)
+        last = len(self.layers) - 1
+        maps = [(self.norm(t) if norm and i == last else t).permute(0, 3, 1, 2).contiguous()
+                for i, t in zip(stages, taps.values())]
+        return maps if intermediates_only else (final, maps)
+
     def _tpc_finish(self, x: torch.Tensor, props: list[Propagation], with_trace: bool):
+        if len(props) < len(self.layers):  # stopped early (forward_intermediates): the norm fits the last stage only
+            return x, None
         if not with_trace:
             return self.norm(x), None
         top = tuple(self.patch_embed.grid_size)

@@ -27,6 +27,7 @@ from ..layers import (
     packed_selection_block,
     supports_packing,
 )
+from ..layers._timm import take_indices
 from ..propagation import Propagation, TokenTrace, TPCConfig
 from ..runtime import BlockStep, Stage, TPCRuntime
 from ..tokens import (
@@ -233,6 +234,36 @@ class TPCViT(TPCRuntime):
             if keys:
                 flat = scatter_rows(flat, rows, tokens)
         return (flat if keys and not pooled else scatter_rows(flat, rows, tokens)).view(b, t, d), seen
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False,
+                              attn_mask=None, is_causal: bool = False):
+        """timm's ``forward_intermediates`` (the features of chosen blocks: dense prediction, timm's
+        ``features_only``) with TPC's token propagation: every patch token is in every block's output, a paused
+        one with the features it was paused with, so a feature map stays whole. Arguments and outputs as timm's."""
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("TPC models make their own attention masks; attn_mask/is_causal unsupported")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        taps = dict.fromkeys(take_indices(len(self.blocks), indices))
+        final, _ = self._propagate(x, with_trace=False, taps=taps, stop_early=stop_early)
+        prefix, (h, w) = self.num_prefix_tokens, image_grid(self, x)
+        kept = [self.norm(t) if norm else t for t in taps.values()]
+        prefixes = [t[:, :prefix] for t in kept] if prefix else None
+        maps = [t[:, prefix:] for t in kept]
+        if output_fmt == "NCHW":
+            maps = [t.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for t in maps]
+        if output_dict:
+            out = {"image_intermediates": maps}
+            if prefixes is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefixes
+            if not intermediates_only:
+                out["image_features"] = final
+            return out
+        if return_prefix_tokens and prefixes is not None:
+            maps = list(zip(maps, prefixes))
+        return maps if intermediates_only else (final, maps)
 
     def _tpc_finish(self, x: torch.Tensor, props: list[Propagation], with_trace: bool):
         return self.norm(x), props[0].trace(self.tpc_cfg.start_layer, self.num_prefix_tokens) if with_trace else None
