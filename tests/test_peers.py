@@ -338,6 +338,9 @@ def test_as_peer_errors_name_what_the_model_lacks():
         as_peer(timm.create_model("vit_small_patch16_224", **GRID), "merge")
     with pytest.raises(ValueError, match="dynamic_img_size=False"):  # peers size their budgets for one grid
         as_peer(timm.create_model("vit_small_patch16_224", **GRID, dynamic_img_size=True), "evit")
+    with pytest.raises(NotImplementedError, match="tpcvit.patch"):  # timm's would silently run the dense model
+        as_peer(timm.create_model("vit_small_patch16_224", **GRID), "evit").forward_intermediates(
+            torch.randn(1, 3, 32, 32))
     with pytest.raises(TypeError, match="rotary"):
         as_peer(timm.create_model("vit_small_patch16_rope_224", img_size=32, embed_dim=32, depth=1, num_heads=2),
                 "tome")

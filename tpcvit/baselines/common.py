@@ -86,6 +86,12 @@ class PeerMixin:
             return self.forward_with_trace(x)
         return self.forward_head(self.forward_features(x, attn_mask, is_causal))
 
+    def forward_intermediates(self, *args, **kwargs):
+        """Refused: timm's method would run the dense model silently. A peer merges, fuses or drops tokens (or, in
+        A-ViT, halts them out of later blocks), so its later blocks have no whole feature map to return."""
+        raise NotImplementedError(f"{self.method} has no whole per-block feature map (its blocks run on fewer tokens); "
+                                  "for feature maps under token reduction use tpcvit.patch (TPC keeps every token)")
+
     def forward_with_trace(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
         """Logits and the trace; ``path`` forces ``"fast"`` or ``"masked"`` (see :meth:`_run`)."""
         feats, trace = self._run(x, path)
