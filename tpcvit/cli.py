@@ -308,13 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time dense vs TPC (budget mode) at several keep ratios; with --methods: "
                        "TPC vs dense vs peers at matched GMACs (accuracy too with --config)")
-    b.add_argument("--model", default="tpc_deit_small_patch16_224")
-    b.add_argument("--keeps", type=_fraction, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
-    b.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 32])
-    b.add_argument("--rounds", type=_positive_int, default=7)
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    b.add_argument("--img-size", type=int, default=None)
+    b.add_argument("--model", default="tpc_deit_small_patch16_224",
+                   help="a tpc_* model, or any timm ViT name (patched training-free; random weights: speed only)")
+    b.add_argument("--keeps", type=_fraction, nargs="+", default=[1.0, 0.7, 0.5, 0.3],
+                   help="without --methods: budget-mode keep ratios to time (share of patch tokens per block)")
+    b.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 32], help="batch sizes to time")
+    b.add_argument("--rounds", type=_positive_int, default=7,
+                   help="interleaved timing rounds (every variant once per round); medians and 95%% intervals")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and images (bfloat16 / float16: the model cast, no autocast)")
+    b.add_argument("--img-size", type=int, default=None, help="image side (default: the model's own)")
     b.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     b.add_argument("--decide-every", type=_positive_int, nargs="+", default=[1], metavar="K",
                    help="TPC variants deciding in every K-th controlled block (the others reuse the decision): "
@@ -337,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", help="config override key=value (repeatable)")
     b.add_argument("--no-data", action="store_true", help="with --config: speed and GMACs on random images only")
     b.add_argument("--calib-images", type=int, default=64, help="images used to match GMACs targets")
-    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("overrides", nargs="*", help="with --methods: config overrides key.sub=value (as --set)")
     b.set_defaults(func=_cmd_bench)
 
@@ -353,12 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="restart analysis of a trained TPC model on the validation set")
     _add_config_args(a)
-    a.add_argument("--checkpoint", required=True)
+    a.add_argument("--checkpoint", required=True, help="weights of the trained TPC model (.safetensors / .pth)")
     a.set_defaults(func=_cmd_analyze)
 
     v = sub.add_parser("viz", help="per-block token maps (active / paused / restarted) for images")
     _add_config_args(v)
-    v.add_argument("--checkpoint", required=True)
+    v.add_argument("--checkpoint", required=True, help="weights of the TPC model (.safetensors / .pth)")
     v.add_argument("--images", nargs="+", required=True, help="image files or folders")
     v.add_argument("--num-classes", type=int, default=0, help="class count of the checkpoint (no data read at all)")
     v.set_defaults(func=_cmd_viz)
@@ -375,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", default=None, help="model name (overrides the config's model.name)")
     x.add_argument("--checkpoint", default=None, help="weights; without: random weights (speed only)")
     x.add_argument("--num-classes", type=int, default=0, help="default: from the checkpoint's classifier, else 1000")
-    x.add_argument("--mode", default="budget", choices=["budget", "dense"])
+    x.add_argument("--mode", default="budget", choices=["budget", "dense"],
+                   help="budget: TPC with static shapes (exportable); dense: the backbone alone")
     x.add_argument("--keep", type=_fraction, default=None, help="budget mode: share of patch tokens kept per block "
                    "(default: the model's target_keep)")
     x.add_argument("--batch-size", type=int, default=1, help="batch of the check (the batch axis stays dynamic)")
@@ -383,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     x.add_argument("--bench", type=int, nargs="*", default=None, metavar="BATCH",
                    help="time onnxruntime at these batch sizes (default 1 32) against the same model exported dense")
-    x.add_argument("--rounds", type=int, default=5)
+    x.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds of --bench (medians)")
     x.add_argument("--json", default=None, help="write the report (and timings) to this JSON file")
     x.add_argument("--out", required=True, help="the .onnx file to write")
     x.add_argument("overrides", nargs="*", help="config overrides: key.sub=value")
