@@ -325,6 +325,20 @@ def test_bench_command_writes_rows(tmp_path):
     assert "speed-up/FLOPs" in (tmp_path / "speed.md").read_text()
 
 
+def test_bench_on_a_plain_timm_vit_times_training_free_tpc_and_names_bad_models(tmp_path):
+    """``tpcvit bench --model <timm ViT>``: TPC patched on training-free at each keep (it was a traceback); a peer's
+    or an unknown name: a one-line error."""
+    _cli("bench", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--batch-sizes", "2", "--rounds", "1",
+         "--keeps", "1.0", "0.5", "--quiet", "--out", str(tmp_path / "speed"))
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "dense-lean", "tpc-free@100%", "tpc-free@50%"]
+    assert rows[2]["gmacs"] == pytest.approx(rows[0]["gmacs"], rel=1e-6) and rows[3]["gmacs"] < 0.8 * rows[0]["gmacs"]
+    for model, message in (("tome_deit_tiny_patch16_224", "--methods dense,tpc-free@0.5,tome@0.5"),
+                           ("deit_tinny_patch16_224", "unknown model")):
+        res = _cli("bench", "--model", model, "--keeps", "0.5", "--rounds", "1", check=False)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
+
+
 def test_bench_methods_compares_tpc_and_peers_on_real_images(tmp_path):
     dense = tmp_path / "dense"
     _cli("train", "-o", str(dense), "--quiet", "model.name=deit_tiny_patch16_224", *TINY, "data.train_limit=64",

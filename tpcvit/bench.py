@@ -385,7 +385,9 @@ def bench_tpc_speed(
     **model_kwargs,
 ) -> tuple[list[SpeedRow], dict]:
     """Dense timm backbone (and, for a timm ViT, the same model on the lean block executor every reducer uses:
-    ``dense-lean``) vs the TPC model in ``budget`` mode at each keep ratio (random weights: speed only);
+    ``dense-lean``) vs the TPC model in ``budget`` mode at each keep ratio (random weights: speed only). A plain
+    timm ViT name times training-free TPC on it (``tpcvit.patch``: ``tpc-free@50%``); ``tpc_<any timm ViT>`` the
+    learned controller (``with_tpc``);
     ``compile``: all of them through ``torch.compile``; ``cuda_graphs``: replayed from CUDA graphs;
     ``decide_every``: one TPC variant per value below keep 100% (``tpc@30%/5``: the controller decides in every 5th
     controlled block, :class:`ExecutionPolicy`)."""
@@ -393,24 +395,51 @@ def bench_tpc_speed(
 
     from .flops import count_gmacs
     from .layers import lean_dense
-    from .models import dense_name, image_geometry
+    from .models import dense_name, image_geometry, reducer_method
+    from .patch import patch, with_tpc
     from .policy import every_suffix
     from .runtime import current_policy, set_policy
 
+    method = reducer_method(model_name)
+    if method not in (None, "tpc"):
+        raise ConfigError(f"--model {model_name} is a {method} model: bench times TPC on a backbone; time peers with "
+                          f"--methods dense,tpc-free@0.5,{method}@0.5 --model {dense_name(model_name)}")
     dev, dt = torch.device(device), getattr(torch, dtype)
-    tpc = timm.create_model(model_name, **model_kwargs).eval()
-    dense = timm.create_model(dense_name(model_name), **model_kwargs).eval()
-    size = image_geometry(tpc)
+    try:
+        dense = timm.create_model(dense_name(model_name), **model_kwargs).eval()
+    except RuntimeError as err:
+        raise ConfigError(f"unknown model {model_name!r}: a timm ViT name, or tpc_ before one") from err
+
+    def fresh(tpc: bool) -> nn.Module:  # the dense model's weights, or a TPC model (tpc_*, or with_tpc on any ViT)
+        if tpc and timm.is_model(model_name):
+            return timm.create_model(model_name, **model_kwargs).eval()
+        m = timm.create_model(dense_name(model_name), **model_kwargs).eval()
+        m.load_state_dict(dense.state_dict())
+        return with_tpc(m) if tpc else m
+
+    def tpc_model(keep: float, every: int) -> nn.Module:  # TPC at this budget, every variant with the same weights
+        try:
+            if method is None:  # training-free: tpcvit.patch's controller and schedule
+                return patch(fresh(False), keep=keep, decide_every=every)
+            m = fresh(True)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"TPC on {dense_name(model_name)}: {str(err).splitlines()[0]}") from err
+        m.load_state_dict(reference.state_dict())
+        return set_policy(m, current_policy(m).replace(mode="budget", keep=keep, decide_every=every))
+
+    try:
+        reference = fresh(True) if method else None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"TPC on {dense_name(model_name)}: {str(err).splitlines()[0]}") from err
+    label = "tpc-free" if method is None else "tpc"
+    size = image_geometry(dense)
     variants: dict[str, tuple[nn.Module, float | None]] = {"dense": (dense, None)}
     lean = lean_dense(dense)  # the dense model on the reducers' lean executor: the token saving's speed-up alone
     if lean is not None:
         variants["dense-lean"] = (lean, None)
     for keep in keeps:
         for every in decide_every if keep < 1.0 else (1,):
-            m = timm.create_model(model_name, **model_kwargs).eval()
-            m.load_state_dict(tpc.state_dict())
-            set_policy(m, current_policy(m).replace(mode="budget", keep=keep, decide_every=every))
-            variants[f"tpc@{keep:.0%}{every_suffix(every)}"] = (m, keep)
+            variants[f"{label}@{keep:.0%}{every_suffix(every)}"] = (tpc_model(keep, every), keep)
     probe = torch.randn(2, *size)
     gmacs = {name: count_gmacs(m, probe) for name, (m, _) in variants.items()}
     for m, _ in variants.values():
