@@ -382,6 +382,7 @@ def bench_tpc_speed(
     compile: bool = False,
     decide_every: tuple[int, ...] = (1,),
     cuda_graphs: bool = False,
+    progress: bool = True,
     **model_kwargs,
 ) -> tuple[list[SpeedRow], dict]:
     """Dense timm backbone (and, for a timm ViT, the same model on the lean block executor every reducer uses:
@@ -445,7 +446,7 @@ def bench_tpc_speed(
     for m, _ in variants.values():
         m.to(dev, dt)
     rows = speed_table(variants, gmacs, lambda b: torch.randn(b, *size), list(batch_sizes), dev, dt, rounds,
-                       baseline="dense", compile=compile, cuda_graphs=cuda_graphs)
+                       baseline="dense", progress=progress, compile=compile, cuda_graphs=cuda_graphs)
     meta = {"model": model_name, "dense": dense_name(model_name), "machine": machine_info(dev), "rounds": rounds,
             "mode": "budget", "compiled": compile, "cuda_graphs": cuda_graphs, "decide_every": list(decide_every),
             "note": "random weights (speed only); medians over interleaved rounds"}

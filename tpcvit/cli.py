@@ -34,7 +34,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     rows, meta = bench_tpc_speed(args.model, tuple(args.keeps), tuple(args.batch_sizes), args.rounds,
                                  args.device, args.dtype, compile=args.compile,
-                                 decide_every=tuple(args.decide_every), cuda_graphs=args.cuda_graphs, **kwargs)
+                                 decide_every=tuple(args.decide_every), cuda_graphs=args.cuda_graphs,
+                                 progress=not args.quiet, **kwargs)
     meta["command"] = command
     print(f"{meta['model']} vs {meta['dense']} on {meta['machine']['cpu']} "
           f"({meta['machine']['threads']} threads, {args.device}, {args.dtype}{', compiled' if args.compile else ''})")
