@@ -248,8 +248,6 @@ def test_unsupported_models_get_a_clear_error():
         tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", use_post_norm=True, **eva))
     with pytest.raises(ValueError, match="patch_drop_rate=0"):
         tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", patch_drop_rate=0.5, **eva))
-    with pytest.raises(ValueError, match="paused_key_pool=1"):  # a pooled key has no position to rotate by
-        tpcvit.patch(timm.create_model("vit_small_patch16_rope_224", **eva), paused_key_pool=2)
     patched = tpcvit.patch(_model("deit_small_patch16_224"))
     with pytest.raises(ValueError, match="already has TPC"):
         tpcvit.patch(patched)
@@ -618,3 +616,50 @@ def test_features_only_model_patched_gives_timms_feature_maps_and_then_tpcs(x):
         reduced = extractor(x)
     assert [m.shape for m in reduced] == [m.shape for m in reference] == [(3, 96, 4, 4)] * 2
     assert not torch.allclose(reduced[1], reference[1])
+
+
+@pytest.mark.parametrize("variant", ROPE_VARIANTS)
+@pytest.mark.parametrize("mode", ["budget", "adaptive"])
+def test_rope_models_pool_paused_keys_at_their_windows_mean_rotation(variant, mode, x):
+    """``paused_key_pool=2`` on a rotary model (opt-in): the gathered path equals the masked one, and where each
+    2 x 2 window holds one paused token its pooled key is that token's own key, at its own rotation: the output
+    equals per-token keys' (a pooled key at any other rotation, or none, fails this)."""
+    name, kw = VARIANTS[variant]
+    pooled = tpcvit.patch(_model(name, **kw), keep=0.4, mode=mode, images=x, paused_key_pool=2)
+    with torch.no_grad():
+        fast, t_fast = pooled.forward_with_trace(x, path="fast")
+        masked, t_masked = pooled.forward_with_trace(x, path="masked")
+    assert torch.equal(t_fast.active, t_masked.active)
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    counted = count_gmacs(pooled, x)
+    assert pooled.gmacs_per_image(t_fast).mean().item() == pytest.approx(counted, rel=0.01)
+    per_token = tpcvit.patch(_model(name, **kw), keep=0.4, mode=mode, images=x, paused_key_pool=1)
+    depth, start = len(pooled.blocks), pooled.tpc_cfg.start_layer
+    torch.manual_seed(5)
+    forced = torch.ones(x.shape[0], depth, 16, dtype=torch.bool)  # the 4 x 4 grid: four 2 x 2 windows
+    window = torch.tensor([[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]])
+    for b in range(x.shape[0]):
+        for layer in range(start, depth):
+            forced[b, layer, window[torch.arange(4), torch.randint(0, 4, (4,))]] = False
+    if mode == "budget":  # same keep, fewer keys
+        assert counted < count_gmacs(per_token, x)
+    with torch.no_grad():
+        one, _ = pooled.forward_with_trace(x, forced_active=forced, path="fast")
+        own, _ = per_token.forward_with_trace(x, forced_active=forced, path="fast")
+    torch.testing.assert_close(one, own, rtol=1e-4, atol=1e-5)
+
+
+def test_pooled_rotary_rows_are_the_mean_of_each_windows_paused_rows():
+    from tpcvit.layers import pool_rope, spread_rope
+
+    torch.manual_seed(0)
+    for table in (torch.randn(16, 6), torch.randn(3, 16, 6)):  # shared, and per head
+        paused = torch.rand(2, 16) > 0.5
+        paused[0, [0, 1, 4, 5]] = torch.tensor([True, False, True, False])
+        rows = pool_rope(table, paused, (4, 4), 2)
+        heads = table if table.dim() == 3 else table[None]
+        assert rows.shape == (2, heads.shape[0], 4, 6)
+        torch.testing.assert_close(rows[0, :, 0], heads[:, [0, 4]].mean(dim=1))
+        spread = spread_rope(table, paused.float(), (4, 4), 2)
+        torch.testing.assert_close(spread[0, :, 0], rows[0, :, 0])  # paused: its window's rows
+        torch.testing.assert_close(spread[0, :, 1], heads[:, 1])  # active: its own

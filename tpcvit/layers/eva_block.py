@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..tokens import pool_paused, window_ids
 from ._timm import head_dim, rotate
 from .geometry import check_fixed_grid
 from .vit_block import class_row_attention
@@ -45,6 +46,26 @@ def rope_rows(rope: torch.Tensor | None, index: torch.Tensor | None, num_prefix:
     patches = index[:, num_prefix:] - num_prefix
     rows = rope.index_select(-2, patches.reshape(-1)).unflatten(-2, patches.shape)  # [..., B, n, C]
     return rows.unsqueeze(1) if rope.dim() == 2 else rows.transpose(0, 1)
+
+
+def pool_rope(rope: torch.Tensor, paused: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+    """The rotation of each window's pooled paused key (``paused_key_pool``): the mean of its paused tokens' table
+    rows ``[B, 1 or heads, W, C]``. A rotation is linear in its sin/cos table, so a key rotated by the mean rows is the
+    mean of the key rotated by each paused token's own rows; with the pooled token's key in place of each token's
+    (what pooling already assumes), that is the pooled key. ``paused`` ``[B, N]`` (bool or float states)."""
+    table = rope if rope.dim() == 3 else rope[None]  # [heads or 1, N, C]
+    h, n, c = table.shape
+    flat = table.permute(1, 0, 2).reshape(1, n, h * c).expand(paused.shape[0], n, h * c)
+    means, _ = pool_paused(flat, paused, grid, window)
+    return means.unflatten(2, (h, c)).transpose(1, 2)
+
+
+def spread_rope(rope: torch.Tensor, paused: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+    """Masked path of :func:`pool_rope`: every token's rows ``[B, 1 or heads, N, C]``, a paused token's (``paused``
+    ``[B, N]`` in [0, 1]) replaced by its window's pooled rows, as its features are by the window's mean."""
+    own = (rope if rope.dim() == 3 else rope[None])[None]
+    spread = pool_rope(rope, paused, grid, window).index_select(2, window_ids(tuple(grid), window, rope.device))
+    return own + paused[:, None, :, None] * (spread - own)
 
 
 def _rotate(x: torch.Tensor, rope: torch.Tensor | None, num_prefix: int, half: bool, like: torch.Tensor):

@@ -7,8 +7,11 @@ the selected rows bring their rows of the rotary table (:func:`~tpcvit.layers.ro
 keys keep their own positions (:func:`~tpcvit.layers.eva_context_block`). The tables are made once per forward with
 the embedding, as timm's ``Eva.forward_features`` makes them.
 
-Pooled paused keys (``paused_key_pool > 1``) are not offered here: a window's mean token has no grid position to
-rotate it by, and a key without one is attended to as if it sat nowhere.
+Paused keys are per token by default. Pooled ones (``paused_key_pool > 1``, opt-in) are rotated by the mean of
+their window's paused tokens' table rows (:func:`~tpcvit.layers.pool_rope`): a rotation is linear in its sin/cos
+table, so that is the mean of the pooled key rotated to each paused token's position. It lets the same GMACs compute
+about 1.5x more tokens (benchmarks/results/rope_key_pool.md); what it does to accuracy no trained rotary model here
+has measured, hence not the default.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import check_images, check_timm_eva, eva_context_block, rope_rows
-from ..propagation import TokenTrace, TPCConfig
+from ..propagation import TokenTrace
 from .vit import TPCViT
 
 
@@ -25,17 +28,13 @@ class TPCEva(TPCViT):
     """TPC on a timm ``Eva`` (converted in place by ``tpcvit.patch`` / ``tpcvit.with_tpc``)."""
 
     flat_rows_between_blocks = False  # its blocks run as timm modules, each with its selection's rotary rows
-    pools_paused_keys = False  # a window's mean token has no grid position to rotate it by
+    # patch's default: per-token paused keys (pooled ones, opt-in, are rotated by their window's mean rotation: an
+    # approximation whose accuracy no trained rotary model here has measured)
+    pools_paused_keys = False
 
     @staticmethod
     def check_backbone(model: nn.Module, who: str) -> None:
         check_timm_eva(model, who)
-
-    def _init_tpc(self, cfg: TPCConfig) -> None:
-        if cfg.paused_key_pool > 1 and not self.pools_paused_keys:
-            raise ValueError("paused_key_pool > 1 pools paused tokens into keys without a grid position, which "
-                             f"{type(self).__name__} (rotary position embeddings) cannot rotate: use paused_key_pool=1")
-        super()._init_tpc(cfg)
 
     def _tpc_embed(self, x: torch.Tensor) -> torch.Tensor:
         return self._tpc_embed_positions(x)[0]
@@ -55,9 +54,10 @@ class TPCEva(TPCViT):
 
     def _tpc_exec_context(self, blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor,
                           index: torch.Tensor | None, rope: torch.Tensor | None, class_attention: bool = False,
-                          key_bias: torch.Tensor | None = None):
+                          key_bias: torch.Tensor | None = None, context_rope: torch.Tensor | None = None):
         prefix = self.num_prefix_tokens
-        return eva_context_block(blk, tokens, context, rope_rows(rope, index, prefix), rope, prefix,
+        return eva_context_block(blk, tokens, context, rope_rows(rope, index, prefix),
+                                 rope if context_rope is None else context_rope, prefix,
                                  class_attention=class_attention, key_bias=key_bias)
 
     def gmacs_per_image(self, trace: TokenTrace) -> torch.Tensor:

@@ -25,6 +25,9 @@ from ..layers import (
     embed_tokens,
     image_grid,
     packed_selection_block,
+    pool_rope,
+    rope_rows,
+    spread_rope,
     supports_packing,
 )
 from ..layers._timm import take_indices
@@ -95,9 +98,10 @@ class TPCViT(TPCRuntime):
 
     def _tpc_exec_context(self, blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor,
                           index: torch.Tensor | None, rope: torch.Tensor | None, class_attention: bool = False,
-                          key_bias: torch.Tensor | None = None):
+                          key_bias: torch.Tensor | None = None, context_rope: torch.Tensor | None = None):
         """``blk`` updating ``tokens`` (buffer positions ``index``) while attending to ``context``, the whole
-        buffer or the selection followed by pooled paused keys (:func:`~tpcvit.layers.context_block`)."""
+        buffer or the selection followed by pooled paused keys (:func:`~tpcvit.layers.context_block`);
+        ``context_rope``: the rotary rows of ``context``'s patch tokens where they are not ``rope`` (pooled keys)."""
         return context_block(blk, tokens, context, class_attention=class_attention,
                              num_prefix=self.num_prefix_tokens, key_bias=key_bias)
 
@@ -115,20 +119,28 @@ class TPCViT(TPCRuntime):
             return self._tpc_exec(blk, tokens, mask, index, step.rope)
 
         if cfg.paused_keys and (step.fast or step.attention or pooled):  # selected tokens query the buffer
-            context, means, counts = x, None, None
+            context, means, counts, context_rope, pooled_rope = x, None, None, None, None
+            window, rope = cfg.paused_key_pool, step.rope
             if pooled and not step.fast:  # every token's row, paused ones replaced by their window's mean
                 context = self._pooled_buffer(x, d.states, step.grid)
+                if rope is not None:  # (rotary positions: a paused token's key at its window's mean rotation)
+                    context_rope = spread_rope(rope, 1.0 - d.states.to(rope.dtype), step.grid, window)
             elif pooled:
-                means, counts = pool_paused(x[:, prefix:], ~d.active, step.grid, cfg.paused_key_pool)
+                means, counts = pool_paused(x[:, prefix:], ~d.active, step.grid, window)
+                pooled_rope = None if rope is None else pool_rope(rope, ~d.active, step.grid, window)
 
-            def run(tokens: torch.Tensor, mask: torch.Tensor | None, context=context) -> torch.Tensor:
+            def run(tokens: torch.Tensor, mask: torch.Tensor | None, context=context,
+                    context_rope=context_rope) -> torch.Tensor:
                 bias = None  # the whole buffer: the padding of an adaptive selection are paused tokens, keys too
                 if means is not None:  # the selected tokens and one key per window of paused tokens
                     context, bias = torch.cat([tokens, means], dim=1), self._pooled_bias(mask, tokens.shape[1], counts)
+                    if pooled_rope is not None:
+                        context_rope = torch.cat([rope_rows(rope, index, prefix), pooled_rope], dim=-2)
                 if not step.attention:
-                    return self._tpc_exec_context(blk, tokens, context, index, step.rope, key_bias=bias)
-                out, score = self._tpc_exec_context(blk, tokens, context, index, step.rope, class_attention=True,
-                                                    key_bias=bias)
+                    return self._tpc_exec_context(blk, tokens, context, index, rope, key_bias=bias,
+                                                  context_rope=context_rope)
+                out, score = self._tpc_exec_context(blk, tokens, context, index, rope, class_attention=True,
+                                                    key_bias=bias, context_rope=context_rope)
                 seen["score"] = score if means is None else self._spread_score(score, sel.index, sel.valid, counts,
                                                                                step.grid)
                 return out
