@@ -43,6 +43,17 @@ def _model(name, **kw):
     return model
 
 
+def _fast_equals_masked(model, images):
+    """The gathered path against the masked one on ``images``: the same decisions, the same outputs. Returns the
+    fast path's ``(logits, trace)``."""
+    with torch.no_grad():
+        fast, t_fast = model.forward_with_trace(images, path="fast")
+        masked, t_masked = model.forward_with_trace(images, path="masked")
+    assert torch.equal(t_fast.active, t_masked.active)
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    return fast, t_fast
+
+
 @pytest.fixture
 def x():
     torch.manual_seed(1)
@@ -70,12 +81,9 @@ def test_patch_keeps_weights_and_keys_and_dense_mode_is_the_original_model(varia
 def test_training_free_controller_masked_equals_fast_and_restarts(variant, mode, x):
     name, kw = VARIANTS[variant]
     model = tpcvit.patch(_model(name, **kw), keep=0.4, mode=mode, images=x)
+    fast, t_fast = _fast_equals_masked(model, x)
     with torch.no_grad():
-        fast, t_fast = model.forward_with_trace(x, path="fast")
-        masked, t_masked = model.forward_with_trace(x, path="masked")
         alone, _ = model.forward_with_trace(x[:1], path="fast")
-    assert torch.equal(t_fast.active, t_masked.active)
-    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(alone, fast[:1], rtol=1e-4, atol=1e-5)
     start = model.tpc_cfg.start_layer
     assert abs(t_fast.active[:, start:].float().mean().item() - 0.4) < 0.08  # budget, or calibrated threshold
@@ -407,10 +415,8 @@ def test_learned_tpc_on_rope_models_trains_and_its_selection_carries_the_positio
     with torch.no_grad():
         for mode in ("budget", "adaptive"):
             set_mode(model, mode, keep=0.5 if mode == "budget" else None)
-            fast, t_fast = model.forward_with_trace(x, path="fast")
-            masked, t_masked = model.forward_with_trace(x, path="masked")
-            assert torch.equal(t_fast.active, t_masked.active) and not t_fast.active[:, 1:].all()
-            torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+            t_fast = _fast_equals_masked(model, x)[1]
+            assert not t_fast.active[:, 1:].all()
             counted = count_gmacs(model, x)
             assert model.gmacs_per_image(t_fast).mean().item() == pytest.approx(counted, rel=0.01)
             assert counted < count_gmacs(set_mode(model, "dense"), x)
@@ -448,11 +454,7 @@ def test_rope_model_deciding_every_other_block_keeps_each_blocks_own_table(mode,
     path still equals the masked one."""
     name, kw = VARIANTS["RoPE per block and head"]
     model = tpcvit.patch(_model(name, **kw), keep=0.4, mode=mode, images=x, decide_every=2)
-    with torch.no_grad():
-        fast, t_fast = model.forward_with_trace(x, path="fast")
-        masked, t_masked = model.forward_with_trace(x, path="masked")
-    assert torch.equal(t_fast.active, t_masked.active)
-    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    _fast_equals_masked(model, x)
 
 
 DYNAMIC = {  # timm models that take images of any size: DINOv3 by default, any ViT asked for it
@@ -489,14 +491,12 @@ def test_dynamic_size_model_sizes_its_decisions_for_each_inputs_grid(variant, mo
     name, kw, options = DYNAMIC[variant]
     model = tpcvit.patch(_model(name, **kw), keep=0.4, mode=mode, images=x, schedule="uniform", **options)
     y = _other_size_images()
+    fast, t_fast = _fast_equals_masked(model, y)
     with torch.no_grad():
-        fast, t_fast = model.forward_with_trace(y, path="fast")
-        masked, t_masked = model.forward_with_trace(y, path="masked")
         alone = model(y[:1])
     start = model.tpc_cfg.start_layer
     assert t_fast.grid == (3, 6) and t_fast.active.shape == (3, len(model.blocks), 18)
-    assert torch.equal(t_fast.active, t_masked.active) and not t_fast.active[:, start:].all()
-    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    assert not t_fast.active[:, start:].all()
     torch.testing.assert_close(alone, fast[:1], rtol=1e-4, atol=1e-5)
     if mode == "budget":
         assert (t_fast.active[:, start:].sum(-1) == round(0.4 * 18)).all()
@@ -515,11 +515,7 @@ def test_learned_tpc_on_a_dynamic_size_model_trains_on_any_grid():
     (logits.logsumexp(1).mean() + tpcvit.tpc_loss(trace, model.tpc_cfg, 1.0, 1.0)["total"]).backward()
     assert all(p.grad is not None for p in model.controller.parameters())
     assert all(p.grad is not None for p in model.stabilizers.parameters())
-    with torch.no_grad():
-        fast, t_fast = set_mode(model.eval(), "budget", keep=0.5).forward_with_trace(y, path="fast")
-        masked, t_masked = model.forward_with_trace(y, path="masked")
-    assert torch.equal(t_fast.active, t_masked.active)
-    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    _fast_equals_masked(set_mode(model.eval(), "budget", keep=0.5), y)
 
 
 def test_dynamic_size_model_names_an_image_size_its_patches_do_not_tile():
@@ -626,11 +622,7 @@ def test_rope_models_pool_paused_keys_at_their_windows_mean_rotation(variant, mo
     equals per-token keys' (a pooled key at any other rotation, or none, fails this)."""
     name, kw = VARIANTS[variant]
     pooled = tpcvit.patch(_model(name, **kw), keep=0.4, mode=mode, images=x, paused_key_pool=2)
-    with torch.no_grad():
-        fast, t_fast = pooled.forward_with_trace(x, path="fast")
-        masked, t_masked = pooled.forward_with_trace(x, path="masked")
-    assert torch.equal(t_fast.active, t_masked.active)
-    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    t_fast = _fast_equals_masked(pooled, x)[1]
     counted = count_gmacs(pooled, x)
     assert pooled.gmacs_per_image(t_fast).mean().item() == pytest.approx(counted, rel=0.01)
     per_token = tpcvit.patch(_model(name, **kw), keep=0.4, mode=mode, images=x, paused_key_pool=1)
