@@ -52,12 +52,14 @@ def test_patched_timm_vit_and_peers_on_cuda(cuda_images):
 
 
 @pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_small_patch16_rope_mixed_224"])
-def test_patched_rope_models_on_cuda_match_cpu(name, cuda_images):
-    """The Eva adapter on a GPU: rotary rows gathered on the device, the same selection and logits as on CPU."""
+@pytest.mark.parametrize("pool", [1, 2])
+def test_patched_rope_models_on_cuda_match_cpu(name, pool, cuda_images):
+    """The Eva adapter on a GPU: rotary rows gathered (and, pool 2, pooled per window) on the device, the same
+    selection and logits as on CPU."""
     torch.manual_seed(0)
     model = timm.create_model(name, img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2,
                               dynamic_img_size=False).eval()
-    tpcvit.patch(model, keep=0.5)
+    tpcvit.patch(model, keep=0.5, paused_key_pool=pool)
     with torch.no_grad():
         cpu, t_cpu = model.forward_with_trace(cuda_images.cpu())
         fast, t_fast = model.cuda().forward_with_trace(cuda_images)
@@ -115,3 +117,25 @@ def test_ddp_init_with_nccl(tmp_path):
     out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "vit_small_patch16_dinov3"])
+def test_any_image_size_and_feature_maps_on_cuda_match_cpu(name):
+    """A model taking any image size (dynamic_img_size=True), patched at 32 px and run at 24 x 40 on the GPU: the
+    same decisions, logits and forward_intermediates maps as on CPU."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2,
+                              dynamic_img_size=True).eval()
+    tpcvit.patch(model, keep=0.5)
+    images = torch.randn(3, 3, 24, 40)
+    with torch.no_grad():
+        cpu, t_cpu = model.forward_with_trace(images)
+        cpu_maps = model.forward_intermediates(images, indices=2, intermediates_only=True)
+        model.cuda()
+        gpu, t_gpu = model.forward_with_trace(images.cuda())
+        gpu_maps = model.forward_intermediates(images.cuda(), indices=2, intermediates_only=True)
+    assert t_gpu.grid == (3, 5) and torch.equal(t_gpu.active.cpu(), t_cpu.active)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
+    for a, b in zip(gpu_maps, cpu_maps):
+        assert a.shape == (3, 64, 3, 5)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-4)
