@@ -2,6 +2,7 @@
 and agree with dense."""
 
 import copy
+import math
 
 import pytest
 import timm
@@ -341,9 +342,13 @@ def test_as_peer_errors_name_what_the_model_lacks():
     with pytest.raises(NotImplementedError, match="tpcvit.patch"):  # timm's would silently run the dense model
         as_peer(timm.create_model("vit_small_patch16_224", **GRID), "evit").forward_intermediates(
             torch.randn(1, 3, 32, 32))
-    with pytest.raises(TypeError, match="rotary"):
-        as_peer(timm.create_model("vit_small_patch16_rope_224", img_size=32, embed_dim=32, depth=1, num_heads=2),
-                "tome")
+    rope = {"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    with pytest.raises(TypeError, match="rotary-position models .* evit, tome"):
+        as_peer(timm.create_model("vit_small_patch16_rope_224", **rope), "idlevit")
+    with pytest.raises(ValueError, match="rope_mixed"):  # one row per token, not one per block
+        as_peer(timm.create_model("vit_small_patch16_rope_mixed_224", **rope), "tome")
+    with pytest.raises(ValueError, match="dynamic_img_size=False"):
+        as_peer(timm.create_model("vit_small_patch16_rope_224", dynamic_img_size=True, **rope), "evit")
 
 
 def test_bench_builds_a_peer_on_any_timm_vit_by_name():
@@ -361,3 +366,110 @@ def test_bench_builds_a_peer_on_any_timm_vit_by_name():
         assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     with pytest.raises(ConfigError, match="unknown model"):
         build_variant(load_config(None, ["model.name=vit_nonexistent_patch16_224"]), parse_spec("tome=3"), 10, {})
+
+
+ROTARY = {  # timm Eva models with one rotary table shared by every block (small, random weights)
+    "DINOv3": ("vit_small_patch16_dinov3", {"dynamic_img_size": False}),
+    "EVA-02": ("eva02_tiny_patch14_224", {}),
+    "RoPE ViT": ("vit_small_patch16_rope_224", {}),
+}
+ROTARY = {k: v for k, v in ROTARY.items() if timm.is_model(v[0])}
+
+
+def _rotary(name, **kw):
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=2, num_classes=5,
+                              init_values=1.0, **kw).eval()
+    with torch.no_grad():  # sharp attention (timm's init: every key alike, so a wrong rotary row goes unnoticed)
+        for blk in model.blocks:
+            blk.attn.qkv.weight[:2 * blk.attn.proj.in_features] *= 4
+        torch.nn.init.normal_(model.head.weight, std=model.embed_dim ** -0.5)
+    return model
+
+
+@pytest.mark.parametrize("variant", list(ROTARY))
+@pytest.mark.parametrize("method,off,on", [("tome", {"tome_r": 0}, {"tome_r": 6}),
+                                           ("evit", {"keep_rate": 1.0}, {"keep_rate": 0.5})])
+def test_tome_and_evit_run_on_rotary_models(variant, method, off, on, grid_images):
+    """``as_peer`` on a timm Eva: with no reduction the original model's logits; with it, fewer GMACs and other
+    logits (every patch token carries its rotary row through merges and fusions)."""
+    from tpcvit.baselines import as_peer
+
+    name, kw = ROTARY[variant]
+    original = _rotary(name, **kw)
+    with torch.no_grad():
+        reference = original(grid_images)
+        peer = as_peer(_rotary(name, **kw), method, **off)
+        torch.testing.assert_close(peer(grid_images), reference, rtol=1e-5, atol=1e-5)
+        dense_gmacs = count_gmacs(peer, grid_images)
+        reduced = as_peer(_rotary(name, **kw), method, **on)
+        logits, trace = reduced.forward_with_trace(grid_images)
+    assert torch.isfinite(logits).all() and not torch.allclose(logits, reference, atol=1e-3)
+    assert trace.keep[:, -1].max() < 1.0 and count_gmacs(reduced, grid_images) < 0.85 * dense_gmacs
+
+
+def test_evit_on_a_rotary_model_keeps_each_kept_tokens_own_rotary_row(grid_images):
+    """EViT without the fused token, reorganising once (block 1): the blocks after it are timm's own EvaBlocks on
+    the kept tokens with those tokens' rows of the table, gathered here independently."""
+    from tpcvit.baselines import as_peer
+    from tpcvit.layers import class_row_attention, eva_attention_half, eva_mlp_half
+
+    name, kw = ROTARY["DINOv3"] if "DINOv3" in ROTARY else ROTARY["RoPE ViT"]
+    peer = as_peer(_rotary(name, **kw), "evit", keep_rate=0.5, fuse_token=False, evit_blocks=[1])
+    with torch.no_grad():
+        got = peer.forward_features(grid_images)
+        x, rope = peer._pos_embed(peer.patch_embed(grid_images))
+        x, p = peer.norm_pre(x), peer.num_prefix_tokens
+        x = peer.blocks[0](x, rope=rope)
+        x, q, k = eva_attention_half(peer.blocks[1], x, rope, p)
+        order = class_row_attention(q, k)[:, p:].argsort(dim=1, descending=True)
+        top = order[:, :math.ceil(0.5 * (x.shape[1] - p))].sort(dim=1).values
+        x = torch.cat([x[:, :p], x[:, p:].gather(1, top[..., None].expand(-1, -1, x.shape[-1]))], dim=1)
+        x = eva_mlp_half(peer.blocks[1], x)
+
+        def rest(rows):
+            y = x
+            for blk in peer.blocks[2:]:
+                y = blk(y, rope=rows)
+            return peer.norm(y)
+
+        torch.testing.assert_close(got, rest(rope[top][:, None]), rtol=1e-5, atol=1e-5)  # the kept tokens' own rows
+        assert not torch.allclose(got, rest(rope[top.flip(1)][:, None]), atol=1e-4)  # the same rows, wrong tokens
+
+
+def test_bench_compares_tpc_with_tome_and_evit_on_a_rotary_model_by_name():
+    """``tpcvit bench --model vit_small_patch16_rope_224 --methods dense,tpc-free@0.5,tome@0.5,evit@0.5``: every
+    method built on the Eva backbone, each matched to half the GMACs."""
+    from tpcvit.compare import build_variant, parse_spec
+    from tpcvit.config import load_config
+
+    cfg = load_config(None, ["model.name=vit_small_patch16_rope_224", "model.kwargs={img_size: 32, patch_size: 4, "
+                             "embed_dim: 48, depth: 4, num_heads: 2}"])
+    for spec in ("tome=6", "evit=0.5"):
+        model = build_variant(cfg, parse_spec(spec), 10, {})
+        assert type(model).__name__.startswith(("ToMe", "EViT")) and "Eva" in type(model).__name__
+
+
+def test_tome_on_a_rotary_model_merges_rotary_rows_with_the_tokens_plan(grid_images):
+    """A ToMe block on an Eva: the merged tokens' rotary rows are the size-weighted means of their members' rows
+    under the very plan that merged the tokens (the keys attention compared), and the next block attends with
+    them: timm's EvaBlock given those rows and the size bias gives the same tokens."""
+    from tpcvit.baselines import as_peer
+    from tpcvit.layers import eva_attention_half
+
+    name, kw = ROTARY["RoPE ViT"]
+    peer = as_peer(_rotary(name, **kw), "tome", tome_r=8)
+    p, r = peer.num_prefix_tokens, 8
+    with torch.no_grad():
+        x, rows = peer._peer_embed(grid_images)
+        size = x.new_ones(*x.shape[:2], 1)
+        _, _, k = eva_attention_half(peer.blocks[0], x, rows[:, None], p)
+        plan = bipartite_plan(k[:, :, p:].mean(dim=1), r)
+        expected = merge_weighted(rows, size[:, p:], plan)[0]
+        x1, size1, rows1 = peer._block(peer.blocks[0], x, size, r, rows)
+        torch.testing.assert_close(rows1, expected)
+        bias = size1.squeeze(-1).log()[:, None, None, :]
+        ours = peer._block(peer.blocks[1], x1, size1, 0, rows1)[0]
+        timms = peer.blocks[1](x1, rope=expected[:, None], attn_mask=bias)
+    assert rows1.shape[1] == x1.shape[1] - p == rows.shape[1] - r
+    torch.testing.assert_close(ours, timms, rtol=1e-5, atol=1e-5)

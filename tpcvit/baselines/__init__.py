@@ -7,9 +7,9 @@
 from .avit import AViTVisionTransformer
 from .common import PEER_METHODS, PeerMixin, PeerTrace, as_peer, peer_modules
 from .dynamicvit import DynamicViTVisionTransformer
-from .evit import EViTVisionTransformer
+from .evit import EViTEva, EViTVisionTransformer
 from .idlevit import IdleViTVisionTransformer
-from .tome import ToMeVisionTransformer
+from .tome import ToMeEva, ToMeVisionTransformer
 
 __all__ = ["PEER_METHODS", "AViTVisionTransformer", "DynamicViTVisionTransformer",
            "EViTVisionTransformer", "IdleViTVisionTransformer", "PeerMixin", "PeerTrace", "ToMeVisionTransformer",
@@ -17,3 +17,4 @@ __all__ = ["PEER_METHODS", "AViTVisionTransformer", "DynamicViTVisionTransformer
 
 PEERS = {cls.method: cls for cls in (ToMeVisionTransformer, EViTVisionTransformer, AViTVisionTransformer,
                                      IdleViTVisionTransformer, DynamicViTVisionTransformer)}
+ROTARY_PEERS = {cls.method: cls for cls in (ToMeEva, EViTEva)}  # the peers that run on timm's Eva (as_peer)

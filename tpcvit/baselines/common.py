@@ -16,10 +16,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..layers import image_geometry
+from ..layers import (
+    attention_half,
+    block_forward,
+    check_images,
+    embed_tokens,
+    eva_attention_half,
+    eva_mlp_half,
+    image_geometry,
+    mlp_half,
+)
 from ..models._builder import DEIT_SIZES, PEER_METHODS, build_reducer, convert_in_place
 
-__all__ = ["PEER_METHODS", "PeerMixin", "PeerTrace", "as_peer", "create_peer", "peer_modules", "reduction_blocks"]
+__all__ = ["PEER_METHODS", "PeerMixin", "PeerTrace", "RotaryPeer", "as_peer", "create_peer", "peer_modules",
+           "reduction_blocks"]
 
 
 @dataclass
@@ -71,6 +81,24 @@ class PeerMixin:
             raise ValueError(f"{self.method} budget must be in [{lo}, {hi}], got {value}")
         self.budget = float(value)
 
+    # -- how a peer runs its backbone's blocks (a timm ViT here; RotaryPeer: timm's Eva) ----------------------
+    def _peer_embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens ``[B, T, D]`` and each patch token's position rows ``[B, N, C]`` (``None``: positions are in the
+        tokens). A method that merges, fuses or drops patch tokens does the same to the rows."""
+        return embed_tokens(self, images), None
+
+    def _peer_attention(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None,
+                        key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's attention half: ``(x + attention output, q, k)``."""
+        return attention_half(blk, x, key_bias)
+
+    def _peer_mlp(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return mlp_half(blk, x)
+
+    def _peer_block(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """The whole block on ``x`` (lean executor at inference)."""
+        return block_forward(blk, x)
+
     def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
         """Features and trace. ``path`` forces ``"fast"`` (gather) or ``"masked"`` regardless of train/eval, for
         methods that have both (static-shape methods without a masked path ignore it)."""
@@ -116,6 +144,40 @@ class PeerMixin:
         return trace.keep.new_full((trace.keep.shape[0],), self._gmacs_cache[key], dtype=torch.float64)
 
 
+class RotaryPeer:
+    """A peer's block hooks on timm's ``Eva`` (EVA-02, DINOv3, RoPE ViTs, Perception Encoder): every patch token
+    carries its row of the rotary table, and a merged or fused token the weighted mean of its members' rows, the
+    rule TPC's pooled paused keys use (:func:`~tpcvit.layers.pool_rope`: a rotation is linear in its sin/cos rows).
+    One table shared by every block (per-block tables are refused by :func:`as_peer`)."""
+
+    def _peer_embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        check_images(self, images)
+        x, rope = self._pos_embed(self.patch_embed(images))
+        return self.norm_pre(x), None if rope is None else rope[None].expand(x.shape[0], -1, -1)
+
+    def _peer_attention(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None,
+                        key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = None if positions is None else positions[:, None]
+        return eva_attention_half(blk, x, rows, self.num_prefix_tokens, key_bias=key_bias)
+
+    def _peer_mlp(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return eva_mlp_half(blk, x)
+
+    def _peer_block(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        return blk(x, rope=None if positions is None else positions[:, None])
+
+
+def _check_rotary(model: nn.Module, method: str) -> None:
+    """A one-line error for what a peer cannot run on a timm ``Eva``."""
+    from ..layers import check_fixed_grid, check_timm_eva
+
+    check_timm_eva(model, method)
+    check_fixed_grid(model, method)  # peers size their budgets for one grid
+    if getattr(model, "rope_mixed", False):
+        raise ValueError(f"{method} carries one rotary row per token; this model has a table per block "
+                         "(rope_mixed): use a model with one shared table, or TPC (tpcvit.patch)")
+
+
 def as_peer(model: nn.Module, method: str, **knobs) -> nn.Module:
     """Give ``method`` (a peer: tome, evit, avit, idlevit, dynamicvit) to a timm ``VisionTransformer`` the user
     already has, in place (and return it): any size, patch, image size, register tokens, DINOv2 / CLIP / SigLIP
@@ -125,19 +187,28 @@ def as_peer(model: nn.Module, method: str, **knobs) -> nn.Module:
 
     Why: comparing TPC with ToMe or EViT on the model a user runs (``tpcvit bench --model vit_small_patch14_dinov2
     --methods dense,tpc-free@0.5,tome@0.5``) should not need a DeiT."""
+    from timm.models.eva import Eva
+
     from ..layers import check_timm_vit
-    from . import PEERS
+    from . import PEERS, ROTARY_PEERS
 
     if method not in PEERS:
         raise ValueError(f"unknown peer method {method!r}: one of {sorted(PEERS)}")
     if peer_modules(model):
         raise ValueError(f"this model already is a token-reduction peer ({type(model).__name__})")
-    cls = PEERS[method]
-    check_timm_vit(model, method)
+    if isinstance(model, Eva):  # rotary positions: the peers whose tokens can carry theirs
+        if method not in ROTARY_PEERS:
+            raise TypeError(f"{method} does not run on rotary-position models (timm Eva: EVA-02, DINOv3, RoPE ViTs) "
+                            f"yet; {', '.join(sorted(ROTARY_PEERS))} and TPC (tpcvit.patch) do")
+        cls = ROTARY_PEERS[method]
+        _check_rotary(model, method)
+    else:
+        cls = PEERS[method]
+        check_timm_vit(model, method)
     if cls.reads_class_token and getattr(model, "cls_token", None) is None:
         raise ValueError(f"{method} ranks tokens by the class token's attention: this model has no class token "
                          "(global_pool='avg' / 'map'); use tome or dynamicvit")
-    return convert_in_place(model, cls, cls.__name__.removesuffix("VisionTransformer"),
+    return convert_in_place(model, cls, cls.__name__.removesuffix("VisionTransformer").removesuffix("Eva"),
                             lambda m: m._setup_peer(**knobs))
 
 

@@ -17,8 +17,8 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import attention_half, block_forward, class_row_attention, embed_tokens, mlp_half
-from .common import PeerMixin, PeerTrace, create_peer, reduction_blocks
+from ..layers import class_row_attention
+from .common import PeerMixin, PeerTrace, RotaryPeer, create_peer, reduction_blocks
 
 
 def keep_topk_fuse(x: torch.Tensor, score: torch.Tensor, k: int, fuse: bool = True) -> torch.Tensor:
@@ -39,8 +39,9 @@ def keep_topk_fuse(x: torch.Tensor, score: torch.Tensor, k: int, fuse: bool = Tr
     return torch.cat([kept, fused], dim=1)
 
 
-class EViTVisionTransformer(PeerMixin, VisionTransformer):
-    """timm ``VisionTransformer`` with EViT's attentive-token selection and inattentive-token fusion."""
+class EViTPeer(PeerMixin):
+    """EViT's attentive-token selection and inattentive-token fusion, on any backbone the peer hooks run (a timm
+    ViT, or an Eva: kept tokens keep their rotary rows, the fused token gets their attention-weighted mean)."""
 
     method = "evit"
     reads_class_token = True
@@ -52,25 +53,37 @@ class EViTVisionTransformer(PeerMixin, VisionTransformer):
         self.evit_blocks = list(evit_blocks) if evit_blocks is not None else reduction_blocks(len(self.blocks))
         self._init_peer(keep_rate)
 
-    def _reorganise_block(self, blk, x: torch.Tensor) -> torch.Tensor:
+    def _reorganise_block(self, blk, x: torch.Tensor, positions: torch.Tensor | None):
         """Attention, then keep the top tokens by the class token's attention and fuse the rest, then the MLP on the
         reduced set (the lean executor at inference, timm's modules in training)."""
         p = self.num_prefix_tokens
         keep = math.ceil(self.budget * (x.shape[1] - p))
-        x, q, k = attention_half(blk, x)
+        x, q, k = self._peer_attention(blk, x, positions)
         cls_attn = class_row_attention(q, k)[:, p:]  # [B, n]: the class row alone, not the whole map
         x = torch.cat([x[:, :p], keep_topk_fuse(x[:, p:], cls_attn, keep, self.fuse_token)], dim=1)
-        return mlp_half(blk, x)
+        if positions is not None:
+            positions = keep_topk_fuse(positions, cls_attn.to(positions.dtype), keep, self.fuse_token)
+        return self._peer_mlp(blk, x), positions
 
     def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
-        x = embed_tokens(self, x)
+        x, positions = self._peer_embed(x)
         n, p = self.patch_embed.num_patches, self.num_prefix_tokens
         keep = []
         for i, blk in enumerate(self.blocks):
             keep.append((x.shape[1] - p) / n)
-            x = self._reorganise_block(blk, x) if i in self.evit_blocks and self.budget < 1.0 else block_forward(blk, x)
+            if i in self.evit_blocks and self.budget < 1.0:
+                x, positions = self._reorganise_block(blk, x, positions)
+            else:
+                x = self._peer_block(blk, x, positions)
         return self.norm(x), PeerTrace(keep=x.new_tensor(keep).expand(x.shape[0], -1))
 
+
+class EViTVisionTransformer(EViTPeer, VisionTransformer):
+    """timm ``VisionTransformer`` with EViT's attentive-token selection and inattentive-token fusion."""
+
+
+class EViTEva(RotaryPeer, EViTPeer):
+    """EViT on a timm ``Eva`` (converted in place by :func:`~tpcvit.baselines.as_peer`)."""
 
 
 @register_model

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import attention_half, embed_tokens, mlp_half
-from .common import PeerMixin, PeerTrace, create_peer
+from .common import PeerMixin, PeerTrace, RotaryPeer, create_peer
 
 
 @dataclass
@@ -73,8 +72,9 @@ def merge_schedule(r: float, blocks: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(blocks)]
 
 
-class ToMeVisionTransformer(PeerMixin, VisionTransformer):
-    """timm ``VisionTransformer`` with ToMe token merging in every block."""
+class ToMePeer(PeerMixin):
+    """ToMe token merging in every block, on any backbone the peer hooks run (a timm ViT, or an Eva: a merged
+    token's rotary rows are the size-weighted mean of its members', :class:`RotaryPeer`)."""
 
     method = "tome"
     budget_raises_compute = False
@@ -84,27 +84,37 @@ class ToMeVisionTransformer(PeerMixin, VisionTransformer):
         self.budget_bounds = (0.0, n / 2)
         self._init_peer(tome_r)
 
-    def _block(self, blk, x: torch.Tensor, size: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block(self, blk, x: torch.Tensor, size: torch.Tensor, r: int, positions: torch.Tensor | None):
         p = self.num_prefix_tokens
         bias = size.squeeze(-1).log()[:, None, None, :]  # proportional attention
         # timm's modules in training; at inference the lean executor TPC's blocks run on (same result)
-        x, _, k = attention_half(blk, x, bias)
-        if r > 0:
+        x, _, k = self._peer_attention(blk, x, positions, bias)
+        if r > 0:  # the metric: the keys attention compares (rotated, on a rotary model)
             plan = bipartite_plan(k[:, :, p:].mean(dim=1), r)
             patches, psize = merge_weighted(x[:, p:], size[:, p:], plan)
+            if positions is not None:
+                positions = merge_weighted(positions, size[:, p:].to(positions.dtype), plan)[0]
             x, size = torch.cat([x[:, :p], patches], dim=1), torch.cat([size[:, :p], psize], dim=1)
-        return mlp_half(blk, x), size
+        return self._peer_mlp(blk, x), size, positions
 
     def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
-        x = embed_tokens(self, x)
+        x, positions = self._peer_embed(x)
         b, t, _ = x.shape
         n, p = self.patch_embed.num_patches, self.num_prefix_tokens
         size = x.new_ones(b, t, 1)
         keep = []
         for blk, r in zip(self.blocks, merge_schedule(self.budget, len(self.blocks))):
             keep.append((x.shape[1] - p) / n)
-            x, size = self._block(blk, x, size, r)
+            x, size, positions = self._block(blk, x, size, r, positions)
         return self.norm(x), PeerTrace(keep=x.new_tensor(keep).expand(b, -1))
+
+
+class ToMeVisionTransformer(ToMePeer, VisionTransformer):
+    """timm ``VisionTransformer`` with ToMe token merging in every block."""
+
+
+class ToMeEva(RotaryPeer, ToMePeer):
+    """ToMe on a timm ``Eva`` (converted in place by :func:`~tpcvit.baselines.as_peer`)."""
 
 
 
@@ -126,4 +136,5 @@ def tome_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> ToMeVision
     return create_peer(ToMeVisionTransformer, "base", pretrained, kwargs)
 
 
-__all__ = ["MergePlan", "ToMeVisionTransformer", "bipartite_plan", "merge_schedule", "merge_weighted"]
+__all__ = ["MergePlan", "ToMeEva", "ToMePeer", "ToMeVisionTransformer", "bipartite_plan", "merge_schedule",
+           "merge_weighted"]

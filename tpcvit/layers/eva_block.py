@@ -109,18 +109,18 @@ def eva_keys_values(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return attn.k_norm(k), v
 
 
-def eva_context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, rope_tokens: torch.Tensor | None,
-                      rope_context: torch.Tensor | None, num_prefix: int, class_attention: bool = False,
-                      key_bias: torch.Tensor | None = None):
-    """A timm ``EvaBlock`` updating ``tokens`` ``[B, n, D]`` while attending to ``context`` ``[B, T, D]`` (paused
-    keys: the whole buffer, paused tokens with their frozen features). Same math as ``EvaBlock.forward`` on the full
-    sequence, restricted to the rows of ``tokens``; ``rope_tokens`` / ``rope_context``: the tables of their patch
-    tokens (:func:`rope_rows`). ``class_attention=True`` also returns the class token's attention over every key
-    times their number (``[B, T]``; the mean query stands in without a class token), as
-    :func:`~tpcvit.layers.context_block` does."""
+def eva_attention_half(blk: nn.Module, tokens: torch.Tensor, rope_tokens: torch.Tensor | None, num_prefix: int,
+                       context: torch.Tensor | None = None, rope_context: torch.Tensor | None = None,
+                       key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention half of a timm ``EvaBlock``: ``(tokens + attention output, q, k)``, q and k rotated
+    (``[B, H, n or T, Dh]``, grouped kv heads repeated). ``tokens`` ``[B, n, D]`` query ``context`` ``[B, T, D]``
+    (default: themselves); ``rope_tokens`` / ``rope_context``: the rotary rows of their patch tokens
+    (:func:`rope_rows`; per image ``[B, 1 or heads, n, C]`` or the model's table). Follow with :func:`eva_mlp_half`.
+    For methods that change the tokens between attention and MLP (the peers) and for :func:`eva_context_block`."""
     attn = blk.attn
     b, n, _ = tokens.shape
-    t = context.shape[1]
+    if context is None:
+        context, rope_context = tokens, rope_tokens
     half = getattr(attn, "rotate_half", False)
     normed = blk.norm1(tokens)
     normed_context = normed if context is tokens else blk.norm1(context)
@@ -131,16 +131,34 @@ def eva_context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tenso
     if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads (timm's order)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
-    row = None
-    if class_attention:
-        query = q[:, :, :1] if num_prefix else eva_queries(attn, normed_context.mean(dim=1, keepdim=True))
-        row = class_row_attention(query, k, key_bias) * t
-    del q, k, v
+    del v
     o = attn.norm(o.transpose(1, 2).reshape(b, n, -1))
     if getattr(attn, "gate", None) is not None:
         o = o * attn.gate(normed).sigmoid()
     o = attn.proj_drop(attn.proj(o))
-    tokens = tokens + blk.drop_path1(o if blk.gamma_1 is None else blk.gamma_1 * o)
-    m = blk.mlp(blk.norm2(tokens))
-    out = tokens + blk.drop_path2(m if blk.gamma_2 is None else blk.gamma_2 * m)
+    return tokens + blk.drop_path1(o if blk.gamma_1 is None else blk.gamma_1 * o), q, k
+
+
+def eva_mlp_half(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP half of a timm ``EvaBlock`` (``x + mlp(norm2(x))``, LayerScale and drop path as timm's)."""
+    m = blk.mlp(blk.norm2(x))
+    return x + blk.drop_path2(m if blk.gamma_2 is None else blk.gamma_2 * m)
+
+
+def eva_context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, rope_tokens: torch.Tensor | None,
+                      rope_context: torch.Tensor | None, num_prefix: int, class_attention: bool = False,
+                      key_bias: torch.Tensor | None = None):
+    """A timm ``EvaBlock`` updating ``tokens`` ``[B, n, D]`` while attending to ``context`` ``[B, T, D]`` (paused
+    keys: the whole buffer, paused tokens with their frozen features). Same math as ``EvaBlock.forward`` on the full
+    sequence, restricted to the rows of ``tokens``; ``rope_tokens`` / ``rope_context``: the tables of their patch
+    tokens (:func:`rope_rows`). ``class_attention=True`` also returns the class token's attention over every key
+    times their number (``[B, T]``; the mean query stands in without a class token), as
+    :func:`~tpcvit.layers.context_block` does."""
+    out, q, k = eva_attention_half(blk, tokens, rope_tokens, num_prefix, context, rope_context, key_bias)
+    row = None
+    if class_attention:
+        query = q[:, :, :1] if num_prefix else eva_queries(blk.attn, blk.norm1(context).mean(dim=1, keepdim=True))
+        row = class_row_attention(query, k, key_bias) * context.shape[1]
+    del q, k  # freed before the MLP, as in timm's block
+    out = eva_mlp_half(blk, out)
     return out if row is None else (out, row)
