@@ -1,6 +1,8 @@
 """What every peer method shares: its trace, its single budget knob, and the hooks the engine and harness use.
 
-A peer is a timm ``VisionTransformer`` subclass (so a dense timm/DeiT checkpoint loads unchanged) that exposes
+A peer is a timm ``VisionTransformer`` subclass (so a dense timm/DeiT checkpoint loads unchanged; ToMe and EViT also
+come as timm ``Eva`` ones, :class:`RotaryPeer`: the family hooks ``_peer_*`` say how the backbone's blocks run) that
+exposes
 
 - ``forward_with_trace(x) -> (logits, PeerTrace)`` and ``forward(x, return_trace=False)``;
 - ``budget`` with ``set_budget(value)``, ``budget_bounds`` and ``budget_raises_compute`` (the direction), so the
