@@ -758,3 +758,22 @@ def test_evidence_stopped_while_training_the_dense_backbone_keeps_it_resumable_f
     assert epochs == [1, 2, 3, 4]
     kept = [weights_digest(root / "kept" / "dense.safetensors") for root in (stopped, clean)]
     assert kept[0] == kept[1]  # exactly the weights of the run that was never stopped
+
+
+def test_an_interrupt_inside_a_progress_bar_still_ends_in_one_line(tmp_path):
+    """Ctrl-C while tqdm builds a bar (seen when a job is stopped as an evaluation starts) leaves a half-built bar
+    whose finalizer fails at exit; the user sees the one interrupt line, exit 130, no traceback."""
+    script = tmp_path / "interrupt.py"
+    script.write_text(
+        "import sys\n"
+        "from tpcvit import cli\n"
+        "def run(args):\n"
+        "    from tqdm import tqdm\n"
+        "    def interrupted(*a, **k):\n"
+        "        raise KeyboardInterrupt\n"
+        "    tqdm._get_free_pos = interrupted  # inside tqdm's constructor, as a SIGINT can land\n"
+        "    tqdm(range(3))\n"
+        "cli._run_command = run\n"
+        "sys.exit(cli.main(['bench']))\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 130 and "interrupted" in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted; finished checkpoints are kept (tpcvit train ... --resume continues)",
               file=sys.stderr)
+        # an interrupt inside a progress bar's constructor leaves a half-built bar whose finalizer fails at exit
+        # ("Exception ignored ... Traceback"): the one line above already said what happened
+        sys.unraisablehook = lambda _unraisable: None
         return 130
     except FloatingPointError as err:  # training diverged (its message names the step and the fix)
         print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
