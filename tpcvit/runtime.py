@@ -161,14 +161,8 @@ class TPCRuntime:
         def wants_score(controlled: int, last: bool) -> bool:  # the class attention feeds the next decision only
             return attention and (last or policy.decides(controlled + 1))
 
-        stop = max(taps) if stop_early and taps else None
-
-        def done() -> bool:
-            return stop is not None and g > stop
-
-        def tap(x: torch.Tensor) -> None:  # after block g - 1 (a copy: inference writes the buffer in place)
-            if taps is not None and g - 1 in taps:
-                taps[g - 1] = x.clone()
+        # the last block to run: every block, or (stop_early) the last tapped one
+        last = max(taps) if stop_early and taps else float("inf")
 
         props, g = [], 0
         for s, stage in enumerate(stages):
@@ -184,7 +178,7 @@ class TPCRuntime:
             keeps_all = forced is None and not with_trace and not self.training and policy.keeps_every_token(
                 prop.num_patches, range(max(g, cfg.start_layer) - cfg.start_layer, g + len(blocks) - cfg.start_layer),
                 cfg.target_keep)
-            while j < len(blocks) and not done():
+            while j < len(blocks) and g <= last:
                 if str(g) in self.stabilizers:
                     x = self._tpc_restore(self.stabilizers[str(g)](self._tpc_tokens(x)[0], prefix, grid), x)
                 if policy.mode == "dense" or g < cfg.start_layer or keeps_all:
@@ -192,8 +186,9 @@ class TPCRuntime:
                                                       attention and not keeps_all and g == cfg.start_layer - 1, rope(g))
                     score = seeded if seeded is not None else score
                     prop.dense_block()
+                    if taps and g in taps:  # a copy: inference writes the buffer in place
+                        taps[g] = x.clone()
                     j, g = j + 1, g + 1
-                    tap(x)
                     continue
 
                 if forced is None and not policy.decides(controlled):  # a run cut by a stabilizer: reuse
@@ -219,9 +214,10 @@ class TPCRuntime:
                 x, seen = self._tpc_run_group(blocks[j:j + len(run)], x, run)
                 score = seen if seen is not None else score
                 j, g, controlled = j + len(run), g + len(run), controlled + len(run)
-                tap(x)
+                if taps and g - 1 in taps:  # the run's last block (a tapped block ends its run)
+                    taps[g - 1] = x.clone()
             props.append(prop)
-            if done():
+            if g > last:
                 break
         return self._tpc_finish(x, props, with_trace)
 
