@@ -190,6 +190,16 @@ def pool_paused(patches: torch.Tensor, paused: torch.Tensor, grid: tuple[int, in
     return sums.flatten(2).transpose(1, 2) / counts.clamp_min(1e-6)[..., None], counts
 
 
+def spread_paused(patches: torch.Tensor, paused: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+    """The masked path of :func:`pool_paused`: ``patches`` ``[B, N, D]`` with every paused row (``paused`` ``[B, N]``
+    in [0, 1]) replaced by its window's pooled mean. ``count`` equal rows seen as keys get the attention of one pooled
+    key with bias ``log(count)``, so this equals the pooled keys, computed on every token (differentiable in
+    ``paused``)."""
+    means, _ = pool_paused(patches, paused, grid, window)
+    spread = means.index_select(1, window_ids(tuple(grid), window, patches.device))
+    return patches + paused[..., None] * (spread - patches)
+
+
 @dataclass
 class PackedSelection:
     """Every active token of the batch in one flat list (no padding), plus the padded layout for attention.

@@ -21,9 +21,9 @@ import torch.nn as nn
 from ..layers import (
     attention_half,
     block_forward,
-    check_images,
     embed_tokens,
     eva_attention_half,
+    eva_embed,
     eva_mlp_half,
     image_geometry,
     mlp_half,
@@ -153,9 +153,8 @@ class RotaryPeer:
     One table shared by every block (per-block tables are refused by :func:`as_peer`)."""
 
     def _peer_embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        check_images(self, images)
-        x, rope = self._pos_embed(self.patch_embed(images))
-        return self.norm_pre(x), None if rope is None else rope[None].expand(x.shape[0], -1, -1)
+        x, rope = eva_embed(self, images)
+        return x, None if rope is None else rope[None].expand(x.shape[0], -1, -1)
 
     def _peer_attention(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None,
                         key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,10 +170,9 @@ class RotaryPeer:
 
 def _check_rotary(model: nn.Module, method: str) -> None:
     """A one-line error for what a peer cannot run on a timm ``Eva``."""
-    from ..layers import check_fixed_grid, check_timm_eva
+    from ..layers import check_timm_eva
 
-    check_timm_eva(model, method)
-    check_fixed_grid(model, method)  # peers size their budgets for one grid
+    check_timm_eva(model, method)  # (a fixed grid: peers size their budgets for one)
     if getattr(model, "rope_mixed", False):
         raise ValueError(f"{method} carries one rotary row per token; this model has a table per block "
                          "(rope_mixed): use a model with one shared table, or TPC (tpcvit.patch)")

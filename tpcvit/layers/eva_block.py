@@ -13,13 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..tokens import pool_paused, window_ids
+from ..tokens import pool_paused, spread_paused
 from ._timm import head_dim, rotate
-from .geometry import check_fixed_grid
+from .geometry import check_fixed_grid, check_images
 from .vit_block import class_row_attention
 
 
-def check_timm_eva(model: nn.Module, who: str) -> None:
+def check_timm_eva(model: nn.Module, who: str, dynamic_ok: bool = False) -> None:
     """A one-line error naming what an ``Eva`` model lacks for ``who`` (TPC's patch): a patch grid, no patch
     dropout, timm's pre-norm ``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``."""
     import timm.layers
@@ -27,7 +27,7 @@ def check_timm_eva(model: nn.Module, who: str) -> None:
 
     attentions = tuple(c for c in (EvaAttention, getattr(timm.layers, "AttentionRope", None)) if c is not None)
 
-    check_fixed_grid(model, who, dynamic_ok=True)  # the rotary tables follow each input's grid
+    check_fixed_grid(model, who, dynamic_ok)
     if getattr(model, "patch_drop", None) is not None:
         raise ValueError(f"{who} selects tokens itself: create the model with patch_drop_rate=0")
     other = sorted({f"{type(b).__name__}/{type(getattr(b, 'attn', None)).__name__}" for b in model.blocks
@@ -35,6 +35,15 @@ def check_timm_eva(model: nn.Module, who: str) -> None:
     if other:
         raise ValueError(f"blocks {other} are not timm's pre-norm EvaBlock with EvaAttention/AttentionRope: {who} "
                          "runs a block on a token selection through those parts")
+
+
+def eva_embed(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A timm ``Eva``'s tokens (patch embedding, prefix tokens, ``norm_pre``) and its rotary table (``None``
+    without one; per block ``[depth, heads, N, C]`` with ``rope_mixed``), as ``Eva.forward_features`` makes them,
+    with a clear error for images of the wrong shape."""
+    check_images(model, images)
+    x, rope = model._pos_embed(model.patch_embed(images))
+    return model.norm_pre(x), rope
 
 
 def rope_rows(rope: torch.Tensor | None, index: torch.Tensor | None, num_prefix: int) -> torch.Tensor | None:
@@ -48,24 +57,29 @@ def rope_rows(rope: torch.Tensor | None, index: torch.Tensor | None, num_prefix:
     return rows.unsqueeze(1) if rope.dim() == 2 else rows.transpose(0, 1)
 
 
+def _rows_per_token(rope: torch.Tensor, batch: int) -> torch.Tensor:
+    """A rotary table (``[N, C]`` or per head ``[heads, N, C]``) as one row per token ``[B, N, heads * C]``: what
+    token pooling works on."""
+    table = rope if rope.dim() == 3 else rope[None]
+    h, n, c = table.shape
+    return table.permute(1, 0, 2).reshape(1, n, h * c).expand(batch, n, h * c)
+
+
 def pool_rope(rope: torch.Tensor, paused: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
     """The rotation of each window's pooled paused key (``paused_key_pool``): the mean of its paused tokens' table
     rows ``[B, 1 or heads, W, C]``. A rotation is linear in its sin/cos table, so a key rotated by the mean rows is the
     mean of the key rotated by each paused token's own rows; with the pooled token's key in place of each token's
     (what pooling already assumes), that is the pooled key. ``paused`` ``[B, N]`` (bool or float states)."""
-    table = rope if rope.dim() == 3 else rope[None]  # [heads or 1, N, C]
-    h, n, c = table.shape
-    flat = table.permute(1, 0, 2).reshape(1, n, h * c).expand(paused.shape[0], n, h * c)
-    means, _ = pool_paused(flat, paused, grid, window)
-    return means.unflatten(2, (h, c)).transpose(1, 2)
+    means, _ = pool_paused(_rows_per_token(rope, paused.shape[0]), paused, grid, window)
+    return means.unflatten(2, (rope.shape[0] if rope.dim() == 3 else 1, rope.shape[-1])).transpose(1, 2)
 
 
 def spread_rope(rope: torch.Tensor, paused: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
     """Masked path of :func:`pool_rope`: every token's rows ``[B, 1 or heads, N, C]``, a paused token's (``paused``
-    ``[B, N]`` in [0, 1]) replaced by its window's pooled rows, as its features are by the window's mean."""
-    own = (rope if rope.dim() == 3 else rope[None])[None]
-    spread = pool_rope(rope, paused, grid, window).index_select(2, window_ids(tuple(grid), window, rope.device))
-    return own + paused[:, None, :, None] * (spread - own)
+    ``[B, N]`` in [0, 1]) replaced by its window's pooled rows, as its features are by the window's mean
+    (:func:`~tpcvit.tokens.spread_paused` on the table)."""
+    spread = spread_paused(_rows_per_token(rope, paused.shape[0]), paused, grid, window)
+    return spread.unflatten(2, (rope.shape[0] if rope.dim() == 3 else 1, rope.shape[-1])).transpose(1, 2)
 
 
 def _rotate(x: torch.Tensor, rope: torch.Tensor | None, num_prefix: int, half: bool, like: torch.Tensor):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers import check_images, check_timm_eva, eva_context_block, rope_rows
+from ..layers import check_timm_eva, eva_context_block, eva_embed, rope_rows
 from ..propagation import TokenTrace
 from .vit import TPCViT
 
@@ -34,15 +34,13 @@ class TPCEva(TPCViT):
 
     @staticmethod
     def check_backbone(model: nn.Module, who: str) -> None:
-        check_timm_eva(model, who)
+        check_timm_eva(model, who, dynamic_ok=True)  # the rotary tables follow each input's grid
 
     def _tpc_embed(self, x: torch.Tensor) -> torch.Tensor:
         return self._tpc_embed_positions(x)[0]
 
     def _tpc_embed_positions(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        check_images(self, x)
-        x, rope = self._pos_embed(self.patch_embed(x))
-        x = self.norm_pre(x)
+        x, rope = eva_embed(self, x)
         if rope is None:
             return x, None
         # depth-dependent RoPE: one [heads, N, C] table per block; else one [N, C] table shared by every block

@@ -44,6 +44,7 @@ from ..tokens import (
     select_active,
     select_packed,
     select_topk,
+    spread_paused,
     window_ids,
 )
 from ._builder import DEIT_SIZES, build_reducer, dense_name
@@ -157,11 +158,9 @@ class TPCViT(TPCRuntime):
         """Masked path of ``paused_key_pool``: the buffer with each paused token replaced by the mean of its
         window's paused tokens. ``count`` equal keys get the attention of one key with bias ``log(count)``, so
         this is the fast path's pooled keys, computed on every token (differentiable in the states)."""
-        prefix, window = self.num_prefix_tokens, self.tpc_cfg.paused_key_pool
-        paused = 1.0 - states.to(x.dtype)
-        means, _ = pool_paused(x[:, prefix:], paused, grid, window)
-        spread = means.index_select(1, window_ids(tuple(grid), window, x.device))
-        return torch.cat([x[:, :prefix], x[:, prefix:] + paused[..., None] * (spread - x[:, prefix:])], dim=1)
+        prefix, paused = self.num_prefix_tokens, 1.0 - states.to(x.dtype)
+        return torch.cat([x[:, :prefix], spread_paused(x[:, prefix:], paused, grid, self.tpc_cfg.paused_key_pool)],
+                         dim=1)
 
     @staticmethod
     def _pooled_bias(key_bias: torch.Tensor | None, n: int, counts: torch.Tensor) -> torch.Tensor:
