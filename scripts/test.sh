@@ -17,7 +17,8 @@ $OLD/bin/python -c "import tpcvit, timm; assert timm.__version__ == '1.0.17', ti
 $OLD/bin/python -m pytest -p no:cacheprovider tests/test_models.py tests/test_layers.py tests/test_peers.py tests/test_families.py \
   tests/test_flops_checkpoint.py tests/test_controller.py tests/test_patch.py
 # The unit tier first (seconds: fails fast on a broken core), then the slow pipeline tier; together the whole
-# suite. The slow tier lists its 10 slowest tests (CI must stay under 20 minutes: where the time goes); the last
-# summary line ("N passed, M skipped") closes the output.
+# suite. The slow tier is mostly single-threaded CLI subprocesses, so it runs one pytest-xdist worker per core (each
+# worker and its subprocesses on one thread: tests/conftest.py), which halves it on 2 cores; it lists its 10 slowest
+# tests (CI must stay under 20 minutes: where the time goes); the last summary line ("N passed") closes the output.
 $PY -m pytest -m "not slow" tests
-$PY -m pytest -m slow --durations=10 tests
+$PY -m pytest -m slow -n auto --maxprocesses 4 --durations=10 tests

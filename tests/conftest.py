@@ -11,7 +11,13 @@ import torch  # noqa: E402
 import tpcvit  # noqa: E402,F401
 import timm  # noqa: E402,I001
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (the slow tier runs one worker per core) each worker and every process it starts gets one
+# thread: two workers with two OpenMP threads each on two cores spin-wait and run several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # whole modules of the slow tier (subprocess CLI runs, training on real data, ONNX export); elsewhere single slow
 # tests carry @pytest.mark.slow. `pytest -m "not slow"` is the unit tier to run while editing (< 60 s).

@@ -343,8 +343,8 @@ def test_as_peer_errors_name_what_the_model_lacks():
         as_peer(timm.create_model("vit_small_patch16_224", **GRID), "evit").forward_intermediates(
             torch.randn(1, 3, 32, 32))
     rope = {"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2}
-    with pytest.raises(TypeError, match="rotary-position models .* evit, tome"):
-        as_peer(timm.create_model("vit_small_patch16_rope_224", **rope), "idlevit")
+    with pytest.raises(TypeError, match="rotary-position models .* evit, idlevit, tome"):
+        as_peer(timm.create_model("vit_small_patch16_rope_224", **rope), "dynamicvit")
     with pytest.raises(ValueError, match="rope_mixed"):  # one row per token, not one per block
         as_peer(timm.create_model("vit_small_patch16_rope_mixed_224", **rope), "tome")
     with pytest.raises(ValueError, match="dynamic_img_size=False"):
@@ -389,8 +389,9 @@ def _rotary(name, **kw):
 
 @pytest.mark.parametrize("variant", list(ROTARY))
 @pytest.mark.parametrize("method,off,on", [("tome", {"tome_r": 0}, {"tome_r": 6}),
-                                           ("evit", {"keep_rate": 1.0}, {"keep_rate": 0.5})])
-def test_tome_and_evit_run_on_rotary_models(variant, method, off, on, grid_images):
+                                           ("evit", {"keep_rate": 1.0}, {"keep_rate": 0.5}),
+                                           ("idlevit", {"keep_rate": 1.0}, {"keep_rate": 0.4})])
+def test_tome_evit_and_idlevit_run_on_rotary_models(variant, method, off, on, grid_images):
     """``as_peer`` on a timm Eva: with no reduction the original model's logits; with it, fewer GMACs and other
     logits (every patch token carries its rotary row through merges and fusions)."""
     from tpcvit.baselines import as_peer
@@ -437,6 +438,42 @@ def test_evit_on_a_rotary_model_keeps_each_kept_tokens_own_rotary_row(grid_image
         assert not torch.allclose(got, rest(rope[top.flip(1)][:, None]), atol=1e-4)  # the same rows, wrong tokens
 
 
+@pytest.mark.parametrize("variant", list(ROTARY))
+def test_idlevit_on_a_rotary_model_runs_each_selected_token_with_its_own_rotary_row(variant, grid_images):
+    """IdleViT on an Eva: the fast path (the selected tokens gathered with their rotary rows) equals the masked path
+    (every token with the whole table, idle keys masked); a block on the selection is timm's own EvaBlock on those
+    tokens and rows; and training (the token cut loss on the whole rotated attention map) back-propagates."""
+    from tpcvit.baselines import as_peer
+    from tpcvit.layers import eva_attend
+    from tpcvit.tokens import select_topk
+
+    name, kw = ROTARY[variant]
+    peer = as_peer(_rotary(name, **kw), "idlevit", keep_rate=0.4)
+    p, n = peer.num_prefix_tokens, peer.patch_embed.num_patches
+    with torch.no_grad():
+        fast, t_fast = peer.forward_with_trace(grid_images, path="fast")
+        masked, t_masked = peer.forward_with_trace(grid_images, path="masked")
+        assert torch.equal(t_fast.active, t_masked.active) and (t_fast.active[:, 1:] & ~t_fast.active[:, :-1]).any()
+        torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+        x, rows = peer._peer_embed(grid_images)
+        k = round(0.4 * n)
+        top = torch.randperm(n)[:k].expand(x.shape[0], -1)
+        index = select_topk(n, k, p, index=top).index
+        tokens = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+        own = rows.gather(1, top[..., None].expand(-1, -1, rows.shape[-1]))
+        ours = peer._peer_attend(peer.blocks[1], tokens, own)[0]
+        torch.testing.assert_close(ours, peer.blocks[1](tokens, rope=own[:, None]), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(ours, peer.blocks[1](tokens, rope=own.flip(1)[:, None]), atol=1e-4)
+        # the map the token cut reads is the block's own attention: its class row is the returned one
+        _, cls_attn, weights = eva_attend(peer.blocks[1], x, rows[:, None], p, need_weights=True)
+        torch.testing.assert_close(weights[:, :, 0].mean(dim=1), cls_attn)
+    peer.train()
+    logits, trace = peer.forward_with_trace(grid_images)
+    loss = logits.logsumexp(-1).mean() + peer.reduction_loss(trace, {})["total"]
+    loss.backward()
+    assert trace.extras["token_cut"] > 0 and peer.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
+
+
 def test_bench_compares_tpc_with_tome_and_evit_on_a_rotary_model_by_name():
     """``tpcvit bench --model vit_small_patch16_rope_224 --methods dense,tpc-free@0.5,tome@0.5,evit@0.5``: every
     method built on the Eva backbone, each matched to half the GMACs."""
@@ -445,9 +482,9 @@ def test_bench_compares_tpc_with_tome_and_evit_on_a_rotary_model_by_name():
 
     cfg = load_config(None, ["model.name=vit_small_patch16_rope_224", "model.kwargs={img_size: 32, patch_size: 4, "
                              "embed_dim: 48, depth: 4, num_heads: 2}"])
-    for spec in ("tome=6", "evit=0.5"):
+    for spec in ("tome=6", "evit=0.5", "idlevit=0.5"):
         model = build_variant(cfg, parse_spec(spec), 10, {})
-        assert type(model).__name__.startswith(("ToMe", "EViT")) and "Eva" in type(model).__name__
+        assert type(model).__name__.startswith(("ToMe", "EViT", "IdleViT")) and "Eva" in type(model).__name__
 
 
 def test_tome_on_a_rotary_model_merges_rotary_rows_with_the_tokens_plan(grid_images):

@@ -8,7 +8,7 @@ from .avit import AViTVisionTransformer
 from .common import PEER_METHODS, PeerMixin, PeerTrace, as_peer, peer_modules
 from .dynamicvit import DynamicViTVisionTransformer
 from .evit import EViTEva, EViTVisionTransformer
-from .idlevit import IdleViTVisionTransformer
+from .idlevit import IdleViTEva, IdleViTVisionTransformer
 from .tome import ToMeEva, ToMeVisionTransformer
 
 __all__ = ["PEER_METHODS", "AViTVisionTransformer", "DynamicViTVisionTransformer",
@@ -17,4 +17,4 @@ __all__ = ["PEER_METHODS", "AViTVisionTransformer", "DynamicViTVisionTransformer
 
 PEERS = {cls.method: cls for cls in (ToMeVisionTransformer, EViTVisionTransformer, AViTVisionTransformer,
                                      IdleViTVisionTransformer, DynamicViTVisionTransformer)}
-ROTARY_PEERS = {cls.method: cls for cls in (ToMeEva, EViTEva)}  # the peers that run on timm's Eva (as_peer)
+ROTARY_PEERS = {cls.method: cls for cls in (ToMeEva, EViTEva, IdleViTEva)}  # the peers that run on timm's Eva (as_peer)

@@ -1,8 +1,8 @@
 """What every peer method shares: its trace, its single budget knob, and the hooks the engine and harness use.
 
-A peer is a timm ``VisionTransformer`` subclass (so a dense timm/DeiT checkpoint loads unchanged; ToMe and EViT also
-come as timm ``Eva`` ones, :class:`RotaryPeer`: the family hooks ``_peer_*`` say how the backbone's blocks run) that
-exposes
+A peer is a timm ``VisionTransformer`` subclass (so a dense timm/DeiT checkpoint loads unchanged; ToMe, EViT and
+IdleViT also come as timm ``Eva`` ones, :class:`RotaryPeer`: the family hooks ``_peer_*`` say how the backbone's
+blocks run) that exposes
 
 - ``forward_with_trace(x) -> (logits, PeerTrace)`` and ``forward(x, return_trace=False)``;
 - ``budget`` with ``set_budget(value)``, ``budget_bounds`` and ``budget_raises_compute`` (the direction), so the
@@ -19,9 +19,11 @@ import torch
 import torch.nn as nn
 
 from ..layers import (
+    attend,
     attention_half,
     block_forward,
     embed_tokens,
+    eva_attend,
     eva_attention_half,
     eva_embed,
     eva_mlp_half,
@@ -97,6 +99,13 @@ class PeerMixin:
     def _peer_mlp(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return mlp_half(blk, x)
 
+    def _peer_attend(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None,
+                     key_bias: torch.Tensor | None = None, need_weights: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The whole block plus what selection methods read: ``(x_out, cls_attn [B, T], weights or None)``
+        (:func:`~tpcvit.layers.attend`)."""
+        return attend(blk, x, key_bias, need_weights)
+
     def _peer_block(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """The whole block on ``x`` (lean executor at inference)."""
         return block_forward(blk, x)
@@ -148,7 +157,8 @@ class PeerMixin:
 
 class RotaryPeer:
     """A peer's block hooks on timm's ``Eva`` (EVA-02, DINOv3, RoPE ViTs, Perception Encoder): every patch token
-    carries its row of the rotary table, and a merged or fused token the weighted mean of its members' rows, the
+    carries its row of the rotary table (a selected token its own row), and a merged or fused token the weighted
+    mean of its members' rows, the
     rule TPC's pooled paused keys use (:func:`~tpcvit.layers.pool_rope`: a rotation is linear in its sin/cos rows).
     One table shared by every block (per-block tables are refused by :func:`as_peer`)."""
 
@@ -163,6 +173,12 @@ class RotaryPeer:
 
     def _peer_mlp(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return eva_mlp_half(blk, x)
+
+    def _peer_attend(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None,
+                     key_bias: torch.Tensor | None = None, need_weights: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        rows = None if positions is None else positions[:, None]
+        return eva_attend(blk, x, rows, self.num_prefix_tokens, key_bias, need_weights)
 
     def _peer_block(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         return blk(x, rope=None if positions is None else positions[:, None])

@@ -24,9 +24,8 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import attend, block_forward, embed_tokens
 from ..tokens import masked_update, run_on_selection, select_topk
-from .common import PeerMixin, PeerTrace, create_peer, reduction_blocks
+from .common import PeerMixin, PeerTrace, RotaryPeer, create_peer, reduction_blocks
 
 
 def token_cut_loss(weights: torch.Tensor, visible: torch.Tensor, selected: torch.Tensor, num_prefix: int,
@@ -48,8 +47,9 @@ def token_cut_loss(weights: torch.Tensor, visible: torch.Tensor, selected: torch
     return (cut / (degree * s).sum(1).clamp_min(eps) + cut / (degree * i).sum(1).clamp_min(eps)).mean()
 
 
-class IdleViTVisionTransformer(PeerMixin, VisionTransformer):
-    """timm ``VisionTransformer`` whose blocks compute only the top-k tokens by class attention; the rest idle."""
+class IdleViTPeer(PeerMixin):
+    """Blocks compute only the top-k tokens by class attention, the rest idle; on any backbone the peer hooks run
+    (a timm ViT, or an Eva: each selected token attends with its own rotary row)."""
 
     method = "idlevit"
     reads_class_token = True
@@ -66,7 +66,7 @@ class IdleViTVisionTransformer(PeerMixin, VisionTransformer):
         self._init_peer(keep_rate)
 
     def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
-        x = embed_tokens(self, x)
+        x, positions = self._peer_embed(x)
         b, p, n = x.shape[0], self.num_prefix_tokens, self.patch_embed.num_patches
         fast = (not self.training) if path is None else path == "fast"
         k = max(1, min(n, round(self.budget * n)))
@@ -77,11 +77,11 @@ class IdleViTVisionTransformer(PeerMixin, VisionTransformer):
         score, last_map = None, None  # last_map: (attention weights, tokens that took part) for the token cut
         for i, blk in enumerate(self.blocks):
             if not reduce or i < self.idle_start - 1:
-                x = block_forward(blk, x)
+                x = self._peer_block(blk, x, positions)
                 actives.append(everyone)
                 continue
             if i == self.idle_start - 1:  # last dense block: its class attention seeds every score
-                x, cls_attn, w = attend(blk, x, need_weights=need_weights)
+                x, cls_attn, w = self._peer_attend(blk, x, positions, need_weights=need_weights)
                 score = (cls_attn[:, p:] * x.shape[1]).detach()
                 last_map = (w, everyone)
                 actives.append(everyone)
@@ -91,9 +91,12 @@ class IdleViTVisionTransformer(PeerMixin, VisionTransformer):
             if last_map is not None and last_map[0] is not None:
                 cuts.append(token_cut_loss(last_map[0], last_map[1], active, p))
             seen: dict[str, torch.Tensor | None] = {}
+            rows = positions  # rotary rows of the tokens the block runs on (fast path: the selected ones)
+            if fast and positions is not None:
+                rows = positions.gather(1, top[..., None].expand(-1, -1, positions.shape[-1]))
 
-            def run(tokens: torch.Tensor, mask: torch.Tensor | None, blk=blk, seen=seen) -> torch.Tensor:
-                out, seen["cls"], seen["w"] = attend(blk, tokens, mask, need_weights=need_weights)
+            def run(tokens: torch.Tensor, mask: torch.Tensor | None, blk=blk, seen=seen, rows=rows) -> torch.Tensor:
+                out, seen["cls"], seen["w"] = self._peer_attend(blk, tokens, rows, mask, need_weights)
                 return out
 
             if fast:
@@ -115,6 +118,14 @@ class IdleViTVisionTransformer(PeerMixin, VisionTransformer):
         return {"token_cut": cut, "total": self.token_cut_weight * cut}
 
 
+class IdleViTVisionTransformer(IdleViTPeer, VisionTransformer):
+    """timm ``VisionTransformer`` whose blocks compute only the top-k tokens by class attention; the rest idle."""
+
+
+class IdleViTEva(RotaryPeer, IdleViTPeer):
+    """IdleViT on a timm ``Eva`` (converted in place by :func:`~tpcvit.baselines.as_peer`)."""
+
+
 @register_model
 def idlevit_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> IdleViTVisionTransformer:
     """DeiT-Tiny with IdleViT token idling (``keep_rate``, ``idle_start``)."""
@@ -133,4 +144,4 @@ def idlevit_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> IdleViT
     return create_peer(IdleViTVisionTransformer, "base", pretrained, kwargs)
 
 
-__all__ = ["IdleViTVisionTransformer", "token_cut_loss"]
+__all__ = ["IdleViTEva", "IdleViTPeer", "IdleViTVisionTransformer", "token_cut_loss"]

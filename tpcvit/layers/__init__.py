@@ -3,6 +3,7 @@ on a token selection, attention parts, the controller head, the stabilizer, imag
 
 from .eva_block import (
     check_timm_eva,
+    eva_attend,
     eva_attention_half,
     eva_context_block,
     eva_embed,
@@ -39,7 +40,7 @@ from .vit_block import (
 __all__ = ["ControllerHead", "LeanDenseViT", "PlainBlock", "TokenGridStabilizer", "attend", "attention_half",
            "attention_output", "attention_parts", "block_forward", "block_rows", "check_fixed_grid", "check_images",
            "check_timm_eva", "check_timm_vit", "class_row_attention", "context_block", "context_rows", "dynamic_size",
-           "embed_tokens", "eva_attention_half", "eva_context_block", "eva_embed", "eva_mlp_half", "image_geometry",
-           "image_grid", "lean_dense", "mlp_half", "packed_block", "packed_selection_block", "plain_block",
-           "pool_rope", "rope_rows", "sparse_swin_block", "spread_rope", "supports_packing", "unwrap",
+           "embed_tokens", "eva_attend", "eva_attention_half", "eva_context_block", "eva_embed", "eva_mlp_half",
+           "image_geometry", "image_grid", "lean_dense", "mlp_half", "packed_block", "packed_selection_block",
+           "plain_block", "pool_rope", "rope_rows", "sparse_swin_block", "spread_rope", "supports_packing", "unwrap",
            "upsample_tokens", "window_attention_heads"]

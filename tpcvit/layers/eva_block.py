@@ -159,6 +159,23 @@ def eva_mlp_half(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + blk.drop_path2(m if blk.gamma_2 is None else blk.gamma_2 * m)
 
 
+def eva_attend(blk: nn.Module, x: torch.Tensor, rope_tokens: torch.Tensor | None, num_prefix: int,
+               key_bias: torch.Tensor | None = None, need_weights: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A timm ``EvaBlock`` on ``x`` ``[B, T, D]`` that also returns what selection methods read, as
+    :func:`~tpcvit.layers.attend` does for timm's ``Block``: ``(x_out, cls_attn [B, T], weights)``. The output
+    comes from fused attention; ``need_weights`` recomputes the whole map ``[B, H, T, T]`` from the rotated q and k
+    (for a loss on it: the same map, without attention dropout, which Eva models set to 0)."""
+    out, q, k = eva_attention_half(blk, x, rope_tokens, num_prefix, key_bias=key_bias)
+    cls_attn = class_row_attention(q, k, key_bias)
+    weights = None
+    if need_weights:
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        weights = (logits if key_bias is None else logits + key_bias).softmax(dim=-1)
+    del q, k
+    return eva_mlp_half(blk, out), cls_attn, weights
+
+
 def eva_context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, rope_tokens: torch.Tensor | None,
                       rope_context: torch.Tensor | None, num_prefix: int, class_attention: bool = False,
                       key_bias: torch.Tensor | None = None):
