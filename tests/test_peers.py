@@ -343,8 +343,8 @@ def test_as_peer_errors_name_what_the_model_lacks():
         as_peer(timm.create_model("vit_small_patch16_224", **GRID), "evit").forward_intermediates(
             torch.randn(1, 3, 32, 32))
     rope = {"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2}
-    with pytest.raises(TypeError, match="rotary-position models .* evit, idlevit, tome"):
-        as_peer(timm.create_model("vit_small_patch16_rope_224", **rope), "dynamicvit")
+    with pytest.raises(TypeError, match="rotary-position models .* dynamicvit, evit, idlevit, tome"):
+        as_peer(timm.create_model("vit_small_patch16_rope_224", **rope), "avit")
     with pytest.raises(ValueError, match="rope_mixed"):  # one row per token, not one per block
         as_peer(timm.create_model("vit_small_patch16_rope_mixed_224", **rope), "tome")
     with pytest.raises(ValueError, match="dynamic_img_size=False"):
@@ -390,8 +390,9 @@ def _rotary(name, **kw):
 @pytest.mark.parametrize("variant", list(ROTARY))
 @pytest.mark.parametrize("method,off,on", [("tome", {"tome_r": 0}, {"tome_r": 6}),
                                            ("evit", {"keep_rate": 1.0}, {"keep_rate": 0.5}),
-                                           ("idlevit", {"keep_rate": 1.0}, {"keep_rate": 0.4})])
-def test_tome_evit_and_idlevit_run_on_rotary_models(variant, method, off, on, grid_images):
+                                           ("idlevit", {"keep_rate": 1.0}, {"keep_rate": 0.4}),
+                                           ("dynamicvit", {"keep_rate": 1.0}, {"keep_rate": 0.6})])
+def test_peers_run_on_rotary_models(variant, method, off, on, grid_images):
     """``as_peer`` on a timm Eva: with no reduction the original model's logits; with it, fewer GMACs and other
     logits (every patch token carries its rotary row through merges and fusions)."""
     from tpcvit.baselines import as_peer
@@ -474,6 +475,28 @@ def test_idlevit_on_a_rotary_model_runs_each_selected_token_with_its_own_rotary_
     assert trace.extras["token_cut"] > 0 and peer.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("variant", list(ROTARY))
+def test_dynamicvit_on_a_rotary_model_keeps_each_kept_tokens_own_rotary_row(variant, grid_images):
+    """DynamicViT on an Eva: the fast path (dropped tokens removed, the kept ones with their rotary rows gathered)
+    gives the masked path's class token (every token with the whole table, dropped keys masked), and it trains
+    (straight-through keep decisions, keep-ratio loss) with gradients into its predictors."""
+    from tpcvit.baselines import as_peer
+
+    name, kw = ROTARY[variant]
+    peer = as_peer(_rotary(name, **kw), "dynamicvit", keep_rate=0.6)
+    with torch.no_grad():
+        fast, t_fast = peer._run(grid_images, path="fast")
+        masked, t_masked = peer._run(grid_images, path="masked")
+    assert torch.equal(t_fast.active, t_masked.active) and t_fast.active[:, -1].float().mean() < 0.5
+    torch.testing.assert_close(fast[:, 0], masked[:, 0], rtol=1e-4, atol=1e-5)
+    peer.train()
+    logits, trace = peer.forward_with_trace(grid_images)
+    loss = logits.logsumexp(-1).mean() + peer.reduction_loss(trace, {"alpha_budget": 2.0})["total"]
+    loss.backward()
+    assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in peer.reduction_parameters())
+    assert any(q.grad.abs().sum() > 0 for q in peer.reduction_parameters())
+
+
 def test_bench_compares_tpc_with_tome_and_evit_on_a_rotary_model_by_name():
     """``tpcvit bench --model vit_small_patch16_rope_224 --methods dense,tpc-free@0.5,tome@0.5,evit@0.5``: every
     method built on the Eva backbone, each matched to half the GMACs."""
@@ -482,9 +505,10 @@ def test_bench_compares_tpc_with_tome_and_evit_on_a_rotary_model_by_name():
 
     cfg = load_config(None, ["model.name=vit_small_patch16_rope_224", "model.kwargs={img_size: 32, patch_size: 4, "
                              "embed_dim: 48, depth: 4, num_heads: 2}"])
-    for spec in ("tome=6", "evit=0.5", "idlevit=0.5"):
+    for spec in ("tome=6", "evit=0.5", "idlevit=0.5", "dynamicvit=0.7"):
         model = build_variant(cfg, parse_spec(spec), 10, {})
-        assert type(model).__name__.startswith(("ToMe", "EViT", "IdleViT")) and "Eva" in type(model).__name__
+        assert type(model).__name__.startswith(("ToMe", "EViT", "IdleViT", "DynamicViT")) and "Eva" in type(
+            model).__name__
 
 
 def test_tome_on_a_rotary_model_merges_rotary_rows_with_the_tokens_plan(grid_images):

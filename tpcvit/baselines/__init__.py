@@ -6,7 +6,7 @@
 
 from .avit import AViTVisionTransformer
 from .common import PEER_METHODS, PeerMixin, PeerTrace, as_peer, peer_modules
-from .dynamicvit import DynamicViTVisionTransformer
+from .dynamicvit import DynamicViTEva, DynamicViTVisionTransformer
 from .evit import EViTEva, EViTVisionTransformer
 from .idlevit import IdleViTEva, IdleViTVisionTransformer
 from .tome import ToMeEva, ToMeVisionTransformer
@@ -17,4 +17,5 @@ __all__ = ["PEER_METHODS", "AViTVisionTransformer", "DynamicViTVisionTransformer
 
 PEERS = {cls.method: cls for cls in (ToMeVisionTransformer, EViTVisionTransformer, AViTVisionTransformer,
                                      IdleViTVisionTransformer, DynamicViTVisionTransformer)}
-ROTARY_PEERS = {cls.method: cls for cls in (ToMeEva, EViTEva, IdleViTEva)}  # the peers that run on timm's Eva (as_peer)
+# the peers that run on timm's Eva (as_peer)
+ROTARY_PEERS = {cls.method: cls for cls in (ToMeEva, EViTEva, IdleViTEva, DynamicViTEva)}

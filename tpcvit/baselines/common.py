@@ -1,8 +1,8 @@
 """What every peer method shares: its trace, its single budget knob, and the hooks the engine and harness use.
 
-A peer is a timm ``VisionTransformer`` subclass (so a dense timm/DeiT checkpoint loads unchanged; ToMe, EViT and
-IdleViT also come as timm ``Eva`` ones, :class:`RotaryPeer`: the family hooks ``_peer_*`` say how the backbone's
-blocks run) that exposes
+A peer is a timm ``VisionTransformer`` subclass (so a dense timm/DeiT checkpoint loads unchanged; ToMe, EViT,
+IdleViT and DynamicViT also come as timm ``Eva`` ones, :class:`RotaryPeer`: the family hooks ``_peer_*`` say how the
+backbone's blocks run) that exposes
 
 - ``forward_with_trace(x) -> (logits, PeerTrace)`` and ``forward(x, return_trace=False)``;
 - ``budget`` with ``set_budget(value)``, ``budget_bounds`` and ``budget_raises_compute`` (the direction), so the
@@ -106,9 +106,11 @@ class PeerMixin:
         (:func:`~tpcvit.layers.attend`)."""
         return attend(blk, x, key_bias, need_weights)
 
-    def _peer_block(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """The whole block on ``x`` (lean executor at inference)."""
-        return block_forward(blk, x)
+    def _peer_block(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None,
+                    key_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole block on ``x`` (lean executor at inference); ``key_bias`` ``[B, 1, 1, T]`` an additive key mask
+        (masked paths: dropped or idle tokens hidden as keys)."""
+        return block_forward(blk, x, key_bias)
 
     def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
         """Features and trace. ``path`` forces ``"fast"`` (gather) or ``"masked"`` regardless of train/eval, for
@@ -157,7 +159,7 @@ class PeerMixin:
 
 class RotaryPeer:
     """A peer's block hooks on timm's ``Eva`` (EVA-02, DINOv3, RoPE ViTs, Perception Encoder): every patch token
-    carries its row of the rotary table (a selected token its own row), and a merged or fused token the weighted
+    carries its row of the rotary table (a selected or kept token its own row), and a merged or fused token the weighted
     mean of its members' rows, the
     rule TPC's pooled paused keys use (:func:`~tpcvit.layers.pool_rope`: a rotation is linear in its sin/cos rows).
     One table shared by every block (per-block tables are refused by :func:`as_peer`)."""
@@ -180,8 +182,12 @@ class RotaryPeer:
         rows = None if positions is None else positions[:, None]
         return eva_attend(blk, x, rows, self.num_prefix_tokens, key_bias, need_weights)
 
-    def _peer_block(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        return blk(x, rope=None if positions is None else positions[:, None])
+    def _peer_block(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None,
+                    key_bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = None if positions is None else positions[:, None]
+        if key_bias is None:
+            return blk(x, rope=rows)
+        return eva_mlp_half(blk, eva_attention_half(blk, x, rows, self.num_prefix_tokens, key_bias=key_bias)[0])
 
 
 def _check_rotary(model: nn.Module, method: str) -> None:

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import block_forward, embed_tokens
 from ..tokens import masked_update
-from .common import PeerMixin, PeerTrace, create_peer, reduction_blocks
+from .common import PeerMixin, PeerTrace, RotaryPeer, create_peer, reduction_blocks
 
 
 class KeepPredictor(nn.Module):
@@ -48,8 +47,9 @@ class KeepPredictor(nn.Module):
         return self.head(torch.cat([local, glob.expand(-1, local.shape[1], -1)], dim=-1)).log_softmax(dim=-1)
 
 
-class DynamicViTVisionTransformer(PeerMixin, VisionTransformer):
-    """timm ``VisionTransformer`` with DynamicViT's learned, permanent, hierarchical token dropping."""
+class DynamicViTPeer(PeerMixin):
+    """DynamicViT's learned, permanent, hierarchical token dropping, on any backbone the peer hooks run (a timm ViT,
+    or an Eva: each kept token keeps its own rotary row)."""
 
     method = "dynamicvit"
     added_modules = ("predictors",)
@@ -68,7 +68,7 @@ class DynamicViTVisionTransformer(PeerMixin, VisionTransformer):
         return max(1, min(n, round(self.budget ** stage * n)))
 
     def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
-        x = embed_tokens(self, x)
+        x, positions = self._peer_embed(x)
         b, p, n = x.shape[0], self.num_prefix_tokens, self.patch_embed.num_patches
         fast = (not self.training) if path is None else path == "fast"
         sample = self.training and not fast
@@ -87,6 +87,8 @@ class DynamicViTVisionTransformer(PeerMixin, VisionTransformer):
                         patches = x[:, p:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
                         x = torch.cat([x[:, :p], patches], dim=1)
                         alive = alive.gather(1, keep)
+                        if positions is not None:
+                            positions = positions.gather(1, keep[..., None].expand(-1, -1, positions.shape[-1]))
                 else:
                     logp = self.predictors[stage](x[:, p:], policy)
                     if sample:
@@ -97,10 +99,11 @@ class DynamicViTVisionTransformer(PeerMixin, VisionTransformer):
                         policy = torch.zeros_like(policy).scatter_(1, top, 1.0) * policy
                     ratios.append(policy.mean(dim=1))
             if fast:
-                x = block_forward(blk, x)
+                x = self._peer_block(blk, x, positions)
                 actives.append(torch.zeros(b, n, dtype=torch.bool, device=x.device).scatter_(1, alive, True))
             else:
-                x = masked_update(lambda t, m, blk=blk: block_forward(blk, t, m), x, policy, p)
+                x = masked_update(lambda t, m, blk=blk, rows=positions: self._peer_block(blk, t, rows, m),
+                                  x, policy, p)
                 actives.append(policy.detach() > 0.5)
         active = torch.stack(actives, dim=1)
         extras = {"kept_share": torch.stack(ratios, dim=1) if ratios else x.new_zeros(b, 0)}
@@ -118,6 +121,14 @@ class DynamicViTVisionTransformer(PeerMixin, VisionTransformer):
         targets = kept.new_tensor([self.budget ** (s + 1) for s in range(kept.shape[1])])
         ratio = ((kept - targets) ** 2).mean()
         return {"ratio": ratio, "total": train_cfg["alpha_budget"] * ratio}
+
+
+class DynamicViTVisionTransformer(DynamicViTPeer, VisionTransformer):
+    """timm ``VisionTransformer`` with DynamicViT's learned, permanent, hierarchical token dropping."""
+
+
+class DynamicViTEva(RotaryPeer, DynamicViTPeer):
+    """DynamicViT on a timm ``Eva`` (converted in place by :func:`~tpcvit.baselines.as_peer`)."""
 
 
 @register_model
@@ -138,4 +149,4 @@ def dynamicvit_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> Dyna
     return create_peer(DynamicViTVisionTransformer, "base", pretrained, kwargs)
 
 
-__all__ = ["DynamicViTVisionTransformer", "KeepPredictor"]
+__all__ = ["DynamicViTEva", "DynamicViTPeer", "DynamicViTVisionTransformer", "KeepPredictor"]
