@@ -343,8 +343,6 @@ def test_as_peer_errors_name_what_the_model_lacks():
         as_peer(timm.create_model("vit_small_patch16_224", **GRID), "evit").forward_intermediates(
             torch.randn(1, 3, 32, 32))
     rope = {"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2}
-    with pytest.raises(TypeError, match="rotary-position models .* dynamicvit, evit, idlevit, tome"):
-        as_peer(timm.create_model("vit_small_patch16_rope_224", **rope), "avit")
     with pytest.raises(ValueError, match="rope_mixed"):  # one row per token, not one per block
         as_peer(timm.create_model("vit_small_patch16_rope_mixed_224", **rope), "tome")
     with pytest.raises(ValueError, match="dynamic_img_size=False"):
@@ -495,6 +493,37 @@ def test_dynamicvit_on_a_rotary_model_keeps_each_kept_tokens_own_rotary_row(vari
     loss.backward()
     assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in peer.reduction_parameters())
     assert any(q.grad.abs().sum() > 0 for q in peer.reduction_parameters())
+
+
+@pytest.mark.parametrize("variant", list(ROTARY))
+def test_avit_on_a_rotary_model_halts_tokens_that_keep_their_rotary_rows(variant, grid_images):
+    """A-ViT on an Eva: never halting, the original logits; halting, the gathered path (each image's running
+    tokens, padded to the batch, with their rotary rows) equals the masked path and an image alone, tokens halt for
+    good, and the per-image GMACs of the trace are what the FLOP counter counts."""
+    from tpcvit.baselines import as_peer
+
+    name, kw = ROTARY[variant]
+    original = _rotary(name, **kw)
+    peer = as_peer(_rotary(name, **kw), "avit", halt_threshold=4.0)  # 4 blocks: nothing halts before the last
+    with torch.no_grad():
+        torch.testing.assert_close(peer(grid_images), original(grid_images), rtol=1e-5, atol=1e-5)
+        torch.nn.init.normal_(peer.halting.weight, std=0.5)  # trained-like halting: scores differ per token
+        torch.nn.init.constant_(peer.halting.bias, -1.0)
+        peer.set_budget(0.6)
+        fast, t_fast = peer._run(grid_images, path="fast")
+        masked, t_masked = peer._run(grid_images, path="masked")
+        alone, _ = peer._run(grid_images[:1], path="fast")
+    a = t_fast.active
+    assert torch.equal(a, t_masked.active) and 0.2 < a.float().mean() < 0.95 and (a[:, 1:] <= a[:, :-1]).all()
+    assert a[:, 1].sum(dim=1).unique().numel() > 1  # images differ: the batch ran padded
+    running = a[:, -1, :, None]  # the tokens the last block ran: the same features on both paths
+    p = peer.num_prefix_tokens
+    torch.testing.assert_close(fast[:, :p], masked[:, :p], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast[:, p:] * running, masked[:, p:] * running, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone, fast[:1], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        _, trace = peer.forward_with_trace(grid_images)
+    assert peer.gmacs_per_image(trace).mean().item() == pytest.approx(count_gmacs(peer, grid_images), rel=0.01)
 
 
 def test_bench_compares_tpc_with_tome_and_evit_on_a_rotary_model_by_name():

@@ -4,7 +4,7 @@
 ``dynamicvit_deit_*`` in timm's registry; :func:`as_peer` gives any of them to a timm ViT the user already has.
 """
 
-from .avit import AViTVisionTransformer
+from .avit import AViTEva, AViTVisionTransformer
 from .common import PEER_METHODS, PeerMixin, PeerTrace, as_peer, peer_modules
 from .dynamicvit import DynamicViTEva, DynamicViTVisionTransformer
 from .evit import EViTEva, EViTVisionTransformer
@@ -18,4 +18,4 @@ __all__ = ["PEER_METHODS", "AViTVisionTransformer", "DynamicViTVisionTransformer
 PEERS = {cls.method: cls for cls in (ToMeVisionTransformer, EViTVisionTransformer, AViTVisionTransformer,
                                      IdleViTVisionTransformer, DynamicViTVisionTransformer)}
 # the peers that run on timm's Eva (as_peer)
-ROTARY_PEERS = {cls.method: cls for cls in (ToMeEva, EViTEva, IdleViTEva, DynamicViTEva)}
+ROTARY_PEERS = {cls.method: cls for cls in (ToMeEva, EViTEva, AViTEva, IdleViTEva, DynamicViTEva)}

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import block_forward, embed_tokens, packed_block, supports_packing
+from ..layers import packed_block, supports_packing
 from ..tokens import masked_update, run_on_selection, select_active
-from .common import PeerMixin, PeerTrace, create_peer
+from .common import PeerMixin, PeerTrace, RotaryPeer, create_peer
 
 
 def halting_step(
@@ -51,8 +51,9 @@ def gaussian_prior(depth: int, mean: float, std: float, device=None) -> torch.Te
     return p / p.sum()
 
 
-class AViTVisionTransformer(PeerMixin, VisionTransformer):
-    """timm ``VisionTransformer`` with per-token adaptive halting (no restart)."""
+class AViTPeer(PeerMixin):
+    """Per-token adaptive halting (no restart), on any backbone the peer hooks run (a timm ViT, or an Eva: each
+    running token attends with its own rotary row)."""
 
     method = "avit"
     adaptive = True
@@ -85,7 +86,7 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
         return torch.sigmoid(self.halting(normed).squeeze(-1).float())
 
     def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
-        x = embed_tokens(self, x)
+        x, positions = self._peer_embed(x)
         b, p, n = x.shape[0], self.num_prefix_tokens, self.patch_embed.num_patches
         fast = (not self.training) if path is None else path == "fast"
         cum = x.new_zeros(b, n, dtype=torch.float32)
@@ -94,16 +95,18 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
         depth = len(self.blocks)
         for i, blk in enumerate(self.blocks):
             actives.append(running)
-
-            def run(tokens: torch.Tensor, mask: torch.Tensor | None, blk=blk) -> torch.Tensor:
-                return block_forward(blk, tokens, mask)
-
             if not fast:
-                x = masked_update(run, x, running.to(x.dtype), p)
-            elif b > 1 and supports_packing(blk):
+                x = masked_update(lambda t, m, blk=blk: self._peer_block(blk, t, positions, m), x,
+                                  running.to(x.dtype), p)
+            elif b > 1 and positions is None and supports_packing(blk):
                 x = packed_block(blk, x, running, p)
             else:
-                x = run_on_selection(run, x, select_active(running, p, x.dtype))
+                sel = select_active(running, p, x.dtype)
+                rows = positions  # the running tokens' rotary rows (padding slots: the image's own halted tokens)
+                if positions is not None and not sel.full:
+                    patches = sel.index[:, p:] - p
+                    rows = positions.gather(1, patches[..., None].expand(-1, -1, positions.shape[-1]))
+                x = run_on_selection(lambda t, m, blk=blk, rows=rows: self._peer_block(blk, t, rows, m), x, sel)
             last = i == depth - 1
             h = x.new_ones(b, n, dtype=torch.float32) if last else self._halt_scores(x)
             cum_before = cum
@@ -134,7 +137,15 @@ class AViTVisionTransformer(PeerMixin, VisionTransformer):
 
         n, dim = self.patch_embed.num_patches, self.embed_dim
         heads = (len(self.blocks) - 1) * n * dim  # halting head on every patch token after each block but the last
-        return vit_gmacs_from_counts(self, trace.active.sum(dim=2), extra_macs=heads)
+        return vit_gmacs_from_counts(self, trace.active.sum(dim=2), extra_macs=heads, head_macs=self._peer_head_macs())
+
+
+class AViTVisionTransformer(AViTPeer, VisionTransformer):
+    """timm ``VisionTransformer`` with per-token adaptive halting (no restart)."""
+
+
+class AViTEva(RotaryPeer, AViTPeer):
+    """A-ViT on a timm ``Eva`` (converted in place by :func:`~tpcvit.baselines.as_peer`)."""
 
 
 

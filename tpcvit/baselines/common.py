@@ -1,8 +1,8 @@
 """What every peer method shares: its trace, its single budget knob, and the hooks the engine and harness use.
 
-A peer is a timm ``VisionTransformer`` subclass (so a dense timm/DeiT checkpoint loads unchanged; ToMe, EViT,
-IdleViT and DynamicViT also come as timm ``Eva`` ones, :class:`RotaryPeer`: the family hooks ``_peer_*`` say how the
-backbone's blocks run) that exposes
+A peer is a timm ``VisionTransformer`` subclass (so a dense timm/DeiT checkpoint loads unchanged; every peer also
+comes as a timm ``Eva`` one, :class:`RotaryPeer`: the family hooks ``_peer_*`` say how the backbone's blocks run)
+that exposes
 
 - ``forward_with_trace(x) -> (logits, PeerTrace)`` and ``forward(x, return_trace=False)``;
 - ``budget`` with ``set_budget(value)``, ``budget_bounds`` and ``budget_raises_compute`` (the direction), so the
@@ -112,6 +112,10 @@ class PeerMixin:
         (masked paths: dropped or idle tokens hidden as keys)."""
         return block_forward(blk, x, key_bias)
 
+    def _peer_head_macs(self) -> float | None:
+        """MACs of the head on the final tokens for per-image GMACs counts (``None``: one linear per head)."""
+        return None
+
     def _run(self, x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, PeerTrace]:
         """Features and trace. ``path`` forces ``"fast"`` (gather) or ``"masked"`` regardless of train/eval, for
         methods that have both (static-shape methods without a masked path ignore it)."""
@@ -182,6 +186,16 @@ class RotaryPeer:
         rows = None if positions is None else positions[:, None]
         return eva_attend(blk, x, rows, self.num_prefix_tokens, key_bias, need_weights)
 
+    def _peer_head_macs(self) -> float | None:
+        from ..flops import count_flops
+
+        if ("head",) not in self._gmacs_cache:  # pooling, attention pool, norm, classifier: counted once
+            param = next(self.parameters())
+            feats = torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, self.embed_dim,
+                                device=param.device, dtype=param.dtype)
+            self._gmacs_cache[("head",)] = count_flops(self.forward_head, feats) / 2
+        return self._gmacs_cache[("head",)]
+
     def _peer_block(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None,
                     key_bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = None if positions is None else positions[:, None]
@@ -218,10 +232,7 @@ def as_peer(model: nn.Module, method: str, **knobs) -> nn.Module:
         raise ValueError(f"unknown peer method {method!r}: one of {sorted(PEERS)}")
     if peer_modules(model):
         raise ValueError(f"this model already is a token-reduction peer ({type(model).__name__})")
-    if isinstance(model, Eva):  # rotary positions: the peers whose tokens can carry theirs
-        if method not in ROTARY_PEERS:
-            raise TypeError(f"{method} does not run on rotary-position models (timm Eva: EVA-02, DINOv3, RoPE ViTs) "
-                            f"yet; {', '.join(sorted(ROTARY_PEERS))} and TPC (tpcvit.patch) do")
+    if isinstance(model, Eva):  # rotary positions: every patch token carries its rotary row
         cls = ROTARY_PEERS[method]
         _check_rotary(model, method)
     else:
