@@ -119,6 +119,16 @@ def block_linear_macs(blk: nn.Module) -> tuple[int, int, int]:
     return per_query, per_key, attn.num_heads * head_dim(attn)
 
 
+def head_macs(model: nn.Module, num_patches: int) -> float:
+    """MACs of ``model.forward_head`` on its final tokens (``num_patches`` plus the prefix tokens): pooling, an
+    attention-pool head, norms and classifier, counted by the FLOP counter (for :func:`vit_gmacs_from_counts` where the
+    head is not one linear per head, e.g. timm's Eva)."""
+    m = unwrap(model)
+    param = next(m.parameters())
+    feats = torch.zeros(1, num_patches + m.num_prefix_tokens, m.embed_dim, device=param.device, dtype=param.dtype)
+    return count_flops(m.forward_head, feats) / 2
+
+
 def vit_gmacs_from_counts(model: nn.Module, counts: torch.Tensor, extra_macs: float = 0.0,
                           paused_keys: bool | torch.Tensor = False, head_macs: float | None = None,
                           num_patches: int | None = None) -> torch.Tensor:

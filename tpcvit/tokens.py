@@ -110,6 +110,15 @@ def gather_tokens(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * t, d).index_select(0, rows).view(b, -1, d)
 
 
+def take_rows(x: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """Rows ``index`` ``[B, n]`` of each image's ``x`` ``[B, N, C]`` -> ``[B, n, C]`` (``None`` stays ``None``: a
+    backbone whose tokens carry no rotary rows). For the peers' per-token state (tokens they keep, rotary rows);
+    the TPC buffer uses :func:`gather_tokens`."""
+    if x is None:
+        return None
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def _in_place(buffer: torch.Tensor) -> bool:
     """Write into the buffer itself (inference: no copy of the whole buffer every block), or into a copy when
     autograd records (out of place) or the buffer is not one block of memory."""

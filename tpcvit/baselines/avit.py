@@ -25,7 +25,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..layers import packed_block, supports_packing
-from ..tokens import masked_update, run_on_selection, select_active
+from ..tokens import masked_update, run_on_selection, select_active, take_rows
 from .common import PeerMixin, PeerTrace, RotaryPeer, create_peer
 
 
@@ -102,10 +102,8 @@ class AViTPeer(PeerMixin):
                 x = packed_block(blk, x, running, p)
             else:
                 sel = select_active(running, p, x.dtype)
-                rows = positions  # the running tokens' rotary rows (padding slots: the image's own halted tokens)
-                if positions is not None and not sel.full:
-                    patches = sel.index[:, p:] - p
-                    rows = positions.gather(1, patches[..., None].expand(-1, -1, positions.shape[-1]))
+                # the running tokens' rotary rows (padding slots: the image's own halted tokens)
+                rows = positions if sel.full else take_rows(positions, sel.index[:, p:] - p)
                 x = run_on_selection(lambda t, m, blk=blk, rows=rows: self._peer_block(blk, t, rows, m), x, sel)
             last = i == depth - 1
             h = x.new_ones(b, n, dtype=torch.float32) if last else self._halt_scores(x)

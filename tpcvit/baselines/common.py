@@ -172,10 +172,14 @@ class RotaryPeer:
         x, rope = eva_embed(self, images)
         return x, None if rope is None else rope[None].expand(x.shape[0], -1, -1)
 
+    @staticmethod
+    def _rope(positions: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-token rows ``[B, n, C]`` as the per-image table timm's Eva attention takes ``[B, 1, n, C]``."""
+        return None if positions is None else positions[:, None]
+
     def _peer_attention(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None,
                         key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = None if positions is None else positions[:, None]
-        return eva_attention_half(blk, x, rows, self.num_prefix_tokens, key_bias=key_bias)
+        return eva_attention_half(blk, x, self._rope(positions), self.num_prefix_tokens, key_bias=key_bias)
 
     def _peer_mlp(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return eva_mlp_half(blk, x)
@@ -183,22 +187,16 @@ class RotaryPeer:
     def _peer_attend(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None,
                      key_bias: torch.Tensor | None = None, need_weights: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        rows = None if positions is None else positions[:, None]
-        return eva_attend(blk, x, rows, self.num_prefix_tokens, key_bias, need_weights)
+        return eva_attend(blk, x, self._rope(positions), self.num_prefix_tokens, key_bias, need_weights)
 
     def _peer_head_macs(self) -> float | None:
-        from ..flops import count_flops
+        from ..flops import head_macs
 
-        if ("head",) not in self._gmacs_cache:  # pooling, attention pool, norm, classifier: counted once
-            param = next(self.parameters())
-            feats = torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, self.embed_dim,
-                                device=param.device, dtype=param.dtype)
-            self._gmacs_cache[("head",)] = count_flops(self.forward_head, feats) / 2
-        return self._gmacs_cache[("head",)]
+        return head_macs(self, self.patch_embed.num_patches)
 
     def _peer_block(self, blk: nn.Module, x: torch.Tensor, positions: torch.Tensor | None,
                     key_bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows = None if positions is None else positions[:, None]
+        rows = self._rope(positions)
         if key_bias is None:
             return blk(x, rope=rows)
         return eva_mlp_half(blk, eva_attention_half(blk, x, rows, self.num_prefix_tokens, key_bias=key_bias)[0])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..tokens import masked_update
+from ..tokens import masked_update, take_rows
 from .common import PeerMixin, PeerTrace, RotaryPeer, create_peer, reduction_blocks
 
 
@@ -84,11 +84,8 @@ class DynamicViTPeer(PeerMixin):
                     k = self._kept(stage + 1)
                     if k < x.shape[1] - p:
                         keep = logp[..., 0].topk(k, dim=1).indices.sort(dim=1).values
-                        patches = x[:, p:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-                        x = torch.cat([x[:, :p], patches], dim=1)
-                        alive = alive.gather(1, keep)
-                        if positions is not None:
-                            positions = positions.gather(1, keep[..., None].expand(-1, -1, positions.shape[-1]))
+                        x = torch.cat([x[:, :p], take_rows(x[:, p:], keep)], dim=1)
+                        alive, positions = alive.gather(1, keep), take_rows(positions, keep)
                 else:
                     logp = self.predictors[stage](x[:, p:], policy)
                     if sample:

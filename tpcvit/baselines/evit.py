@@ -18,6 +18,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..layers import class_row_attention
+from ..tokens import take_rows
 from .common import PeerMixin, PeerTrace, RotaryPeer, create_peer, reduction_blocks
 
 
@@ -29,12 +30,12 @@ def keep_topk_fuse(x: torch.Tensor, score: torch.Tensor, k: int, fuse: bool = Tr
         return x
     order = score.argsort(dim=1, descending=True)
     top = order[:, :k].sort(dim=1).values
-    kept = x.gather(1, top[..., None].expand(-1, -1, x.shape[-1]))
+    kept = take_rows(x, top)
     if not fuse:
         return kept
     rest = order[:, k:]
     w = score.gather(1, rest)[..., None]
-    others = x.gather(1, rest[..., None].expand(-1, -1, x.shape[-1]))
+    others = take_rows(x, rest)
     fused = (w * others).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
     return torch.cat([kept, fused], dim=1)
 

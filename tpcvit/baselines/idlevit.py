@@ -24,7 +24,7 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..tokens import masked_update, run_on_selection, select_topk
+from ..tokens import masked_update, run_on_selection, select_topk, take_rows
 from .common import PeerMixin, PeerTrace, RotaryPeer, create_peer, reduction_blocks
 
 
@@ -91,9 +91,7 @@ class IdleViTPeer(PeerMixin):
             if last_map is not None and last_map[0] is not None:
                 cuts.append(token_cut_loss(last_map[0], last_map[1], active, p))
             seen: dict[str, torch.Tensor | None] = {}
-            rows = positions  # rotary rows of the tokens the block runs on (fast path: the selected ones)
-            if fast and positions is not None:
-                rows = positions.gather(1, top[..., None].expand(-1, -1, positions.shape[-1]))
+            rows = take_rows(positions, top) if fast else positions  # rotary rows of the tokens the block runs on
 
             def run(tokens: torch.Tensor, mask: torch.Tensor | None, blk=blk, seen=seen, rows=rows) -> torch.Tensor:
                 out, seen["cls"], seen["w"] = self._peer_attend(blk, tokens, rows, mask, need_weights)

@@ -60,9 +60,6 @@ class TPCEva(TPCViT):
 
     def gmacs_per_image(self, trace: TokenTrace) -> torch.Tensor:
         """As a ViT's, with the head (pooling, attention pool, classifier) counted on the final tokens."""
-        from ..flops import count_flops, vit_gmacs_from_trace
+        from ..flops import head_macs, vit_gmacs_from_trace
 
-        param = next(self.parameters())
-        feats = torch.zeros(1, trace.active.shape[2] + self.num_prefix_tokens, self.embed_dim,
-                            device=param.device, dtype=param.dtype)
-        return vit_gmacs_from_trace(self, trace, head_macs=count_flops(self.forward_head, feats) / 2)
+        return vit_gmacs_from_trace(self, trace, head_macs=head_macs(self, trace.active.shape[2]))
