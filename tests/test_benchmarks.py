@@ -46,14 +46,15 @@ def test_eva_profile_script_splits_both_methods_time_at_matched_gmacs(tmp_path):
     out = tmp_path / "profile"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, str(ROOT / "benchmarks/eva_profile.py"), "--model", "vit_small_patch16_rope_224",
-                    "--img-size", "64", "--batch", "2", "--forwards", "1", "--out", str(out)], check=True, env=env,
-                   capture_output=True, text=True)
+                    "--img-size", "64", "--batch", "2", "--forwards", "1", "--rounds", "2", "--out", str(out)],
+                   check=True, env=env, capture_output=True, text=True)
     result = json.loads(out.with_suffix(".json").read_text())
     assert set(result["seconds"]) == {"tpc-free/3", "idlevit"}
     for name, row in result["seconds"].items():
         assert abs(result["gmacs_ratio"][name] - 0.5) < 0.05  # both at (about) half the dense GMACs
         assert row["matrix products"] > 0 and row["total"] == pytest.approx(
             sum(v for k, v in row.items() if k != "total"), abs=0.002)
+    assert all(len(rounds) == 2 for rounds in result["rounds"].values()) and min(result["spread"].values()) >= 1.0
     assert "| matrix products |" in out.with_suffix(".md").read_text()
 
 
