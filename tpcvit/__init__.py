@@ -12,6 +12,7 @@ ensure_torchvision_importable()  # must run before timm is imported anywhere
 from . import baselines, controller  # noqa: E402  (baselines registers tome_/evit_/avit_ models)
 from .checkpoint import CheckpointError, load_backbone, save_weights  # noqa: E402
 from .flops import count_gmacs, vit_gmacs_from_trace  # noqa: E402
+from .layers import onednn_linears  # noqa: E402
 from .models import TPCVisionTransformer, TPCVisionTransformerDistilled  # noqa: E402
 from .patch import calibrate_threshold, patch, with_tpc  # noqa: E402
 from .policy import MODES, ExecutionPolicy  # noqa: E402
@@ -24,6 +25,6 @@ __all__ = [
     "MODES", "CheckpointError", "ExecutionPolicy", "TPCConfig", "TPCVisionTransformer",
     "TPCVisionTransformerDistilled", "TokenTrace", "baselines", "calibrate_keep_profile", "calibrate_threshold",
     "controller", "count_gmacs",
-    "load_backbone", "override_probs", "patch", "save_weights", "set_mode", "set_policy", "tpc_loss",
+    "load_backbone", "onednn_linears", "override_probs", "patch", "save_weights", "set_mode", "set_policy", "tpc_loss",
     "vit_gmacs_from_trace", "with_tpc",
 ]

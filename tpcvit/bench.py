@@ -260,6 +260,7 @@ def speed_table(
     progress: bool = True,
     compile: bool = False,
     cuda_graphs: bool = False,
+    onednn: str = "off",
 ) -> list[SpeedRow]:
     """Time every variant at every batch size on ``make_input(batch)``; speed-ups relative to ``baseline``.
 
@@ -267,9 +268,12 @@ def speed_table(
     per batch size before timing (static shapes: dense and budget mode; adaptive mode recompiles per shape).
     ``cuda_graphs`` (CUDA only): every variant that can be is captured once per batch size and replayed
     (:func:`graph_variants`); a row that ran eagerly says why (``eager_reason``).
+    ``onednn``: ``"on"`` runs every variant's linears through oneDNN (:func:`tpcvit.onednn_linears`, in place),
+    ``"both"`` times each variant as given and a converted copy of it (``<name>+onednn``) in the same rounds.
     """
     if cuda_graphs and device.type != "cuda":
         raise ConfigError(f"CUDA graphs need a CUDA device, got --device {device}: drop --cuda-graphs or use a GPU")
+    variants, gmacs = onednn_variants(variants, gmacs, onednn, device, dtype, compile)
     rows: list[SpeedRow] = []
     dtype_name = str(dtype).removeprefix("torch.")
     for batch in batch_sizes:
@@ -295,6 +299,39 @@ def speed_table(
             row.eager_reason = eager.get(row.variant)
         rows += batch_rows
     return rows
+
+
+ONEDNN_CHOICES = ("off", "on", "both")
+
+
+def onednn_variants(variants: dict[str, tuple[nn.Module, float | None]], gmacs: dict[str, float], onednn: str,
+                    device: torch.device, dtype: torch.dtype, compile: bool = False
+                    ) -> tuple[dict[str, tuple[nn.Module, float | None]], dict[str, float]]:
+    """The variants to time for ``onednn`` (see :func:`speed_table`); a one-line error where oneDNN linears would
+    not run (not the CPU, not float32, compiled, not in this torch build)."""
+    import copy
+
+    from .layers import onednn_available, onednn_linears
+
+    if onednn not in ONEDNN_CHOICES:
+        raise ConfigError(f"--onednn takes one of {', '.join(ONEDNN_CHOICES)}, got {onednn!r}")
+    if onednn == "off":
+        return variants, gmacs
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ConfigError(f"--onednn packs float32 CPU linears, got {device} {str(dtype).removeprefix('torch.')}: "
+                          "drop --onednn (bfloat16 CPU linears already run oneDNN)")
+    if compile:
+        raise ConfigError("--onednn times eager oneDNN linears; a compiled graph runs its own: drop --onednn or "
+                          "--compile")
+    if not onednn_available():
+        raise ConfigError("this torch build has no oneDNN (mkldnn) linear on this CPU: drop --onednn")
+    if onednn == "on":
+        return {name: (onednn_linears(m), keep) for name, (m, keep) in variants.items()}, gmacs
+    out, counts = dict(variants), dict(gmacs)
+    for name, (m, keep) in variants.items():
+        out[f"{name}+onednn"] = (onednn_linears(copy.deepcopy(m)), keep)
+        counts[f"{name}+onednn"] = gmacs[name]
+    return out, counts
 
 
 UNSTABLE_SPREAD = 1.5  # too few rounds for an interval: slowest / fastest round above this is flagged
@@ -360,6 +397,28 @@ def rows_to_markdown(rows: list[SpeedRow]) -> str:
          f"{r.speedup_per_flops:.2f}"] for r in rows])
 
 
+def same_executor_markdown(rows: list[SpeedRow]) -> str:
+    """With oneDNN rows (``--onednn both``): each variant's speed-up over ``dense-lean`` on its own GEMMs (the
+    ``+onednn`` rows over ``dense-lean+onednn``), paired per round: the token saving's own share, which the
+    speed-up over timm's forward mixes with the faster linears. Empty without such rows."""
+    from .reporting import markdown_table
+
+    if not any(r.variant.endswith("+onednn") for r in rows):
+        return ""
+    base = {(r.variant, r.batch): r for r in rows}
+    table = []
+    for r in rows:
+        ref = base.get(("dense-lean+onednn" if r.variant.endswith("+onednn") else "dense-lean", r.batch))
+        if ref is None or r.variant.startswith(("dense", "dense-lean")):
+            continue
+        ratio, low, high = paired_speedup(ref.samples_s, r.samples_s)
+        interval = "" if low is None else f" [{low:.2f}, {high:.2f}]"
+        table.append([r.variant, r.batch, ref.variant, f"{ratio:.2f}x{interval}", f"{ratio / r.flops_ratio:.2f}"])
+    return ("Over the dense model on the same linears (paired per round, 95% interval; speed-up / FLOPs against "
+            "the FLOPs ratio above):\n\n" + markdown_table(["variant", "batch", "over", "speed-up", "speed-up/FLOPs"],
+                                                             table))
+
+
 def write_results(path: str | os.PathLike, rows: list[SpeedRow], meta: dict) -> Path:
     """Write ``<path>.json`` and ``<path>.md`` (atomically)."""
     from .checkpoint import atomic_write
@@ -367,7 +426,9 @@ def write_results(path: str | os.PathLike, rows: list[SpeedRow], meta: dict) -> 
     path = Path(path)
     payload = {"meta": meta, "rows": [asdict(r) for r in rows]}
     atomic_write(path.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(payload, indent=2)))
-    md = f"Machine: {meta['machine']}\n\nCommand: `{meta['command']}`\n\n{rows_to_markdown(rows)}\n"
+    versus = same_executor_markdown(rows)
+    md = (f"Machine: {meta['machine']}\n\nCommand: `{meta['command']}`\n\n{rows_to_markdown(rows)}\n"
+          + (f"\n{versus}\n" if versus else ""))
     atomic_write(path.with_suffix(".md"), lambda t: Path(t).write_text(md))
     return path.with_suffix(".json")
 
@@ -383,13 +444,15 @@ def bench_tpc_speed(
     decide_every: tuple[int, ...] = (1,),
     cuda_graphs: bool = False,
     progress: bool = True,
+    onednn: str = "off",
     **model_kwargs,
 ) -> tuple[list[SpeedRow], dict]:
     """Dense timm backbone (and, for a timm ViT, the same model on the lean block executor every reducer uses:
     ``dense-lean``) vs the TPC model in ``budget`` mode at each keep ratio (random weights: speed only). A plain
     timm ViT name times training-free TPC on it (``tpcvit.patch``: ``tpc-free@50%``); ``tpc_<any timm ViT>`` the
     learned controller (``with_tpc``);
-    ``compile``: all of them through ``torch.compile``; ``cuda_graphs``: replayed from CUDA graphs;
+    ``compile``: all of them through ``torch.compile``; ``cuda_graphs``: replayed from CUDA graphs; ``onednn``:
+    linears through oneDNN (``on``), or each variant with and without (``both``, :func:`speed_table`);
     ``decide_every``: one TPC variant per value below keep 100% (``tpc@30%/5``: the controller decides in every 5th
     controlled block, :class:`ExecutionPolicy`)."""
     import timm
@@ -446,8 +509,10 @@ def bench_tpc_speed(
     for m, _ in variants.values():
         m.to(dev, dt)
     rows = speed_table(variants, gmacs, lambda b: torch.randn(b, *size), list(batch_sizes), dev, dt, rounds,
-                       baseline="dense", progress=progress, compile=compile, cuda_graphs=cuda_graphs)
+                       baseline="dense", progress=progress, compile=compile, cuda_graphs=cuda_graphs,
+                       onednn=onednn)
     meta = {"model": model_name, "dense": dense_name(model_name), "machine": machine_info(dev), "rounds": rounds,
-            "mode": "budget", "compiled": compile, "cuda_graphs": cuda_graphs, "decide_every": list(decide_every),
+            "mode": "budget", "compiled": compile, "cuda_graphs": cuda_graphs, "onednn": onednn,
+            "decide_every": list(decide_every),
             "note": "random weights (speed only); medians over interleaved rounds"}
     return rows, meta

@@ -17,7 +17,7 @@ from tpcvit.config import ConfigError
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import bench_tpc_speed, rows_to_markdown, write_results
+    from .bench import bench_tpc_speed, rows_to_markdown, same_executor_markdown, write_results
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -35,11 +35,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rows, meta = bench_tpc_speed(args.model, tuple(args.keeps), tuple(args.batch_sizes), args.rounds,
                                  args.device, args.dtype, compile=args.compile,
                                  decide_every=tuple(args.decide_every), cuda_graphs=args.cuda_graphs,
-                                 progress=not args.quiet, **kwargs)
+                                 progress=not args.quiet, onednn=args.onednn, **kwargs)
     meta["command"] = command
+    linears = {"on": ", oneDNN linears", "both": ", with and without oneDNN linears"}.get(args.onednn, "")
     print(f"{meta['model']} vs {meta['dense']} on {meta['machine']['cpu']} "
-          f"({meta['machine']['threads']} threads, {args.device}, {args.dtype}{', compiled' if args.compile else ''})")
+          f"({meta['machine']['threads']} threads, {args.device}, {args.dtype}{', compiled' if args.compile else ''}"
+          f"{linears})")
     print(rows_to_markdown(rows))
+    versus = same_executor_markdown(rows)
+    if versus:
+        print(f"\n{versus}")
     if args.out:
         print(f"wrote {write_results(args.out, rows, meta)}")
     return 0
@@ -52,8 +57,8 @@ def _bench_breakdown(args: argparse.Namespace, command: str) -> int:
     from .breakdown import breakdown, breakdown_markdown
     from .checkpoint import atomic_write
 
-    if args.methods or args.compile or args.cuda_graphs:
-        raise ConfigError("--breakdown times TPC's own parts: drop --methods / --compile / --cuda-graphs")
+    if args.methods or args.compile or args.cuda_graphs or args.onednn != "off":
+        raise ConfigError("--breakdown times TPC's own parts: drop --methods / --compile / --cuda-graphs / --onednn")
     name, kwargs, tpc = args.model, {"img_size": args.img_size} if args.img_size else {}, {}
     if args.config:  # the config's model: backbone kwargs and TPC options (e.g. the main job's)
         from .config import load_config
@@ -92,10 +97,13 @@ def _bench_methods(args: argparse.Namespace, command: str) -> int:
         weights[method] = path
     if args.config is None and args.dtype != "float32":
         raise ConfigError("--methods benchmarks run in float32")
+    if args.onednn == "both":
+        raise ConfigError("--methods takes --onednn on or off (every model alike); a with/without table: tpcvit bench "
+                          "--model NAME --onednn both")
     result = run_compare(cfg, args.methods, weights, list(args.batch_sizes), args.rounds,
                          calib_images=args.calib_images, with_data=args.config is not None and not args.no_data,
                          device=args.device, progress=not args.quiet, compile=args.compile,
-                         cuda_graphs=args.cuda_graphs)
+                         cuda_graphs=args.cuda_graphs, onednn=args.onednn)
     result["command"] = command
     print(compare_markdown(result))
     if args.out:
@@ -329,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-graphs", action="store_true", help="GPU: capture every variant without host "
                    "synchronisation (dense, budget mode, fixed-budget peers) in a CUDA graph once per batch size and "
                    "time its replays (batch 1: one launch instead of hundreds); the others run eagerly, marked")
+    b.add_argument("--onednn", choices=["off", "on", "both"], default="off",
+                   help="CPU float32: run every model's linears through oneDNN with pre-packed weights "
+                        "(tpcvit.onednn_linears; 2x faster than torch's default GEMM on AMD CPUs); both: time each "
+                        "variant with and without, in the same rounds")
     b.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --methods)")
     b.add_argument("--breakdown", action="store_true", help="per controlled block: controller head, decision, "
                    "gather/scatter, block on its selection vs on every token; and TPC at keep 100%% vs dense")

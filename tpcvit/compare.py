@@ -185,12 +185,14 @@ def run_compare(
     dtype: torch.dtype = torch.float32,
     compile: bool = False,
     cuda_graphs: bool = False,
+    onednn: str = "off",
 ) -> dict:
     """Evaluate and time every spec on one backbone; ``with_data=False`` = speed/GMACs on random images only.
 
     Knobs are matched and accuracy measured in float32 and eager; ``dtype`` is what the models run in for the
     timing, ``compile``: every model (dense included) is timed through ``torch.compile``, ``cuda_graphs``: replayed
-    from a CUDA graph where it can be (:func:`speed_table`)."""
+    from a CUDA graph where it can be, ``onednn``: linears through oneDNN, or each model with and without
+    (:func:`speed_table`)."""
     from .engine import build_val_data, evaluate, init_distributed
 
     parsed = [parse_spec(s) for s in specs]
@@ -246,9 +248,11 @@ def run_compare(
     if dtype != torch.float32:
         variants = {k: (m.to(dtype), keep) for k, (m, keep) in variants.items()}
     rows = speed_table(variants, {k: p["gmacs"] for k, p in points.items()}, lambda b: pool[:b], batch_sizes, dev,
-                       dtype, rounds, baseline="dense", progress=progress, compile=compile, cuda_graphs=cuda_graphs)
+                       dtype, rounds, baseline="dense", progress=progress, compile=compile, cuda_graphs=cuda_graphs,
+                       onednn=onednn)
     return {"config": cfg, "specs": labels, "weights": weights, "machine": machine_info(dev), "points": points,
             "dtype": str(dtype).removeprefix("torch."), "compiled": compile, "cuda_graphs": cuda_graphs,
+            "onednn": onednn,
             "speed": [r.__dict__ for r in rows], "batch_sizes": batch_sizes, "rounds": rounds,
             "data": with_data}
 

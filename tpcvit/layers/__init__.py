@@ -14,6 +14,7 @@ from .eva_block import (
 )
 from .geometry import check_fixed_grid, check_images, dynamic_size, embed_tokens, image_geometry, image_grid, unwrap
 from .heads import ControllerHead
+from .onednn import OneDNNLinear, PackedLinear, onednn_available, onednn_linears
 from .stabilizer import TokenGridStabilizer
 from .swin_block import sparse_swin_block, upsample_tokens, window_attention_heads
 from .vit_block import (
@@ -37,10 +38,11 @@ from .vit_block import (
     supports_packing,
 )
 
-__all__ = ["ControllerHead", "LeanDenseViT", "PlainBlock", "TokenGridStabilizer", "attend", "attention_half",
-           "attention_output", "attention_parts", "block_forward", "block_rows", "check_fixed_grid", "check_images",
-           "check_timm_eva", "check_timm_vit", "class_row_attention", "context_block", "context_rows", "dynamic_size",
-           "embed_tokens", "eva_attend", "eva_attention_half", "eva_context_block", "eva_embed", "eva_mlp_half",
-           "image_geometry", "image_grid", "lean_dense", "mlp_half", "packed_block", "packed_selection_block",
-           "plain_block", "pool_rope", "rope_rows", "sparse_swin_block", "spread_rope", "supports_packing", "unwrap",
-           "upsample_tokens", "window_attention_heads"]
+__all__ = ["ControllerHead", "LeanDenseViT", "OneDNNLinear", "PackedLinear", "PlainBlock", "TokenGridStabilizer",
+           "attend", "attention_half", "attention_output", "attention_parts", "block_forward", "block_rows",
+           "check_fixed_grid", "check_images", "check_timm_eva", "check_timm_vit", "class_row_attention",
+           "context_block", "context_rows", "dynamic_size", "embed_tokens", "eva_attend", "eva_attention_half",
+           "eva_context_block", "eva_embed", "eva_mlp_half", "image_geometry", "image_grid", "lean_dense", "mlp_half",
+           "onednn_available", "onednn_linears", "packed_block", "packed_selection_block", "plain_block", "pool_rope",
+           "rope_rows", "sparse_swin_block", "spread_rope", "supports_packing", "unwrap", "upsample_tokens",
+           "window_attention_heads"]

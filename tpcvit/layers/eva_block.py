@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..tokens import pool_paused, spread_paused
 from ._timm import head_dim, rotate
 from .geometry import check_fixed_grid, check_images
+from .onednn import linear_rows
 from .vit_block import class_row_attention
 
 
@@ -90,11 +91,13 @@ def _rotate(x: torch.Tensor, rope: torch.Tensor | None, num_prefix: int, half: b
     return torch.cat([x[:, :, :num_prefix], rotated], dim=2).type_as(like)
 
 
-def _qkv_weight(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The fused qkv projection's weight and bias (EvaAttention keeps q/k/v biases apart, k's a zero buffer)."""
-    if getattr(attn, "q_bias", None) is not None:
-        return attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    return attn.qkv.weight, attn.qkv.bias
+def _qkv_rows(attn: nn.Module, x: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The fused qkv projection's output ``rows`` (queries, or keys and values) on ``x``: packed for oneDNN linears
+    (:func:`tpcvit.layers.onednn_linears`); EvaAttention keeps its q/k/v biases apart (k's a zero buffer)."""
+    if getattr(attn, "q_bias", None) is None:
+        return linear_rows(attn.qkv, x, rows)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    return F.linear(x, attn.qkv.weight[rows], bias[rows])
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -106,9 +109,7 @@ def eva_queries(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Queries ``[B, H, n, Dh]`` of normed tokens ``x`` (q norm applied; not rotated)."""
     if attn.qkv is None:
         return attn.q_norm(_heads(attn.q_proj(x), attn.num_heads))
-    width = attn.num_heads * head_dim(attn)
-    weight, bias = _qkv_weight(attn)
-    return attn.q_norm(_heads(F.linear(x, weight[:width], None if bias is None else bias[:width]), attn.num_heads))
+    return attn.q_norm(_heads(_qkv_rows(attn, x, slice(None, attn.num_heads * head_dim(attn))), attn.num_heads))
 
 
 def eva_keys_values(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,9 +117,7 @@ def eva_keys_values(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     heads = getattr(attn, "num_kv_heads", attn.num_heads)
     if attn.qkv is None:
         return attn.k_norm(_heads(attn.k_proj(x), heads)), _heads(attn.v_proj(x), heads)
-    width = attn.num_heads * head_dim(attn)
-    weight, bias = _qkv_weight(attn)
-    kv = F.linear(x, weight[width:], None if bias is None else bias[width:])
+    kv = _qkv_rows(attn, x, slice(attn.num_heads * head_dim(attn), None))
     k, v = kv.view(*x.shape[:2], 2, heads, head_dim(attn)).permute(2, 0, 3, 1, 4).unbind(0)
     return attn.k_norm(k), v
 

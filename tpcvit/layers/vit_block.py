@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..tokens import PackedSelection, from_padded, pack, select_packed, to_padded, unpack
 from ._timm import attention_dim, attention_gate, attention_out_norm
 from .geometry import check_fixed_grid, embed_tokens
+from .onednn import OneDNNLinear, PackedLinear, autocast_cpu, linear_rows, packable, version
 
 
 def supports_packing(blk: nn.Module) -> bool:
@@ -71,6 +72,9 @@ def packed_selection_block(blk: nn.Module, x: torch.Tensor, sel: PackedSelection
     return unpack(x, sel, tokens)
 
 
+Linear = tuple[torch.Tensor, torch.Tensor | None] | PackedLinear  # (weight.t(), bias), or packed for oneDNN
+
+
 @dataclass(frozen=True)
 class PlainBlock:
     """The tensors of a plain timm pre-norm ``Block``: LayerNorms, ``Attention`` with no q/k norm, output norm or
@@ -79,25 +83,33 @@ class PlainBlock:
 
     Every linear is kept as ``(weight.t(), bias)``, views of its parameters (``q`` / ``kv``: the rows of ``qkv``
     for the selected queries / for every key), so a linear is one ``addmm`` (:func:`_affine`): what ``F.linear``
-    computes, without its transpose and slicing dispatches."""
+    computes, without its transpose and slicing dispatches. A block whose linears were converted by
+    :func:`tpcvit.layers.onednn_linears` keeps them packed instead (:class:`PackedLinear`, fc1 with its GELU)."""
 
     heads: int
     eps: float
     norm1: tuple[torch.Tensor, torch.Tensor]
-    qkv: tuple[torch.Tensor, torch.Tensor | None]
-    q: tuple[torch.Tensor, torch.Tensor | None]
-    kv: tuple[torch.Tensor, torch.Tensor | None]
-    proj: tuple[torch.Tensor, torch.Tensor | None]
+    qkv: Linear
+    q: Linear
+    kv: Linear
+    proj: Linear
     norm2: tuple[torch.Tensor, torch.Tensor]
-    fc1: tuple[torch.Tensor, torch.Tensor | None]
-    fc2: tuple[torch.Tensor, torch.Tensor | None]
+    fc1: Linear
+    fc2: Linear
 
 
-def _affine(rows: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+def _affine(rows: torch.Tensor, linear: Linear) -> torch.Tensor:
     """``F.linear(rows, weight, bias)`` for ``[M, C]`` rows from a :class:`PlainBlock` ``(weight.t(), bias)``: the
-    same ``addmm`` ``F.linear`` calls (bitwise the same result)."""
+    same ``addmm`` ``F.linear`` calls (bitwise the same result); a packed linear runs oneDNN."""
+    if type(linear) is PackedLinear:
+        return linear(rows)
     weight_t, bias = linear
     return rows.mm(weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
+
+
+def _affine_gelu(rows: torch.Tensor, linear: Linear) -> torch.Tensor:
+    """``F.gelu(_affine(rows, linear))``: one oneDNN call for a packed linear."""
+    return linear(rows, gelu=True) if type(linear) is PackedLinear else F.gelu(_affine(rows, linear))
 
 
 _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (generation, slots, pointers, PlainBlock)
@@ -124,8 +136,9 @@ def _slots(blk: nn.Module) -> tuple[tuple[dict, str], ...]:
     return tuple((m._parameters, n) for m in blk.modules() for n, t in m._parameters.items() if t is not None)
 
 
-def _pointers(slots: tuple[tuple[dict, str], ...]) -> list[int]:
-    return [d[n].data_ptr() for d, n in slots]
+def _pointers(slots: tuple[tuple[dict, str], ...]) -> list[tuple[int, int]]:
+    """Each parameter's data pointer and in-place version: a packed (copied) weight must follow ``copy_`` too."""
+    return [(d[n].data_ptr(), version(d[n])) for d, n in slots]
 
 
 def plain_block(blk: nn.Module) -> PlainBlock | None:
@@ -141,14 +154,18 @@ def plain_block(blk: nn.Module) -> PlainBlock | None:
         return _plain_block(blk)
     cached = _PLAIN.get(blk)
     if cached is not None and cached[0] == _GENERATION[0] and _pointers(cached[1]) == cached[2]:
-        return cached[3]
-    plain = _plain_block(blk)
+        plain = cached[3]
+        if plain is not None and type(plain.qkv) is PackedLinear and autocast_cpu():
+            return _plain_block(blk)  # autocast casts the linears: the views, not the float32 packs
+        return plain
+    plain = _plain_block(blk, packed=not autocast_cpu())
     slots = () if plain is None else _slots(blk)
     _PLAIN[blk] = (_GENERATION[0], slots, _pointers(slots), plain)
     return plain
 
 
-def _plain_block(blk: nn.Module) -> PlainBlock | None:
+def _plain_block(blk: nn.Module, packed: bool = False) -> PlainBlock | None:
+    """``packed``: linears converted by :func:`onednn_linears` with float32 CPU weights are packed (inference)."""
     from timm.layers import LayerNorm, Mlp
 
     if not supports_packing(blk):
@@ -163,6 +180,12 @@ def _plain_block(blk: nn.Module) -> PlainBlock | None:
             or blk.norm1.eps != blk.norm2.eps or attention_dim(attn) != blk.norm1.normalized_shape[0]):
         return None
     d = attention_dim(attn)
+    linears = (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)
+    if packed and all(type(m) is OneDNNLinear and packable(m.weight) for m in linears):
+        qkv = attn.qkv
+        return PlainBlock(attn.num_heads, blk.norm1.eps, (blk.norm1.weight, blk.norm1.bias), qkv.packed_rows(),
+                          qkv.packed_rows(slice(None, d)), qkv.packed_rows(slice(d, None)), attn.proj.packed_rows(),
+                          (blk.norm2.weight, blk.norm2.bias), mlp.fc1.packed_rows(), mlp.fc2.packed_rows())
     weight, bias = attn.qkv.weight, attn.qkv.bias
     split = lambda rows: (weight[rows].t(), None if bias is None else bias[rows])  # noqa: E731
     return PlainBlock(attn.num_heads, blk.norm1.eps, (blk.norm1.weight, blk.norm1.bias),
@@ -233,7 +256,7 @@ def _plain_qkv(p: PlainBlock, rows: torch.Tensor, b: int) -> tuple[torch.Tensor,
 def _plain_tail(p: PlainBlock, rows: torch.Tensor) -> torch.Tensor:
     """The MLP half of a plain block on ``[M, D]`` rows (after the attention residual)."""
     d = rows.shape[-1]
-    return rows + _affine(F.gelu(_affine(F.layer_norm(rows, (d,), *p.norm2, p.eps), p.fc1)), p.fc2)
+    return rows + _affine(_affine_gelu(F.layer_norm(rows, (d,), *p.norm2, p.eps), p.fc1), p.fc2)
 
 
 def context_block(blk: nn.Module, tokens: torch.Tensor, context: torch.Tensor, class_attention: bool = False,
@@ -268,9 +291,8 @@ def context_rows(blk: nn.Module, rows: torch.Tensor, context: torch.Tensor, batc
     n, t = rows.shape[0] // b, context.shape[0] // b
     p = None if blk.training else plain_block(blk)
     if p is None:
-        weight, bias = attn.qkv.weight, attn.qkv.bias
-        q = F.linear(blk.norm1(rows), weight[:d], None if bias is None else bias[:d])
-        kv = F.linear(blk.norm1(context), weight[d:], None if bias is None else bias[d:])
+        q = linear_rows(attn.qkv, blk.norm1(rows), slice(None, d))
+        kv = linear_rows(attn.qkv, blk.norm1(context), slice(d, None))
     else:
         q = _affine(F.layer_norm(rows, (d,), *p.norm1, p.eps), p.q)
         kv = _affine(F.layer_norm(context, (d,), *p.norm1, p.eps), p.kv)
@@ -284,9 +306,7 @@ def context_rows(blk: nn.Module, rows: torch.Tensor, context: torch.Tensor, batc
         if num_prefix:
             query = q[:, :, :1]
         else:  # no class token: the query of the buffer's mean (normed) token, the same whatever is selected
-            weight, bias = attn.qkv.weight, attn.qkv.bias
-            mean = F.linear(blk.norm1(context.view(b, t, d)).mean(dim=1, keepdim=True), weight[:d],
-                            None if bias is None else bias[:d])
+            mean = linear_rows(attn.qkv, blk.norm1(context.view(b, t, d)).mean(dim=1, keepdim=True), slice(None, d))
             query = attn.q_norm(mean.view(b, 1, heads, attn.head_dim).transpose(1, 2))
         row = class_row_attention(query, k, key_bias) * t
         del query

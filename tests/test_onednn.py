@@ -1,0 +1,205 @@
+"""oneDNN linears (tpcvit.onednn_linears): packed float32 CPU inference equals F.linear to float32 rounding on every
+family and token reducer, every block executor runs the packed GEMMs, packs follow weight changes, and training,
+autocast and other dtypes keep F.linear exactly."""
+
+import copy
+import pickle
+
+import pytest
+import timm  # noqa: I001
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import SMALL, small_tpc
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tpcvit
+from tpcvit.layers import OneDNNLinear, PackedLinear, block_forward, lean_dense, onednn_available, plain_block
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear")
+
+TINY_VIT = dict(SMALL, img_size=32, patch_size=4)
+SWIN_SMALL = dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                  num_classes=5)
+
+
+class _Ops(TorchDispatchMode):
+    """Names of the ops a call runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(fn) -> list[str]:
+    with torch.no_grad(), _Ops() as mode:
+        fn()
+    return mode.names
+
+
+def _deit() -> nn.Module:
+    """A tiny DeiT whose linears carry O(1) signals (timm's 0.02 init leaves logits ~1e-2: a stale weight would hide
+    inside the tolerance)."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", **TINY_VIT).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+                nn.init.normal_(m.bias, std=0.1)
+    return model
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal to float32 rounding of a product summed in another order (and not trivially: both finite)."""
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_linear_is_f_linear_and_fuses_exact_gelu():
+    torch.manual_seed(0)
+    linear, x = nn.Linear(48, 80), torch.randn(37, 48)
+    with torch.no_grad():
+        packed = PackedLinear(linear.weight, linear.bias)
+        _close(packed(x), F.linear(x, linear.weight, linear.bias))
+        _close(packed(x, gelu=True), F.gelu(F.linear(x, linear.weight, linear.bias)))  # erf GELU, not tanh
+        assert not torch.allclose(packed(x, gelu=True), F.gelu(F.linear(x, linear.weight, linear.bias),
+                                                               approximate="tanh"), rtol=0, atol=1e-6)
+        _close(PackedLinear(linear.weight, None)(x), F.linear(x, linear.weight))
+
+
+def test_conversion_keeps_parameters_and_training_is_f_linear_exactly():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", **TINY_VIT)
+    reference = copy.deepcopy(model)  # the same weights, nn.Linear everywhere
+    before = dict(model.named_parameters())
+    tpcvit.onednn_linears(model)
+    assert dict(model.named_parameters()) == before  # the same Parameter objects, the same names
+    assert all(type(m) is not nn.Linear for m in model.modules())
+    assert isinstance(model.blocks[0].attn.qkv, OneDNNLinear)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    reference.train()
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(out, reference(x))  # autograd on: F.linear, bitwise
+    out.sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None and model.head.weight.grad is not None
+
+
+@torch.no_grad()
+def test_converted_blocks_run_packed_gemms_only_and_match_timm():
+    dense = _deit()
+    converted = tpcvit.onednn_linears(copy.deepcopy(dense))
+    x = torch.randn(3, 3, 32, 32)
+    _close(converted(x), dense(x))
+    _close(lean_dense(converted)(x), dense(x))
+    tokens = torch.randn(2, 65, 64)
+    assert type(plain_block(converted.blocks[0]).fc1) is PackedLinear
+    ops = _ops(lambda: block_forward(converted.blocks[0], tokens))
+    assert ops.count("mkldnn::_linear_pointwise") == 4 and "aten::addmm" not in ops and "aten::gelu" not in ops
+    ops = _ops(lambda: lean_dense(converted)(x))
+    assert "aten::addmm" not in ops and "aten::linear" not in ops  # every linear of the model, head included
+
+
+@torch.no_grad()
+def test_packs_follow_in_place_updates_moves_and_autocast():
+    dense = _deit()
+    converted = tpcvit.onednn_linears(copy.deepcopy(dense))
+    x = torch.randn(2, 3, 32, 32)
+    lean = lean_dense(converted)  # made once: making a module registers one, which refreshes every cached block
+    runs = lambda: lean(x)  # noqa: E731
+    before = runs()
+    for model in (dense, converted):  # in place, the way load_state_dict and an optimizer step write
+        model.blocks[1].mlp.fc2.weight.mul_(3.0)
+    after = runs()
+    assert (after - before).abs().max() > 0.1  # the update shows in the output
+    _close(after, dense(x))
+    for model in (dense, converted):
+        model.head.weight.add_(0.5)  # a linear called as a module
+    _close(runs(), dense(x))
+    converted.load_state_dict(dense.state_dict())
+    _close(runs(), dense(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts F.linear: the packs step aside
+        assert torch.equal(lean_dense(converted)(x), lean_dense(dense)(x))
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: lean_dense(converted)(x))
+    converted.double()
+    dense.double()
+    assert torch.equal(converted(x.double()), dense(x.double()))  # not float32: F.linear, bitwise
+    converted.float()
+    dense.float()
+    _close(runs(), dense(x))
+
+
+@torch.no_grad()
+def test_converted_model_copies_pickles_and_loads():
+    torch.manual_seed(0)
+    model = tpcvit.onednn_linears(timm.create_model("deit_small_patch16_224", **TINY_VIT).eval())
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)  # packs made
+    assert torch.equal(copy.deepcopy(model)(x), out)
+    assert torch.equal(pickle.loads(pickle.dumps(model))(x), out)
+    plain = timm.create_model("deit_small_patch16_224", **TINY_VIT).eval()
+    plain.load_state_dict(model.state_dict())  # the same keys as the nn.Linear model
+    _close(plain(x), out)
+
+
+def _rotary(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=2, num_classes=5,
+                             init_values=1.0, dynamic_img_size=False).eval()
+
+
+MODELS = {  # every family and token reducer, small: (build, input side)
+    "tpc patch (paused keys)": (lambda: tpcvit.patch(timm.create_model("deit_small_patch16_224", **TINY_VIT),
+                                                     keep=0.5), 32),
+    "tpc patch deciding once": (lambda: tpcvit.patch(timm.create_model("deit_small_patch16_224", **TINY_VIT),
+                                                     keep=0.5, decide_every=4), 32),
+    "tpc learned (budget)": (lambda: tpcvit.set_policy(small_tpc(), tpcvit.ExecutionPolicy(mode="budget", keep=0.5)),
+                             32),
+    "tpc learned (adaptive)": (lambda: small_tpc(), 32),
+    "tpc swin": (lambda: timm.create_model("tpc_swin_tiny_patch4_window7_224", **SWIN_SMALL), 64),
+    "tpc dinov3 (rotary)": (lambda: tpcvit.patch(_rotary("vit_small_patch16_dinov3"), keep=0.5), 32),
+    "evit": (lambda: timm.create_model("evit_deit_small_patch16_224", **TINY_VIT, keep_rate=0.5), 32),
+    "tome": (lambda: timm.create_model("tome_deit_small_patch16_224", **TINY_VIT, tome_r=6), 32),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@torch.no_grad()
+def test_every_family_and_reducer_matches_with_oneDNN_linears(name):
+    build, side = MODELS[name]
+    model = build().eval()
+    converted = tpcvit.onednn_linears(copy.deepcopy(model))
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, side, side)
+    _close(converted(x), model(x))
+    assert "mkldnn::_linear_pointwise" in _ops(lambda: converted(x))
+
+
+def test_missing_oneDNN_is_a_one_line_error(monkeypatch):
+    import tpcvit.layers.onednn as onednn
+
+    monkeypatch.setattr(onednn, "onednn_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no oneDNN"):
+        tpcvit.onednn_linears(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_bench_times_each_variant_with_and_without_and_refuses_what_would_not_pack():
+    from tpcvit.bench import onednn_variants
+    from tpcvit.config import ConfigError
+
+    cpu = torch.device("cpu")
+    variants, gmacs = onednn_variants({"dense": (nn.Sequential(nn.Linear(4, 4)), None)}, {"dense": 1.5}, "both", cpu,
+                                      torch.float32)
+    assert list(variants) == ["dense", "dense+onednn"] and gmacs == {"dense": 1.5, "dense+onednn": 1.5}
+    assert type(variants["dense"][0][0]) is nn.Linear and type(variants["dense+onednn"][0][0]) is OneDNNLinear
+    for kwargs in ({"dtype": torch.bfloat16}, {"compile": True}, {"device": torch.device("meta")}):
+        args = {"device": cpu, "dtype": torch.float32, **kwargs}
+        with pytest.raises(ConfigError, match="--onednn"):
+            onednn_variants({"dense": (nn.Linear(2, 2), None)}, {"dense": 1.0}, "on", **args)
