@@ -203,3 +203,17 @@ def test_bench_times_each_variant_with_and_without_and_refuses_what_would_not_pa
         args = {"device": cpu, "dtype": torch.float32, **kwargs}
         with pytest.raises(ConfigError, match="--onednn"):
             onednn_variants({"dense": (nn.Linear(2, 2), None)}, {"dense": 1.0}, "on", **args)
+
+
+@pytest.mark.slow
+def test_converted_model_exports_to_onnx_and_traces_without_packed_ops(tmp_path):
+    from tpcvit.export import export_onnx
+
+    model = tpcvit.onednn_linears(small_tpc().eval())
+    report = export_onnx(model, tmp_path / "m.onnx", mode="budget", keep=0.5)  # checked in onnxruntime
+    assert report.max_abs_diff < 1e-4
+    dense = tpcvit.onednn_linears(timm.create_model("deit_small_patch16_224", **TINY_VIT).eval())
+    with torch.no_grad():
+        graph = torch.jit.trace(dense, torch.randn(1, 3, 32, 32)).inlined_graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert "aten::linear" in kinds and not any("mkldnn" in k for k in kinds)

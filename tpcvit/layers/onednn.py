@@ -1,11 +1,10 @@
 """Linears through oneDNN with pre-packed weights: CPU float32 inference, opt-in (:func:`onednn_linears`).
 
-Why: torch runs a float32 ``F.linear`` on x86 CPUs through MKL's sgemm, which on AMD processors does not use
-AVX-512. oneDNN (shipped inside torch as ``mkldnn``, what ``torch.compile``'s CPU backend uses for linears when it
-freezes weights) multiplies with a weight packed once into its blocked layout: measured on a 2-core AMD EPYC with
-AVX-512, a DeiT-S linear ran 2.2-2.7x faster at 7 to 6304 rows, and DeiT-S's whole forward 2.1x at batch 1
-(``benchmarks/results/onednn_speed_*.md``). The result is the same product summed in another order (float32
-rounding, ~1e-6 relative), not bitwise timm's, so it is a choice the user makes, not a default.
+Why: torch runs a float32 ``F.linear`` on x86 CPUs through MKL's sgemm. oneDNN (shipped inside torch as
+``mkldnn``) multiplies with a weight packed once into its blocked layout: on a 2-core AMD EPYC with AVX-512 the
+whole DeiT-S forward ran 2.0x faster at batch 1 and 1.9x at batch 32
+(``benchmarks/results/onednn_speed_deit_small_cpu.md``). The result is the same product summed in another order
+(float32 rounding, ~1e-6 relative), not bitwise timm's, so it is a choice the user makes, not a default.
 
 Every token reducer's block executor (:func:`tpcvit.layers.block_forward` and its relatives) reads a converted
 block's linears packed too, so dense, TPC and the peers run on the same GEMMs. Training, autograd, ``torch.compile``
@@ -44,6 +43,12 @@ def autocast_cpu() -> bool:
         return torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4
         return torch.is_autocast_cpu_enabled()
+
+
+def traced() -> bool:
+    """Being traced or exported (torch.compile, torch.export, TorchScript, ONNX): the graph takes ``F.linear``, which
+    every exporter knows, not the packed op."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -92,9 +97,9 @@ class OneDNNLinear(nn.Linear):
 
     def packed(self, x: torch.Tensor, rows: slice | None = None) -> PackedLinear | None:
         """The packed linear for ``x`` (``rows``: only those output rows, e.g. the query part of a qkv), or ``None``
-        when ``x`` must take ``F.linear`` (autograd on, traced, autocast, not CPU float32, oneDNN missing)."""
+        when ``x`` must take ``F.linear`` (autograd on, autocast, traced or exported, not CPU float32, no oneDNN)."""
         if (not packable(self.weight) or x.dtype != torch.float32 or x.device.type != "cpu"
-                or torch.is_grad_enabled() or torch.compiler.is_compiling() or autocast_cpu()):
+                or torch.is_grad_enabled() or autocast_cpu() or traced()):
             return None
         return self.packed_rows(rows)
 

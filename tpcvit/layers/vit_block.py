@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..tokens import PackedSelection, from_padded, pack, select_packed, to_padded, unpack
 from ._timm import attention_dim, attention_gate, attention_out_norm
 from .geometry import check_fixed_grid, embed_tokens
-from .onednn import OneDNNLinear, PackedLinear, autocast_cpu, linear_rows, packable, version
+from .onednn import OneDNNLinear, PackedLinear, autocast_cpu, linear_rows, packable, traced, version
 
 
 def supports_packing(blk: nn.Module) -> bool:
@@ -146,11 +146,11 @@ def plain_block(blk: nn.Module) -> PlainBlock | None:
 
     Cached per block under no_grad (checking the structure reads ~40 module attributes, as long as the block itself
     at batch 1); a cached entry is trusted while no module registered a parameter or submodule since and its
-    weights' data pointers are unchanged (~2 us); with autograd on, built afresh.
+    weights' data pointers and versions are unchanged (~2 us); with autograd on, built afresh.
     """
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
-        # traced (torch.compile / export): the graph holds the result; autograd: views made now carry the gradient
-        # to the parameters (cached ones made under no_grad would not)
+    if torch.is_grad_enabled() or traced():
+        # traced (torch.compile / export / ONNX): the graph holds the result, with F.linear's ops; autograd: views
+        # made now carry the gradient to the parameters (cached ones made under no_grad would not)
         return _plain_block(blk)
     cached = _PLAIN.get(blk)
     if cached is not None and cached[0] == _GENERATION[0] and _pointers(cached[1]) == cached[2]:
