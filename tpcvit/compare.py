@@ -326,6 +326,8 @@ def write_compare(result: dict, out: str | os.PathLike) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     m = result["machine"]
     compiled = ", torch.compile (every model, dense included)" if result.get("compiled") else ", eager"
+    if result.get("onednn") == "on":
+        compiled += ", oneDNN linears (every model, dense included: tpcvit.onednn_linears)"
     if result.get("cuda_graphs"):
         eager = sorted({f"{r['variant']} ({r['eager_reason']})" for r in result["speed"] if r.get("eager_reason")})
         compiled += ", replayed from CUDA graphs" + (f" (eager: {'; '.join(eager)})" if eager else "")
