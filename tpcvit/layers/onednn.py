@@ -105,14 +105,14 @@ class OneDNNLinear(nn.Linear):
 
     def packed_rows(self, rows: slice | None = None) -> PackedLinear:
         """The (cached) pack of the weight's output ``rows`` (all by default), re-packed after the weight changed."""
-        weight, bias = self.weight, self.bias
-        if rows is not None:
-            weight, bias = weight[rows], None if bias is None else bias[rows]
-        key = _key(weight, bias)
+        key = _key(self.weight, self.bias)  # the whole weight: its rows change when it does (no slice per call)
         cache = _PACKS.setdefault(self, {})
         slot = (None,) if rows is None else (rows.start, rows.stop)
         hit = cache.get(slot)
         if hit is None or hit[0] != key:
+            weight, bias = self.weight, self.bias
+            if rows is not None:
+                weight, bias = weight[rows], None if bias is None else bias[rows]
             hit = cache[slot] = (key, PackedLinear(weight, bias))
         return hit[1]
 

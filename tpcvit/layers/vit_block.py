@@ -148,24 +148,23 @@ def plain_block(blk: nn.Module) -> PlainBlock | None:
     at batch 1); a cached entry is trusted while no module registered a parameter or submodule since and its
     weights' data pointers and versions are unchanged (~2 us); with autograd on, built afresh.
     """
-    if torch.is_grad_enabled() or traced():
+    if torch.is_grad_enabled() or traced() or autocast_cpu():
         # traced (torch.compile / export / ONNX): the graph holds the result, with F.linear's ops; autograd: views
-        # made now carry the gradient to the parameters (cached ones made under no_grad would not)
+        # made now carry the gradient to the parameters (cached ones made under no_grad would not); CPU autocast
+        # casts the linears: views, not float32 oneDNN packs
         return _plain_block(blk)
     cached = _PLAIN.get(blk)
     if cached is not None and cached[0] == _GENERATION[0] and _pointers(cached[1]) == cached[2]:
-        plain = cached[3]
-        if plain is not None and type(plain.qkv) is PackedLinear and autocast_cpu():
-            return _plain_block(blk)  # autocast casts the linears: the views, not the float32 packs
-        return plain
-    plain = _plain_block(blk, packed=not autocast_cpu())
+        return cached[3]
+    plain = _plain_block(blk, packed=True)
     slots = () if plain is None else _slots(blk)
     _PLAIN[blk] = (_GENERATION[0], slots, _pointers(slots), plain)
     return plain
 
 
 def _plain_block(blk: nn.Module, packed: bool = False) -> PlainBlock | None:
-    """``packed``: linears converted by :func:`onednn_linears` with float32 CPU weights are packed (inference)."""
+    """``packed`` (the inference cache): linears converted by :func:`onednn_linears` with float32 CPU weights are
+    kept packed."""
     from timm.layers import LayerNorm, Mlp
 
     if not supports_packing(blk):
