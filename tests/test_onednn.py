@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import SMALL, small_tpc
+from test_families import SWIN_SMALL
+from test_peers import _rotary
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tpcvit
@@ -19,8 +21,6 @@ from tpcvit.layers import OneDNNLinear, PackedLinear, block_forward, lean_dense,
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear")
 
 TINY_VIT = dict(SMALL, img_size=32, patch_size=4)
-SWIN_SMALL = dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
-                  num_classes=5)
 
 
 class _Ops(TorchDispatchMode):
@@ -149,12 +149,6 @@ def test_converted_model_copies_pickles_and_loads():
     _close(plain(x), out)
 
 
-def _rotary(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=2, num_classes=5,
-                             init_values=1.0, dynamic_img_size=False).eval()
-
-
 MODELS = {  # every family and token reducer, small: (build, input side)
     "tpc patch (paused keys)": (lambda: tpcvit.patch(timm.create_model("deit_small_patch16_224", **TINY_VIT),
                                                      keep=0.5), 32),
@@ -164,7 +158,8 @@ MODELS = {  # every family and token reducer, small: (build, input side)
                              32),
     "tpc learned (adaptive)": (lambda: small_tpc(), 32),
     "tpc swin": (lambda: timm.create_model("tpc_swin_tiny_patch4_window7_224", **SWIN_SMALL), 64),
-    "tpc dinov3 (rotary)": (lambda: tpcvit.patch(_rotary("vit_small_patch16_dinov3"), keep=0.5), 32),
+    "tpc dinov3 (rotary)": (lambda: tpcvit.patch(_rotary("vit_small_patch16_dinov3", dynamic_img_size=False),
+                                                 keep=0.5), 32),
     "evit": (lambda: timm.create_model("evit_deit_small_patch16_224", **TINY_VIT, keep_rate=0.5), 32),
     "tome": (lambda: timm.create_model("tome_deit_small_patch16_224", **TINY_VIT, tome_r=6), 32),
 }
@@ -203,6 +198,10 @@ def test_bench_times_each_variant_with_and_without_and_refuses_what_would_not_pa
         args = {"device": cpu, "dtype": torch.float32, **kwargs}
         with pytest.raises(ConfigError, match="--onednn"):
             onednn_variants({"dense": (nn.Linear(2, 2), None)}, {"dense": 1.0}, "on", **args)
+    from tpcvit.compare import run_compare
+
+    with pytest.raises(ConfigError, match="--onednn on or off"):  # the copies would have no spec or GMACs point
+        run_compare({}, ["dense"], {}, [1], 1, onednn="both")
 
 
 @pytest.mark.slow

@@ -409,7 +409,7 @@ def same_executor_markdown(rows: list[SpeedRow]) -> str:
     table = []
     for r in rows:
         ref = base.get(("dense-lean+onednn" if r.variant.endswith("+onednn") else "dense-lean", r.batch))
-        if ref is None or r.variant.startswith(("dense", "dense-lean")):
+        if ref is None or r.variant.startswith("dense"):
             continue
         ratio, low, high = paired_speedup(ref.samples_s, r.samples_s)
         interval = "" if low is None else f" [{low:.2f}, {high:.2f}]"

@@ -97,9 +97,6 @@ def _bench_methods(args: argparse.Namespace, command: str) -> int:
         weights[method] = path
     if args.config is None and args.dtype != "float32":
         raise ConfigError("--methods benchmarks run in float32")
-    if args.onednn == "both":
-        raise ConfigError("--methods takes --onednn on or off (every model alike); a with/without table: tpcvit bench "
-                          "--model NAME --onednn both")
     result = run_compare(cfg, args.methods, weights, list(args.batch_sizes), args.rounds,
                          calib_images=args.calib_images, with_data=args.config is not None and not args.no_data,
                          device=args.device, progress=not args.quiet, compile=args.compile,
@@ -312,6 +309,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import ONEDNN_CHOICES
+
     parser = argparse.ArgumentParser(prog="tpcvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -337,10 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-graphs", action="store_true", help="GPU: capture every variant without host "
                    "synchronisation (dense, budget mode, fixed-budget peers) in a CUDA graph once per batch size and "
                    "time its replays (batch 1: one launch instead of hundreds); the others run eagerly, marked")
-    b.add_argument("--onednn", choices=["off", "on", "both"], default="off",
+    b.add_argument("--onednn", choices=ONEDNN_CHOICES, default="off",
                    help="CPU float32: run every model's linears through oneDNN with pre-packed weights "
-                        "(tpcvit.onednn_linears; 2x faster than torch's default GEMM on AMD CPUs); both: time each "
-                        "variant with and without, in the same rounds")
+                        "(tpcvit.onednn_linears; DeiT-S 2x faster on our AMD EPYC); both: time each variant with "
+                        "and without, in the same rounds (not with --methods)")
     b.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --methods)")
     b.add_argument("--breakdown", action="store_true", help="per controlled block: controller head, decision, "
                    "gather/scatter, block on its selection vs on every token; and TPC at keep 100%% vs dense")

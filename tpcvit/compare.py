@@ -191,9 +191,13 @@ def run_compare(
 
     Knobs are matched and accuracy measured in float32 and eager; ``dtype`` is what the models run in for the
     timing, ``compile``: every model (dense included) is timed through ``torch.compile``, ``cuda_graphs``: replayed
-    from a CUDA graph where it can be, ``onednn``: linears through oneDNN, or each model with and without
-    (:func:`speed_table`)."""
+    from a CUDA graph where it can be, ``onednn="on"``: every model's linears through oneDNN (:func:`speed_table`).
+    """
     from .engine import build_val_data, evaluate, init_distributed
+
+    if onednn == "both":  # the +onednn copies would have no spec, accuracy or GMACs point of their own
+        raise ConfigError("--methods takes --onednn on or off (every model alike); a with/without table: tpcvit bench "
+                          "--model NAME --onednn both")
 
     parsed = [parse_spec(s) for s in specs]
     if not any(s.method == "dense" for s in parsed):
