@@ -322,7 +322,8 @@ def test_bench_command_writes_rows(tmp_path):
     assert [r["variant"] for r in rows] == ["dense", "dense-lean", "tpc@100%", "tpc@50%"]
     assert rows[3]["gmacs"] < rows[2]["gmacs"] and all(r["img_per_s"] > 0 for r in rows)
     assert rows[1]["gmacs"] == rows[0]["gmacs"]  # the same dense model on the lean executor
-    assert "speed-up/FLOPs" in (tmp_path / "speed.md").read_text()
+    md = (tmp_path / "speed.md").read_text()
+    assert "speed-up/FLOPs" in md and f"{rows[0]['spread']:.2f}x |" in md  # the round spread is printed
 
 
 def test_bench_on_a_plain_timm_vit_times_training_free_tpc_and_names_bad_models(tmp_path):

@@ -388,13 +388,13 @@ def speedup_header(rows: list[SpeedRow], label: str = "speed-up") -> str:
 
 def rows_to_markdown(rows: list[SpeedRow]) -> str:
     header = ["variant", "keep", "batch", "dtype", "img/s", "latency ms", "GMACs", speedup_header(rows), "FLOPs ratio",
-              "speed-up/FLOPs"]
+              "speed-up/FLOPs", "round spread"]
     from .reporting import markdown_table
 
     return markdown_table(header, [
         [r.variant + (" (eager)" if r.eager_reason else ""), "-" if r.keep is None else f"{r.keep:.0%}", r.batch,
          r.dtype, r.img_per_s_text, f"{r.latency_ms:.1f}", f"{r.gmacs:.2f}", r.speedup_text, f"{r.flops_ratio:.2f}x",
-         f"{r.speedup_per_flops:.2f}"] for r in rows])
+         f"{r.speedup_per_flops:.2f}", f"{r.spread:.2f}x"] for r in rows])
 
 
 def same_executor_markdown(rows: list[SpeedRow]) -> str:

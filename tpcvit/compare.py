@@ -335,9 +335,12 @@ def write_compare(result: dict, out: str | os.PathLike) -> list[Path]:
     if result.get("cuda_graphs"):
         eager = sorted({f"{r['variant']} ({r['eager_reason']})" for r in result["speed"] if r.get("eager_reason")})
         compiled += ", replayed from CUDA graphs" + (f" (eager: {'; '.join(eager)})" if eager else "")
+    spreads = ", ".join(f"b={b}: <= {max(r['spread'] for r in result['speed'] if r['batch'] == b):.2f}x"
+                        for b in result["batch_sizes"])
     md = (f"Machine: {m['cpu']}, {m['threads']} threads, {m['device']}, {result.get('dtype', 'float32')}{compiled}; "
           f"batch sizes {result['batch_sizes']}, "
-          f"{result['rounds']} interleaved rounds, medians.\n\nCommand: `{result.get('command', '')}`\n\n"
+          f"{result['rounds']} interleaved rounds, medians; slowest / fastest round of any row {spreads}."
+          f"\n\nCommand: `{result.get('command', '')}`\n\n"
           f"{compare_markdown(result)}\n")
     atomic_write(out.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(result, indent=2)))
     atomic_write(out.with_suffix(".md"), lambda t: Path(t).write_text(md))
