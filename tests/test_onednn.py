@@ -193,6 +193,24 @@ def test_bench_times_each_variant_with_and_without_and_refuses_what_would_not_pa
         run_compare({}, ["dense"], {}, [1], 1, onednn="both")
 
 
+def test_breakdown_runs_both_models_on_onednn_linears(monkeypatch):
+    """``tpcvit bench --breakdown --onednn on``: TPC and the dense models run packed linears, each counted as one
+    operator call like the ``aten::linear`` it replaces (the report's call counts stay comparable)."""
+    from tpcvit.breakdown import breakdown, breakdown_markdown
+
+    calls = []
+    original = PackedLinear.__call__
+    monkeypatch.setattr(PackedLinear, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=3)
+    results = {on: breakdown("tpc_deit_tiny_patch16_224", [0.5], [1], rounds=1, onednn=on, **kw) for on in (0, 1)}
+    assert calls and results[1]["onednn"] and "oneDNN linears" in breakdown_markdown(results[1])
+    assert "oneDNN" not in breakdown_markdown(results[0])
+    ops = [r["batches"]["1"]["aten_ops"] for r in results.values()]
+    assert ops[1]["dense"] == ops[0]["dense"]  # timm's forward: each linear one call either way
+    # the lean executor fuses fc1 with its GELU on oneDNN: one call fewer per block
+    assert ops[1]["dense (lean)"] == ops[0]["dense (lean)"] - 3
+
+
 @pytest.mark.slow
 def test_converted_model_exports_to_onnx_and_traces_without_packed_ops(tmp_path):
     from tpcvit.export import export_onnx

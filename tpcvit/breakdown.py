@@ -78,16 +78,20 @@ def block_parts(model: nn.Module, batch: int, keep: float, rounds: int = 7, iter
 
 
 def count_ops(fn) -> int:
-    """Top-level ATen operator calls of one ``fn()`` (torch.profiler): at batch 1 on a CPU every call costs a few
-    microseconds whatever its size, so this count, not the FLOPs, sets the floor of a small model's latency."""
+    """Top-level operator calls (ATen's, and oneDNN's packed linears) of one ``fn()`` (torch.profiler): at batch 1
+    on a CPU every call costs a few microseconds whatever its size, so this count, not the FLOPs, sets the floor of
+    a small model's latency."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.inference_mode():
         fn()  # warm
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return sum(1 for e in prof.events() if e.name.startswith(_OPERATORS)
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith(_OPERATORS)))
+
+
+_OPERATORS = ("aten::", "mkldnn::")  # a converted linear (tpcvit.onednn_linears) is one mkldnn:: call, not aten::
 
 
 def cut_forward(dense: nn.Module, x: torch.Tensor, start: int, keep: float, paused_keys: bool = False) -> torch.Tensor:
@@ -167,18 +171,27 @@ WITHOUT_STABILIZERS = "without stabilizers"
 
 
 def breakdown(model_name: str, keeps: list[float], batch_sizes: list[int], rounds: int = 7, device: str = "cpu",
-              tpc_options: dict | None = None, decide_every: tuple[int, ...] = (1,), **model_kwargs) -> dict:
+              tpc_options: dict | None = None, decide_every: tuple[int, ...] = (1,), onednn: bool = False,
+              **model_kwargs) -> dict:
     """The per-block parts and whole-model times at every batch size (random weights: speed only).
-    ``model_kwargs``: the backbone's (both models); ``tpc_options``: :class:`TPCConfig` fields (TPC only)."""
+    ``model_kwargs``: the backbone's (both models); ``tpc_options``: :class:`TPCConfig` fields (TPC only);
+    ``onednn``: both models' linears through oneDNN (:func:`tpcvit.onednn_linears`): with the GEMMs ~2x faster,
+    TPC's own parts weigh twice as much, and this shows by how much."""
     import timm
 
+    from .bench import onednn_variants
     from .models import dense_name
 
     tpc = timm.create_model(model_name, **model_kwargs, **(tpc_options or {})).eval().to(device)
     dense = timm.create_model(dense_name(model_name), **model_kwargs).eval().to(device)
+    if onednn:  # the same checks and one-line errors as tpcvit bench --onednn on
+        models = onednn_variants({"tpc": (tpc, None), "dense": (dense, None)}, {}, "on", torch.device(device),
+                                 torch.float32, False)[0]
+        tpc, dense = models["tpc"][0], models["dense"][0]
     controlled = len(tpc.blocks) - tpc.tpc_cfg.start_layer
     result = {"model": model_name, "kwargs": model_kwargs, "tpc": tpc_options or {}, "keeps": keeps,
               "decide_every": list(decide_every), "controlled_blocks": controlled, "machine": machine_info(device),
+              "onednn": onednn,
               "rounds": rounds, "batches": {}}
     for batch in batch_sizes:
         measured = model_times(tpc, dense, batch, keeps, rounds, device, decide_every)
@@ -207,7 +220,8 @@ def _keep_100_text(r: dict) -> str:
 def breakdown_markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"{result['model']}: {result['controlled_blocks']} controlled blocks; {m['cpu']}, {m['threads']} "
-             f"threads, {m['device']}, fp32; medians of {result['rounds']} interleaved rounds.", ""]
+             f"threads, {m['device']}, fp32{', oneDNN linears (both models)' if result.get('onednn') else ''}; "
+             f"medians of {result['rounds']} interleaved rounds.", ""]
     for batch, r in result["batches"].items():
         keeps = list(r["block_us"])
         parts = list(next(iter(r["block_us"].values())))

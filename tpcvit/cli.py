@@ -57,8 +57,9 @@ def _bench_breakdown(args: argparse.Namespace, command: str) -> int:
     from .breakdown import breakdown, breakdown_markdown
     from .checkpoint import atomic_write
 
-    if args.methods or args.compile or args.cuda_graphs or args.onednn != "off":
-        raise ConfigError("--breakdown times TPC's own parts: drop --methods / --compile / --cuda-graphs / --onednn")
+    if args.methods or args.compile or args.cuda_graphs or args.onednn == "both":
+        raise ConfigError("--breakdown times TPC's own parts: drop --methods / --compile / --cuda-graphs, and take "
+                          "--onednn on or off")
     name, kwargs, tpc = args.model, {"img_size": args.img_size} if args.img_size else {}, {}
     if args.config:  # the config's model: backbone kwargs and TPC options (e.g. the main job's)
         from .config import load_config
@@ -66,7 +67,7 @@ def _bench_breakdown(args: argparse.Namespace, command: str) -> int:
         cfg = load_config(args.config, [*(args.set or []), *args.overrides])
         name, kwargs, tpc = cfg["model"]["name"], dict(cfg["model"]["kwargs"]), dict(cfg["model"]["tpc"])
     result = breakdown(name, list(args.keeps), list(args.batch_sizes), args.rounds, args.device, tpc,
-                       tuple(args.decide_every), **kwargs)
+                       tuple(args.decide_every), onednn=args.onednn == "on", **kwargs)
     result["command"] = command
     md = breakdown_markdown(result)
     print(md)
@@ -339,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--onednn", choices=ONEDNN_CHOICES, default="off",
                    help="CPU float32: run every model's linears through oneDNN with pre-packed weights "
                         "(tpcvit.onednn_linears; DeiT-S 2x faster on our AMD EPYC); both: time each variant with "
-                        "and without, in the same rounds (not with --methods)")
+                        "and without, in the same rounds (not with --methods or --breakdown)")
     b.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --methods)")
     b.add_argument("--breakdown", action="store_true", help="per controlled block: controller head, decision, "
                    "gather/scatter, block on its selection vs on every token; and TPC at keep 100%% vs dense")
