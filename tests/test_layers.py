@@ -167,3 +167,31 @@ def test_lean_dense_vit_is_bitwise_timms_model_and_refuses_other_families():
     assert count_ops(lambda: lean(x)) < count_ops(lambda: dense(x))
     with pytest.raises(TypeError, match="VisionTransformer"):
         LeanDenseViT(nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def test_counting_gmacs_leaves_every_module_in_its_own_mode():
+    """Counting (and every helper that runs a model in eval mode for a moment) restores each submodule's own flag:
+    ``model.train(was_training)`` once spread a fresh wrapper's training flag into the eval model inside it, and
+    ``tpcvit bench``'s dense-lean row then ran timm's block calls instead of the lean executor."""
+    import timm
+
+    from tpcvit.breakdown import count_ops
+    from tpcvit.flops import count_gmacs, measured_gmacs
+
+    dense = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
+                              num_heads=2, num_classes=5).eval()
+    lean = LeanDenseViT(dense)
+    assert not lean.training  # the wrapped model's mode, not a fresh module's
+    x = torch.randn(2, 3, 32, 32)
+    lean_ops = count_ops(lambda: lean(x))
+    for count in (count_gmacs, measured_gmacs):
+        lean.training = True  # a wrapper in training mode around an eval model: the case that went wrong
+        assert count(lean, x) > 0
+        assert lean.training and not any(m.training for m in dense.modules())
+        assert count_ops(lambda: lean(x)) == lean_ops < count_ops(lambda: dense(x))  # still the lean executor
+    mixed = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+    mixed[1].eval()
+    with tpcvit.layers.eval_mode(mixed):
+        assert not any(m.training for m in mixed.modules())
+    assert [m.training for m in mixed.modules()] == [True, True, False]

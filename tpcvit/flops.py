@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers import image_geometry, unwrap
+from .layers import eval_mode, image_geometry, unwrap
 from .layers._timm import head_dim
 from .policy import ExecutionPolicy
 from .propagation import TokenTrace
@@ -65,15 +65,11 @@ def count_gmacs(model: nn.Module, x: torch.Tensor) -> float:
     Adaptive TPC models are run one image at a time (each image's own active set, no padding); dense and
     budget-mode models have the same cost for every image and run as one batch.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if _is_adaptive(model):
             flops = sum(count_flops(model, x[i:i + 1]) for i in range(x.shape[0]))
         else:
             flops = count_flops(model, x)
-    finally:
-        model.train(was_training)
     return flops / 2 / 1e9 / x.shape[0]
 
 
@@ -90,13 +86,9 @@ def measured_gmacs(model: nn.Module, x: torch.Tensor) -> float:
     traced = hasattr(inner, "forward_with_trace") and hasattr(inner, "gmacs_per_image")
     if not (traced and _is_adaptive(inner)):
         return count_gmacs(model, x)
-    was_training = inner.training
-    inner.eval()
-    try:
+    with eval_mode(inner):
         _, trace = inner.forward_with_trace(x)
         return inner.gmacs_per_image(trace).mean().item()
-    finally:
-        inner.train(was_training)
 
 
 def block_linear_macs(blk: nn.Module) -> tuple[int, int, int]:
@@ -193,13 +185,8 @@ def swin_gmacs_from_trace(model: nn.Module, trace: TokenTrace) -> torch.Tensor:
     if not hasattr(m, "_dense_gmacs"):
         dense = ExecutionPolicy(mode="dense")
         probe = torch.zeros(1, *image_geometry(m), device=device)
-        was_training = m.training
-        m.eval()
-        try:
-            with torch.no_grad():
-                flops = count_flops(lambda t: m.forward_head(m._propagate(t, dense, with_trace=False)[0]), probe)
-        finally:
-            m.train(was_training)
+        with eval_mode(m), torch.no_grad():
+            flops = count_flops(lambda t: m.forward_head(m._propagate(t, dense, with_trace=False)[0]), probe)
         m._dense_gmacs = flops / 2 / 1e9
     blocks = m.block_list
     saved = torch.zeros(trace.active.shape[0], dtype=torch.float64, device=device)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .budget import match_gmacs
 from .flops import count_gmacs
+from .layers import eval_mode
 from .models import TPCEva, TPCViT
 from .models._builder import convert_in_place
 from .propagation import TPCConfig
@@ -176,29 +177,27 @@ def fit_schedule(model: nn.Module, schedule: Schedule, *, keep: float | None = N
     param = next(model.parameters())
     probe = torch.zeros(1, tpc.patch_embed.proj.in_channels, *tpc.patch_embed.img_size, device=param.device,
                         dtype=param.dtype)
-    was_training = model.training
-    model.eval()
-    reference = None
-    if len(candidates) > 1:
-        reference = F.log_softmax(set_mode(model, "dense")(images).float(), dim=-1)
-    dense_gmacs = count_gmacs(set_mode(model, "dense"), probe) if gmacs is not None else None
-    best = None
-    for profile in candidates:
-        policy = current_policy(model).replace(mode="budget", keep=keep if keep is not None else 0.5,
-                                               keep_profile=profile)
-        set_policy(model, policy)
-        k = keep if keep is not None else match_gmacs(model, probe, gmacs * dense_gmacs)[0]
-        score = 0.0
-        if reference is not None:
-            set_policy(model, policy.replace(keep=k))
-            out = F.log_softmax(model(images).float(), dim=-1)
-            score = F.kl_div(out, reference, log_target=True, reduction="batchmean").item()
-        if best is None or score < best[0]:
-            best = (score, k, profile)
-    _, k, profile = best
-    set_policy(model, current_policy(model).replace(mode="budget", keep=k, keep_profile=profile))
-    tpc.tpc_cfg.target_keep = k
-    model.train(was_training)
+    with eval_mode(model):
+        reference = None
+        if len(candidates) > 1:
+            reference = F.log_softmax(set_mode(model, "dense")(images).float(), dim=-1)
+        dense_gmacs = count_gmacs(set_mode(model, "dense"), probe) if gmacs is not None else None
+        best = None
+        for profile in candidates:
+            policy = current_policy(model).replace(mode="budget", keep=keep if keep is not None else 0.5,
+                                                   keep_profile=profile)
+            set_policy(model, policy)
+            k = keep if keep is not None else match_gmacs(model, probe, gmacs * dense_gmacs)[0]
+            score = 0.0
+            if reference is not None:
+                set_policy(model, policy.replace(keep=k))
+                out = F.log_softmax(model(images).float(), dim=-1)
+                score = F.kl_div(out, reference, log_target=True, reduction="batchmean").item()
+            if best is None or score < best[0]:
+                best = (score, k, profile)
+        _, k, profile = best
+        set_policy(model, current_policy(model).replace(mode="budget", keep=k, keep_profile=profile))
+        tpc.tpc_cfg.target_keep = k
     return k, profile
 
 
@@ -208,16 +207,15 @@ def calibrate_threshold(model: nn.Module, images: torch.Tensor, keep: float, ite
     patch tokens in the controlled blocks is ``keep`` (adaptive mode)."""
     if not model.tpc_cfg.reads_attention:
         raise ValueError("only the attention (training-free or hybrid) controller has a threshold to calibrate")
-    was_training = model.training
-    set_mode(model.eval(), "adaptive")
-    lo, hi = -6.0, 6.0  # log relative attention: e^-6 .. e^6 times uniform
-    start = model.tpc_cfg.start_layer
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        model.tpc_cfg.attention_threshold = mid
-        _, trace = model.forward_with_trace(images)
-        got = trace.active[:, start:].float().mean().item()
-        lo, hi = (mid, hi) if got > keep else (lo, mid)  # a higher threshold pauses more
-    model.tpc_cfg.attention_threshold = (lo + hi) / 2
-    model.train(was_training)
+    with eval_mode(model):
+        set_mode(model, "adaptive")
+        lo, hi = -6.0, 6.0  # log relative attention: e^-6 .. e^6 times uniform
+        start = model.tpc_cfg.start_layer
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            model.tpc_cfg.attention_threshold = mid
+            _, trace = model.forward_with_trace(images)
+            got = trace.active[:, start:].float().mean().item()
+            lo, hi = (mid, hi) if got > keep else (lo, mid)  # a higher threshold pauses more
+        model.tpc_cfg.attention_threshold = (lo + hi) / 2
     return model.tpc_cfg.attention_threshold

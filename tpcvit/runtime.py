@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import controller as C
-from .layers import ControllerHead, TokenGridStabilizer, check_fixed_grid
+from .layers import ControllerHead, TokenGridStabilizer, check_fixed_grid, eval_mode
 from .policy import ExecutionPolicy
 from .propagation import Decision, Propagation, TokenTrace, TPCConfig, tpc_loss
 
@@ -335,16 +335,16 @@ def calibrate_keep_profile(model: nn.Module, images: torch.Tensor, batch_size: i
     Why: a TPC model fine-tuned adaptively learns to keep more tokens early and fewer late (its keep prior); the
     same ``keep`` in every block asks it for a distribution it never saw in training.
     """
-    saved, was_training = current_policy(model), model.training
-    model.eval()
+    saved = current_policy(model)
     set_policy(model, saved.replace(mode="adaptive", keep=None, keep_profile=None))
     try:
         tpc = unwrap_reducer(model)
-        keep = sum(tpc.forward_with_trace(chunk)[1].keep_ratio() * len(chunk) for chunk in images.split(batch_size))
+        with eval_mode(model):
+            keep = sum(tpc.forward_with_trace(chunk)[1].keep_ratio() * len(chunk)
+                       for chunk in images.split(batch_size))
         keep = (keep / images.shape[0])[tpc.tpc_cfg.start_layer:].clamp_min(1e-3)
         profile = tuple(round(float(v), 4) for v in keep / keep.mean())
     finally:
-        model.train(was_training)
         set_policy(model, saved)
     set_policy(model, saved.replace(keep_profile=profile))
     return profile

@@ -12,7 +12,16 @@ from .eva_block import (
     rope_rows,
     spread_rope,
 )
-from .geometry import check_fixed_grid, check_images, dynamic_size, embed_tokens, image_geometry, image_grid, unwrap
+from .geometry import (
+    check_fixed_grid,
+    check_images,
+    dynamic_size,
+    embed_tokens,
+    eval_mode,
+    image_geometry,
+    image_grid,
+    unwrap,
+)
 from .heads import ControllerHead
 from .onednn import OneDNNLinear, PackedLinear, onednn_available, onednn_linears
 from .stabilizer import TokenGridStabilizer
@@ -42,7 +51,8 @@ __all__ = ["ControllerHead", "LeanDenseViT", "OneDNNLinear", "PackedLinear", "Pl
            "attend", "attention_half", "attention_output", "attention_parts", "block_forward", "block_rows",
            "check_fixed_grid", "check_images", "check_timm_eva", "check_timm_vit", "class_row_attention",
            "context_block", "context_rows", "dynamic_size", "embed_tokens", "eva_attend", "eva_attention_half",
-           "eva_context_block", "eva_embed", "eva_mlp_half", "image_geometry", "image_grid", "lean_dense", "mlp_half",
+           "eva_context_block", "eva_embed", "eva_mlp_half", "eval_mode", "image_geometry", "image_grid", "lean_dense",
+           "mlp_half",
            "onednn_available", "onednn_linears", "packed_block", "packed_selection_block", "plain_block", "pool_rope",
            "rope_rows", "sparse_swin_block", "spread_rope", "supports_packing", "unwrap", "upsample_tokens",
            "window_attention_heads"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -15,6 +18,23 @@ def unwrap(model: nn.Module) -> nn.Module:
         if inner is None:
             return model
         model = inner
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; afterwards every submodule's own training flag as it was.
+
+    Why not ``was = model.training; model.eval(); ...; model.train(was)``: ``train(flag)`` sets the whole tree to
+    the top module's flag. A wrapper left in training mode around an eval model (a fresh ``nn.Module`` is in
+    training mode) then put the inner model in training mode: ``tpcvit bench``'s ``dense-lean`` row ran timm's
+    block calls instead of the lean executor after its GMACs were counted (sessions 16-23)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def image_geometry(model: nn.Module) -> tuple[int, int, int]:

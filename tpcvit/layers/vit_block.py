@@ -427,6 +427,7 @@ class LeanDenseViT(nn.Module):
         if not isinstance(dense, VisionTransformer):
             raise TypeError(f"the lean dense baseline runs timm VisionTransformer models, got {type(dense).__name__}")
         self.dense = dense
+        self.training = dense.training  # its mode, not a fresh module's training mode (train(True) would spread it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.dense
