@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14's CPU targets, eager PyTorch (and one compiled run), fp32, random weights (speed only: budget mode has
 # static shapes, so its speed does not depend on the weights). Run it ALONE on the machine (no other torch process:
-# 2 threads each on 2 cores make timings 5-10x slower). Writes benchmarks/results/cpu_*.{json,md}. ~20 min on a
+# 2 threads each on 2 cores make timings 5-10x slower). Writes benchmarks/results/cpu_*.{json,md}. ~30 min on a
 # 2-core CPU.
 # Speed-ups are paired per interleaved round (median ratio, 95% interval): the rounds counts below give intervals
 # of a few percent on a VM whose batch-1 rounds vary 1.5-3x.
@@ -12,6 +12,7 @@
 #   3. where the time goes: per controlled block parts, both models, and the zero-overhead ceiling (the dense model
 #      cut once to the kept tokens: what this machine gives for those FLOPs at all)
 #   4. why that ceiling is below FLOPs at DeiT-S batch 1: a block's time against its token count
+#   5. DeiT-S again with oneDNN linears in every model (tpcvit.onednn_linears): speed-up per FLOPs and the ceiling
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -38,3 +39,8 @@ tpcvit bench --breakdown -c configs/fmnist_main.yaml --keeps 1.0 0.25 --batch-si
   --decide-every 1 2 5 --out $R/cpu_breakdown_mainjob
 # why the ceiling at DeiT-S batch 1 is below FLOPs: a block's time against its token count (weights cached or not)
 python benchmarks/block_scaling.py --rounds 21 --out $R/block_scaling_deit_small_cpu
+# 5. DeiT-S on oneDNN linears (every model, dense included): the b=1 target and its ceiling on the faster GEMMs
+tpcvit bench --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --decide-every 1 3 11 --batch-sizes 1 32 \
+  --rounds 21 --onednn on --quiet --out $R/cpu_deit_small_onednn
+tpcvit bench --breakdown --model tpc_deit_small_patch16_224 --keeps 1.0 0.7 0.5 0.3 --batch-sizes 1 32 --rounds 11 \
+  --decide-every 1 3 11 --onednn on --out $R/cpu_breakdown_deit_small_onednn

@@ -223,3 +223,23 @@ def test_converted_model_exports_to_onnx_and_traces_without_packed_ops(tmp_path)
         graph = torch.jit.trace(dense, torch.randn(1, 3, 32, 32)).inlined_graph
     kinds = {node.kind() for node in graph.nodes()}
     assert "aten::linear" in kinds and not any("mkldnn" in k for k in kinds)
+
+
+def test_bench_pairs_every_variant_with_dense_lean_on_its_own_linears():
+    """The same-executor table: each TPC row over dense-lean, a ``+onednn`` row over dense-lean+onednn (paired per
+    round), dense rows left out; nothing without a dense-lean row."""
+    from tpcvit.bench import SpeedRow, same_executor_markdown
+
+    def row(variant: str, seconds: float, flops_ratio: float = 1.0) -> SpeedRow:
+        return SpeedRow(variant, 1, "float32", 1 / seconds, 1e3 * seconds, 1.0, flops_ratio=flops_ratio,
+                        samples_s=[seconds * f for f in (1.0, 1.1, 0.9, 1.05, 0.95, 1.0)])
+
+    rows = [row("dense", 1.0), row("dense-lean", 0.8), row("tpc@50%", 0.5, 2.0), row("dense-lean+onednn", 0.4),
+            row("tpc@50%+onednn", 0.32, 2.0)]
+    table = same_executor_markdown(rows)
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| tpc")}
+    assert set(lines) == {"tpc@50%", "tpc@50%+onednn"} and not any(line.startswith("| dense") for line in
+                                                                     table.splitlines())
+    assert "| dense-lean | 1.60x" in lines["tpc@50%"] and lines["tpc@50%"].endswith("| 0.80 |")
+    assert "| dense-lean+onednn | 1.25x" in lines["tpc@50%+onednn"]
+    assert same_executor_markdown([r for r in rows if not r.variant.startswith("dense-lean")]) == ""
