@@ -76,6 +76,24 @@ def test_patch_keeps_weights_and_keys_and_dense_mode_is_the_original_model(varia
     assert reduced.shape == ref.shape and not torch.allclose(reduced, ref)
 
 
+def test_patch_and_learned_controller_keep_each_part_in_its_own_mode(x):
+    """Converting in place gives the new parts the model's mode and leaves the model's own parts as they were (a part
+    frozen in eval mode inside a training model stays in eval mode), for the training-free patch and the learned
+    controller alike (both convert in place)."""
+    from tpcvit.patch import with_tpc
+
+    for convert in (lambda m: tpcvit.patch(m, keep=0.5), with_tpc):
+        for training in (True, False):
+            model = _model("deit_tiny_patch16_224").train(training)
+            model.blocks[0].train(not training)
+            existing = {id(m) for m in model.modules()}
+            convert(model)
+            assert all(m.training != training for m in model.blocks[0].modules())
+            assert model.blocks[1].training == training
+            new = [m for m in model.modules() if id(m) not in existing]
+            assert new and all(m.training == training for m in new)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("mode", ["budget", "adaptive"])
 def test_training_free_controller_masked_equals_fast_and_restarts(variant, mode, x):

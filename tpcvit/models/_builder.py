@@ -122,16 +122,19 @@ _CONVERTED: dict[tuple[type, type], type] = {}
 def convert_in_place(model: nn.Module, front: type, prefix: str, setup: Callable[[nn.Module], None]) -> nn.Module:
     """Give a built timm model a method in place (and return it): its class becomes ``front`` in front of its own
     (one class per pair, cached, named ``<prefix><its class>``; ``front`` itself when it already derives from the
-    model's class) and ``setup(model)`` adds the method's parts, moved to the model's device and dtype, its
-    train/eval mode kept. Weights and state-dict keys stay. What ``tpcvit.patch`` / ``with_tpc`` and
-    ``tpcvit.baselines.as_peer`` share."""
+    model's class) and ``setup(model)`` adds the method's parts, moved to the model's device and dtype and in the
+    model's train/eval mode (its own parts keep theirs: a part frozen in eval mode stays so). Weights and state-dict
+    keys stay. What ``tpcvit.patch`` / ``with_tpc`` and ``tpcvit.baselines.as_peer`` share."""
     base = type(model)
     if (front, base) not in _CONVERTED:
         _CONVERTED[(front, base)] = front if issubclass(front, base) else type(
             f"{prefix}{base.__name__}", (front, base),
             {"__module__": __name__, "__doc__": f"{base.__name__} with {prefix} (converted in place)"})
     param = next(model.parameters())
-    was_training = model.training
+    before = {id(m) for m in model.modules()}
     model.__class__ = _CONVERTED[(front, base)]
     setup(model)
-    return model.to(device=param.device, dtype=param.dtype).train(was_training)
+    for m in model.modules():  # the new parts take the model's mode; the model's own keep theirs (a frozen part)
+        if id(m) not in before:
+            m.training = model.training
+    return model.to(device=param.device, dtype=param.dtype)
