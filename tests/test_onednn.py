@@ -96,6 +96,34 @@ def test_converted_blocks_run_packed_gemms_only_and_match_timm():
     assert "addmm" not in ops and "linear" not in ops  # every linear of the model, head included
 
 
+def test_timms_own_forward_runs_fc1_with_its_gelu_and_trains_as_before():
+    """Converted, timm's ``Mlp`` (exact GELU) runs fc1 and the GELU as one oneDNN call in the model's own forward; a
+    tanh-GELU ``Mlp`` is left alone; with autograd it is ``Mlp.forward``, bitwise; the lean executor still takes
+    the block."""
+    from timm.layers import Mlp
+
+    from tpcvit.layers import OneDNNMlp
+
+    dense = _deit()
+    converted = tpcvit.onednn_linears(copy.deepcopy(dense))
+    assert all(type(blk.mlp) is OneDNNMlp for blk in converted.blocks)
+    assert list(converted.state_dict()) == list(dense.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        _close(converted(x), dense(x))
+        ops = _ops(lambda: converted(x))
+        assert "gelu" not in ops and ops.count("_linear_pointwise") == 4 * len(converted.blocks) + 1  # + the head
+        assert "gelu" in _ops(lambda: dense(x))
+        assert plain_block(converted.blocks[0]) is not None  # the lean executor still runs it
+    tanh = tpcvit.onednn_linears(nn.Sequential(Mlp(8, 16, act_layer=lambda: nn.GELU(approximate="tanh"))))
+    assert type(tanh[0]) is Mlp and isinstance(tanh[0].fc1, OneDNNLinear)
+    converted.train()
+    dense.train()
+    assert torch.equal(converted(x), dense(x))  # autograd on: Mlp.forward on F.linear, bitwise
+    converted(x).sum().backward()
+    assert converted.blocks[0].mlp.fc1.weight.grad is not None
+
+
 @torch.no_grad()
 def test_packs_follow_in_place_updates_moves_and_autocast():
     dense = _deit()
@@ -206,9 +234,9 @@ def test_breakdown_runs_both_models_on_onednn_linears(monkeypatch):
     assert calls and results[1]["onednn"] and "oneDNN linears" in breakdown_markdown(results[1])
     assert "oneDNN" not in breakdown_markdown(results[0])
     ops = [r["batches"]["1"]["aten_ops"] for r in results.values()]
-    assert ops[1]["dense"] == ops[0]["dense"]  # timm's forward: each linear one call either way
-    # the lean executor fuses fc1 with its GELU on oneDNN: one call fewer per block
-    assert ops[1]["dense (lean)"] == ops[0]["dense (lean)"] - 3
+    # each linear one call either way, and fc1 with its GELU one call on oneDNN: one call fewer per block, in timm's
+    # forward and in the lean executor alike
+    assert ops[1]["dense"] == ops[0]["dense"] - 3 and ops[1]["dense (lean)"] == ops[0]["dense (lean)"] - 3
 
 
 @pytest.mark.slow

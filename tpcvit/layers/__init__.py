@@ -23,7 +23,7 @@ from .geometry import (
     unwrap,
 )
 from .heads import ControllerHead
-from .onednn import OneDNNLinear, PackedLinear, onednn_available, onednn_linears
+from .onednn import OneDNNLinear, OneDNNMlp, PackedLinear, onednn_available, onednn_linears
 from .stabilizer import TokenGridStabilizer
 from .swin_block import sparse_swin_block, upsample_tokens, window_attention_heads
 from .vit_block import (
@@ -47,8 +47,9 @@ from .vit_block import (
     supports_packing,
 )
 
-__all__ = ["ControllerHead", "LeanDenseViT", "OneDNNLinear", "PackedLinear", "PlainBlock", "TokenGridStabilizer",
-           "attend", "attention_half", "attention_output", "attention_parts", "block_forward", "block_rows",
+__all__ = ["ControllerHead", "LeanDenseViT", "OneDNNLinear", "OneDNNMlp", "PackedLinear", "PlainBlock",
+           "TokenGridStabilizer", "attend", "attention_half", "attention_output", "attention_parts", "block_forward",
+           "block_rows",
            "check_fixed_grid", "check_images", "check_timm_eva", "check_timm_vit", "class_row_attention",
            "context_block", "context_rows", "dynamic_size", "embed_tokens", "eva_attend", "eva_attention_half",
            "eva_context_block", "eva_embed", "eva_mlp_half", "eval_mode", "image_geometry", "image_grid", "lean_dense",

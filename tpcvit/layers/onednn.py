@@ -2,7 +2,7 @@
 
 Why: torch runs a float32 ``F.linear`` on x86 CPUs through MKL's sgemm. oneDNN (shipped inside torch as
 ``mkldnn``) multiplies with a weight packed once into its blocked layout: on a 2-core AMD EPYC with AVX-512 the
-whole DeiT-S forward ran 2.0x faster at batch 1 and 1.9x at batch 32
+whole DeiT-S forward ran 2.0-2.2x faster at batch 1 and 1.8-2.1x at batch 32
 (``benchmarks/results/onednn_speed_deit_small_cpu.md``). The result is the same product summed in another order
 (float32 rounding, ~1e-6 relative), not bitwise timm's, so it is a choice the user makes, not a default.
 
@@ -19,6 +19,7 @@ import weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Mlp
 
 PackKey = tuple[int, int, int, int]
 
@@ -122,6 +123,26 @@ class OneDNNLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) if packed is None else packed(x)
 
 
+class OneDNNMlp(Mlp):
+    """timm's ``Mlp`` (exact GELU) whose fc1 and GELU run as one oneDNN call at CPU float32 inference, so timm's own
+    forward does not write and re-read the ``[N, 4D]`` hidden tensor for a separate GELU (DeiT-S batch 32: timm's
+    forward 1.19x slower without it, ``benchmarks/results/onednn_speed_deit_small_cpu.md``); anything else is
+    ``Mlp.forward``. :func:`onednn_linears` swaps the class of such an ``Mlp`` in place: same parts, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.fc1.packed(x)
+        if packed is None:
+            return super().forward(x)
+        return self.drop2(self.fc2(self.norm(self.drop1(packed(x, gelu=True)))))
+
+
+def fusable_mlp(mlp: nn.Module) -> bool:
+    """A timm ``Mlp`` (exactly that type) with an exact-GELU activation and linear (not 1x1-conv) layers."""
+    act = getattr(mlp, "act", None)
+    return (type(mlp) is Mlp and type(act) is nn.GELU and act.approximate == "none"
+            and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear))
+
+
 def linear_rows(linear: nn.Linear, x: torch.Tensor, rows: slice) -> torch.Tensor:
     """``linear`` restricted to its output ``rows`` (the query or key/value part of a fused qkv) on ``x``: packed
     when ``linear`` is a :class:`OneDNNLinear` at inference, else ``F.linear`` on the sliced weight."""
@@ -137,8 +158,9 @@ def onednn_linears(model: nn.Module) -> nn.Module:
 
     Every plain ``nn.Linear`` (exactly that type: subclasses and quantised layers keep their own forward) becomes a
     :class:`OneDNNLinear` holding the same parameter objects, so weights, state dict, optimizer and devices are
-    untouched and training is unchanged. Works on any model: dense timm, ``tpcvit.patch``-ed, the peers. Raises
-    ``RuntimeError`` when this torch build or CPU has no oneDNN linear."""
+    untouched and training is unchanged; every exact-GELU timm ``Mlp`` becomes a :class:`OneDNNMlp` (fc1 and GELU in
+    one call). Works on any model: dense timm, ``tpcvit.patch``-ed, the peers. Raises ``RuntimeError`` when this
+    torch build or CPU has no oneDNN linear."""
     if not onednn_available():
         raise RuntimeError("this torch build has no oneDNN (mkldnn) linear on this CPU: run without oneDNN linears "
                            "(torch.backends.mkldnn.is_available() is False or the op failed)")
@@ -146,6 +168,9 @@ def onednn_linears(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, _converted(child))
+    for module in model.modules():
+        if fusable_mlp(module):
+            module.__class__ = OneDNNMlp
     return model
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..tokens import PackedSelection, from_padded, pack, select_packed, to_padded, unpack
 from ._timm import attention_dim, attention_gate, attention_out_norm
 from .geometry import check_fixed_grid, embed_tokens
-from .onednn import OneDNNLinear, PackedLinear, autocast_cpu, linear_rows, packable, traced, version
+from .onednn import OneDNNLinear, OneDNNMlp, PackedLinear, autocast_cpu, linear_rows, packable, traced, version
 
 
 def supports_packing(blk: nn.Module) -> bool:
@@ -179,7 +179,7 @@ def _plain_block(blk: nn.Module, packed: bool = False) -> PlainBlock | None:
     norms = (blk.norm1, blk.norm2)
     identities = (blk.ls1, blk.ls2, attn.q_norm, attn.k_norm, attention_out_norm(attn), mlp.norm)
     layer_norm = (nn.LayerNorm, LayerNorm)
-    if (type(mlp) is not Mlp or type(mlp.act) is not nn.GELU or mlp.act.approximate != "none"
+    if (type(mlp) not in (Mlp, OneDNNMlp) or type(mlp.act) is not nn.GELU or mlp.act.approximate != "none"
             or not all(isinstance(m, nn.Identity) for m in identities)
             or not all(type(n) in layer_norm and n.elementwise_affine and n.bias is not None for n in norms)
             or blk.norm1.eps != blk.norm2.eps or attention_dim(attn) != blk.norm1.normalized_shape[0]):
