@@ -400,8 +400,8 @@ def rows_to_markdown(rows: list[SpeedRow]) -> str:
 def same_executor_markdown(rows: list[SpeedRow]) -> str:
     """Each variant's speed-up over ``dense-lean`` (the dense model on the same block executor) on its own GEMMs
     (with ``--onednn both``, the ``+onednn`` rows over ``dense-lean+onednn``), paired per round: the token saving's
-    own share, which the speed-up over timm's forward mixes with the leaner execution (fused GELU on oneDNN: 1.15x
-    at DeiT-S batch 32) and the faster linears. Empty without a ``dense-lean`` row."""
+    own share, which the speed-up over timm's forward mixes with the leaner execution and the faster linears. Empty
+    without a ``dense-lean`` row."""
     from .reporting import markdown_table
 
     if not any(r.variant.startswith("dense-lean") for r in rows):

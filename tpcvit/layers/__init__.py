@@ -49,11 +49,9 @@ from .vit_block import (
 
 __all__ = ["ControllerHead", "LeanDenseViT", "OneDNNLinear", "OneDNNMlp", "PackedLinear", "PlainBlock",
            "TokenGridStabilizer", "attend", "attention_half", "attention_output", "attention_parts", "block_forward",
-           "block_rows",
-           "check_fixed_grid", "check_images", "check_timm_eva", "check_timm_vit", "class_row_attention",
+           "block_rows", "check_fixed_grid", "check_images", "check_timm_eva", "check_timm_vit", "class_row_attention",
            "context_block", "context_rows", "dynamic_size", "embed_tokens", "eva_attend", "eva_attention_half",
            "eva_context_block", "eva_embed", "eva_mlp_half", "eval_mode", "image_geometry", "image_grid", "lean_dense",
-           "mlp_half",
-           "onednn_available", "onednn_linears", "packed_block", "packed_selection_block", "plain_block", "pool_rope",
-           "rope_rows", "sparse_swin_block", "spread_rope", "supports_packing", "unwrap", "upsample_tokens",
-           "window_attention_heads"]
+           "mlp_half", "onednn_available", "onednn_linears", "packed_block", "packed_selection_block", "plain_block",
+           "pool_rope", "rope_rows", "sparse_swin_block", "spread_rope", "supports_packing", "unwrap",
+           "upsample_tokens", "window_attention_heads"]
