@@ -117,6 +117,13 @@ def test_timms_own_forward_runs_fc1_with_its_gelu_and_trains_as_before():
         assert plain_block(converted.blocks[0]) is not None  # the lean executor still runs it
     tanh = tpcvit.onednn_linears(nn.Sequential(Mlp(8, 16, act_layer=lambda: nn.GELU(approximate="tanh"))))
     assert type(tanh[0]) is Mlp and isinstance(tanh[0].fc1, OneDNNLinear)
+    own = Mlp(8, 16)
+    own.fc1 = type("LoRALinear", (nn.Linear,), {})(8, 16)  # a Linear subclass keeps its own forward: no fusion
+    assert type(tpcvit.onednn_linears(own)) is Mlp
+    later = tpcvit.onednn_linears(Mlp(8, 16)).eval()
+    later.fc1 = nn.Linear(8, 16)  # replaced after the conversion: the plain Mlp forward
+    with torch.no_grad():
+        assert torch.equal(later(torch.ones(2, 8)), Mlp.forward(later, torch.ones(2, 8)))
     converted.train()
     dense.train()
     assert torch.equal(converted(x), dense(x))  # autograd on: Mlp.forward on F.linear, bitwise

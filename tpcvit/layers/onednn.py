@@ -130,17 +130,18 @@ class OneDNNMlp(Mlp):
     ``Mlp.forward``. :func:`onednn_linears` swaps the class of such an ``Mlp`` in place: same parts, same state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.fc1.packed(x)
+        packed = self.fc1.packed(x) if type(self.fc1) is OneDNNLinear else None  # fc1 replaced since: plain Mlp
         if packed is None:
             return super().forward(x)
         return self.drop2(self.fc2(self.norm(self.drop1(packed(x, gelu=True)))))
 
 
 def fusable_mlp(mlp: nn.Module) -> bool:
-    """A timm ``Mlp`` (exactly that type) with an exact-GELU activation and linear (not 1x1-conv) layers."""
+    """A timm ``Mlp`` (exactly that type) with an exact-GELU activation whose fc1 was converted (a plain
+    ``nn.Linear`` before: not a 1x1 convolution, a subclass or a quantised layer)."""
     act = getattr(mlp, "act", None)
     return (type(mlp) is Mlp and type(act) is nn.GELU and act.approximate == "none"
-            and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear))
+            and type(mlp.fc1) is OneDNNLinear)
 
 
 def linear_rows(linear: nn.Linear, x: torch.Tensor, rows: slice) -> torch.Tensor:
