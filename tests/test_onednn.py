@@ -131,6 +131,23 @@ def test_timms_own_forward_runs_fc1_with_its_gelu_and_trains_as_before():
     assert converted.blocks[0].mlp.fc1.weight.grad is not None
 
 
+def test_converted_models_count_the_gmacs_of_their_linears():
+    """GMACs counted on a converted model (dense, its lean executor, TPC in budget mode) are the unconverted model's:
+    the counter knows oneDNN's packed linear, so ``tpcvit.patch(model, gmacs=...)`` after the conversion matches the
+    same budget."""
+    from tpcvit.flops import count_gmacs
+
+    dense = _deit()
+    converted = tpcvit.onednn_linears(copy.deepcopy(dense))
+    x = torch.randn(2, 3, 32, 32)
+    for a, b in ((dense, converted), (lean_dense(dense), lean_dense(converted))):
+        assert count_gmacs(b, x) == pytest.approx(count_gmacs(a, x), rel=1e-9)
+    tpc = tpcvit.set_policy(small_tpc().eval(), tpcvit.ExecutionPolicy(mode="budget", keep=0.5))
+    reference = count_gmacs(tpc, x)
+    assert count_gmacs(tpcvit.onednn_linears(tpc), x) == pytest.approx(reference, rel=1e-9)
+    assert "_linear_pointwise" in _ops(lambda: tpc(x))  # counted on the packed path itself
+
+
 @torch.no_grad()
 def test_packs_follow_in_place_updates_moves_and_autocast():
     dense = _deit()
