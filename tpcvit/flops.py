@@ -33,10 +33,7 @@ def _attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs)
 def _packed_linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     """2 * rows * in * out for oneDNN's packed linear (``tpcvit.onednn_linears``; its packed weight is ``[out, in]``),
     so a converted model counts what ``F.linear`` counts (the fused GELU, like ``F.gelu``, is not counted)."""
-    rows = 1
-    for size in x_shape[:-1]:
-        rows *= size
-    return 2 * rows * weight_shape[0] * weight_shape[1]
+    return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
 
 
 CUSTOM_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,

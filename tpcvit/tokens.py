@@ -112,8 +112,8 @@ def gather_tokens(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def take_rows(x: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
     """Rows ``index`` ``[B, n]`` of each image's ``x`` ``[B, N, C]`` -> ``[B, n, C]`` (``None`` stays ``None``: a
-    backbone whose tokens carry no rotary rows). For the peers' per-token state (tokens they keep, rotary rows);
-    the TPC buffer uses :func:`gather_tokens`."""
+    backbone whose tokens carry no rotary rows). For the peers' per-token state (tokens they keep or merge, token
+    sizes, rotary rows); the TPC buffer uses :func:`gather_tokens`."""
     if x is None:
         return None
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))

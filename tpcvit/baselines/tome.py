@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from ..tokens import take_rows
 from .common import PeerMixin, PeerTrace, RotaryPeer, create_peer
 
 
@@ -57,10 +58,9 @@ def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> tupl
     d = x.shape[-1]
     xa, xb = (x * size)[:, 0::2], (x * size)[:, 1::2]
     sa, sb = size[:, 0::2], size[:, 1::2]
-    keep_x = xa.gather(1, plan.keep[..., None].expand(-1, -1, d))
-    keep_s = sa.gather(1, plan.keep[..., None])
-    xb = xb.scatter_add(1, plan.dst[..., None].expand(-1, -1, d), xa.gather(1, plan.src[..., None].expand(-1, -1, d)))
-    sb = sb.scatter_add(1, plan.dst[..., None], sa.gather(1, plan.src[..., None]))
+    keep_x, keep_s = take_rows(xa, plan.keep), take_rows(sa, plan.keep)
+    xb = xb.scatter_add(1, plan.dst[..., None].expand(-1, -1, d), take_rows(xa, plan.src))
+    sb = sb.scatter_add(1, plan.dst[..., None], take_rows(sa, plan.src))
     new_size = torch.cat([keep_s, sb], dim=1)
     return torch.cat([keep_x, xb], dim=1) / new_size, new_size
 
