@@ -324,6 +324,7 @@ def test_bench_command_writes_rows(tmp_path):
     assert rows[1]["gmacs"] == rows[0]["gmacs"]  # the same dense model on the lean executor
     md = (tmp_path / "speed.md").read_text()
     assert "speed-up/FLOPs" in md and f"{rows[0]['spread']:.2f}x |" in md  # the round spread is printed
+    assert "| tpc@50% | 2 | dense-lean |" in md  # and each variant over dense-lean, paired
 
 
 def test_bench_on_a_plain_timm_vit_times_training_free_tpc_and_names_bad_models(tmp_path):

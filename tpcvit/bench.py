@@ -420,6 +420,13 @@ def same_executor_markdown(rows: list[SpeedRow]) -> str:
                                                              table))
 
 
+def speed_markdown(rows: list[SpeedRow]) -> str:
+    """The speed table and, with a dense-lean row, the same-executor table under it (:func:`same_executor_markdown`):
+    what ``tpcvit bench`` prints and writes."""
+    versus = same_executor_markdown(rows)
+    return rows_to_markdown(rows) + (f"\n\n{versus}" if versus else "")
+
+
 def write_results(path: str | os.PathLike, rows: list[SpeedRow], meta: dict) -> Path:
     """Write ``<path>.json`` and ``<path>.md`` (atomically)."""
     from .checkpoint import atomic_write
@@ -427,9 +434,7 @@ def write_results(path: str | os.PathLike, rows: list[SpeedRow], meta: dict) -> 
     path = Path(path)
     payload = {"meta": meta, "rows": [asdict(r) for r in rows]}
     atomic_write(path.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(payload, indent=2)))
-    versus = same_executor_markdown(rows)
-    md = (f"Machine: {meta['machine']}\n\nCommand: `{meta['command']}`\n\n{rows_to_markdown(rows)}\n"
-          + (f"\n{versus}\n" if versus else ""))
+    md = f"Machine: {meta['machine']}\n\nCommand: `{meta['command']}`\n\n{speed_markdown(rows)}\n"
     atomic_write(path.with_suffix(".md"), lambda t: Path(t).write_text(md))
     return path.with_suffix(".json")
 

@@ -17,7 +17,7 @@ from tpcvit.config import ConfigError
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import bench_tpc_speed, rows_to_markdown, same_executor_markdown, write_results
+    from .bench import bench_tpc_speed, speed_markdown, write_results
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,10 +41,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"{meta['model']} vs {meta['dense']} on {meta['machine']['cpu']} "
           f"({meta['machine']['threads']} threads, {args.device}, {args.dtype}{', compiled' if args.compile else ''}"
           f"{linears})")
-    print(rows_to_markdown(rows))
-    versus = same_executor_markdown(rows)
-    if versus:
-        print(f"\n{versus}")
+    print(speed_markdown(rows))
     if args.out:
         print(f"wrote {write_results(args.out, rows, meta)}")
     return 0
