@@ -149,6 +149,22 @@ def test_converted_models_count_the_gmacs_of_their_linears():
 
 
 @torch.no_grad()
+def test_query_and_key_value_packs_are_made_only_for_the_paused_key_path():
+    """A converted block keeps its qkv's query and key/value rows as packs of their own for TPC's paused keys; they
+    are packed on first use, so a model that never runs that path holds one packed qkv, not three."""
+    from tpcvit.layers import context_block
+
+    converted = tpcvit.onednn_linears(_deit())
+    blk, tokens = converted.blocks[0], torch.randn(2, 65, 64)
+    block_forward(blk, tokens)
+    p = plain_block(blk)
+    assert p.qkv.weight is not None and p.q.weight is None and p.kv.weight is None
+    out = context_block(blk, tokens[:, :20], tokens)
+    assert p.q.weight is not None and p.kv.weight is not None
+    _close(out, context_block(_deit().blocks[0], tokens[:, :20], tokens))
+
+
+@torch.no_grad()
 def test_packs_follow_in_place_updates_moves_and_autocast():
     dense = _deit()
     converted = tpcvit.onednn_linears(copy.deepcopy(dense))

@@ -61,15 +61,19 @@ def packable(weight: torch.Tensor) -> bool:
 class PackedLinear:
     """One linear's weight in oneDNN's layout plus its bias: ``packed(x)`` is ``F.linear(x, weight, bias)`` and
     ``packed(x, gelu=True)`` is ``F.gelu(F.linear(...))`` in one call (exact, erf GELU: the MLP's first layer
-    without a separate pass over its 4x-wide output)."""
+    without a separate pass over its 4x-wide output). Packed on its first call: a block keeps its qkv's query and
+    key/value rows ready for the paused-key path, and only models that run it pay for those two extra copies."""
 
-    __slots__ = ("weight", "bias")
+    __slots__ = ("source", "weight", "bias")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        self.source: torch.Tensor | None = weight.detach()
+        self.weight: torch.Tensor | None = None
         self.bias = None if bias is None else bias.detach()
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        if self.weight is None:
+            self.weight, self.source = torch.ops.mkldnn._reorder_linear_weight(self.source), None
         if gelu:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "none")
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
