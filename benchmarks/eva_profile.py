@@ -25,6 +25,7 @@ from tpcvit.baselines import as_peer
 from tpcvit.budget import match_gmacs
 from tpcvit.checkpoint import atomic_write
 from tpcvit.flops import count_gmacs
+from tpcvit.reporting import markdown_table
 
 GROUPS = {"matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::mkldnn_convolution"),
           "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -86,8 +87,7 @@ def main() -> None:
              "), "
              "GMACs vs dense " + ", ".join(f"{k} {v:.1%}" for k, v in ratios.items()) +
              "; self CPU seconds (torch.profiler):", "",
-             "| ops | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
-    lines += [f"| {g} | " + " | ".join(f"{r.get(g, 0.0):.3f}" for r in rows.values()) + " |" for g in names]
+             markdown_table(["ops", *rows], [[g] + [f"{r.get(g, 0.0):.3f}" for r in rows.values()] for g in names])]
     text = "\n".join(lines) + "\n\nCommand: `python " + " ".join(sys.argv) + "`\n"
     print(text)
     if args.out:
